@@ -1,0 +1,1 @@
+"""Ray and vLLM plumbing (model actors, pools, the vLLM engine actor). Only this package imports ray/vllm."""
