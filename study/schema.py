@@ -1,0 +1,238 @@
+"""The declared Arrow schema of every result table, and `make_table` to build tables that conform to it.
+
+One schema per table, so writers cannot drift and readers (the `analysis` package, users' scripts) can rely
+on column names and types. Every table starts with the run metadata columns. Fields are non-nullable unless
+a missing value is meaningful (`model_revision`, `matched_rule`, `p_mcnemar`).
+
+No torch here: `analysis` imports this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+__all__ = [
+    "ASR",
+    "GENERATIONS",
+    "HEAD_SCORES",
+    "META_COLUMNS",
+    "SAHARA",
+    "SHIPS",
+    "SWAPS",
+    "TABLES",
+    "VERDICTS",
+    "make_table",
+    "schema_for",
+]
+
+
+def _f(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable)
+
+
+_META: list[pa.Field] = [
+    _f("run_id", pa.string()),
+    _f("model", pa.string()),  # HF id, local path or built-in alias, as given
+    _f("model_revision", pa.string(), nullable=True),
+    _f("dataset", pa.string()),
+    _f("prompt_format", pa.string()),
+    _f("code_version", pa.string()),
+]
+META_COLUMNS: tuple[str, ...] = tuple(f.name for f in _META)
+
+_HEAD: list[pa.Field] = [
+    _f("layer", pa.int32()),
+    _f("head", pa.int32()),
+    _f("head_label", pa.string()),  # L2H26
+]
+_ABLATION: list[pa.Field] = [
+    _f("op", pa.string()),  # undiff_q | undiff_k | scale_v | mean
+    _f("eps", pa.float64()),
+]
+_SUBSPACE: list[pa.Field] = [
+    _f("subspace", pa.string()),  # left | right
+    _f("rank_r", pa.int32()),
+    _f("centered", pa.bool_()),
+]
+
+
+def _schema(*groups: Sequence[pa.Field]) -> pa.Schema:
+    return pa.schema([f for g in groups for f in g])
+
+
+SHIPS = _schema(
+    _META,
+    [_f("prompt_id", pa.string()), _f("prompt", pa.string())],
+    _HEAD,
+    _ABLATION,
+    [_f("kl", pa.float64()), _f("rank", pa.int32())],  # rank 1 = largest KL within the prompt
+)
+
+HEAD_SCORES = _schema(
+    _META,
+    _HEAD,
+    _ABLATION,
+    _SUBSPACE,
+    [_f("angle_deg", pa.float64()), _f("rank", pa.int32())],  # rank 1 = largest angle
+)
+
+SAHARA = _schema(
+    _META,
+    _ABLATION,
+    _SUBSPACE,
+    [_f("step", pa.int32())],  # 1-based
+    _HEAD,
+    [
+        _f("group", pa.list_(pa.string())),  # labels chosen before this step
+        _f("score", pa.float64()),
+        _f("chosen", pa.bool_()),
+    ],
+)
+
+GENERATIONS = _schema(
+    _META,
+    [
+        _f("prompt_id", pa.string()),
+        _f("prompt", pa.string()),
+        _f("ablation", pa.string()),  # "none" or "undiff_q:1e-05:L2H26,L3H8"
+        _f("backend", pa.string()),
+        _f("decoding", pa.string()),
+        _f("seed", pa.int64()),
+        _f("sample", pa.int32()),
+        _f("text", pa.string()),
+        _f("n_tokens", pa.int32()),
+    ],
+)
+
+VERDICTS = _schema(
+    _META,
+    [
+        _f("prompt_id", pa.string()),
+        _f("ablation", pa.string()),
+        _f("decoding", pa.string()),
+        _f("sample", pa.int32()),
+        _f("judge", pa.string()),  # name and version
+        _f("harmful", pa.bool_()),
+        _f("matched_rule", pa.string(), nullable=True),
+    ],
+)
+
+ASR = _schema(
+    _META,
+    [
+        _f("ablation", pa.string()),
+        _f("decoding", pa.string()),
+        _f("judge", pa.string()),
+        _f("n", pa.int64()),
+        _f("harmful", pa.int64()),
+        _f("asr", pa.float64()),
+        _f("ci_low", pa.float64()),  # Wilson 95%
+        _f("ci_high", pa.float64()),
+        _f("p_mcnemar", pa.float64(), nullable=True),  # exact, vs the normal model; null for the normal row
+    ],
+)
+
+SWAPS = _schema(
+    _META,
+    [
+        _f("aligned", pa.string()),
+        _f("base", pa.string()),
+        _f("recipe", pa.string()),
+        _f("metric", pa.string()),
+        _f("value", pa.float64()),
+    ],
+)
+
+TABLES: dict[str, pa.Schema] = {
+    "ships": SHIPS,
+    "head_scores": HEAD_SCORES,
+    "sahara": SAHARA,
+    "generations": GENERATIONS,
+    "verdicts": VERDICTS,
+    "asr": ASR,
+    "swaps": SWAPS,
+}
+
+
+def schema_for(name: str) -> pa.Schema:
+    """The declared schema of table `name`; ValueError naming the known tables otherwise."""
+    try:
+        return TABLES[name]
+    except KeyError:
+        raise ValueError(f"unknown table {name!r}: known tables are {', '.join(TABLES)}") from None
+
+
+def _castable(src: pa.DataType, dst: pa.DataType) -> bool:
+    """Whether values of `src` may become `dst`: same kind only (no string<->number coercion)."""
+    if src == dst or pa.types.is_null(src):
+        return True
+    numeric = (pa.types.is_integer, pa.types.is_floating)
+    if any(k(src) for k in numeric) and any(k(dst) for k in numeric):
+        return True  # a lossy float -> int cast is caught by the safe cast
+    stringy = (pa.types.is_string, pa.types.is_large_string)
+    if any(k(src) for k in stringy) and any(k(dst) for k in stringy):
+        return True
+    if pa.types.is_boolean(src) and pa.types.is_boolean(dst):
+        return True
+    lists = (pa.types.is_list, pa.types.is_large_list)
+    if any(k(src) for k in lists) and any(k(dst) for k in lists):
+        return _castable(src.value_type, dst.value_type)
+    return False
+
+
+def _column(table: str, field: pa.Field, values: Any) -> pa.Array | pa.ChunkedArray:
+    """One column converted to its declared type, refusing silent coercions (pa.array(..., type=int32)
+    would truncate 1.5 to 1) and nulls in non-nullable fields."""
+    where = f"table {table!r} column {field.name!r}"
+    try:
+        arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise ValueError(f"{where}: cannot convert values: {e}") from None
+    if not _castable(arr.type, field.type):
+        raise ValueError(f"{where}: expected {field.type}, got values of type {arr.type}")
+    if arr.type != field.type:
+        try:
+            arr = arr.cast(field.type, safe=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            raise ValueError(f"{where}: cannot cast {arr.type} to {field.type}: {e}") from None
+    if not field.nullable and arr.null_count:
+        raise ValueError(f"{where}: {arr.null_count} null value(s) in a non-nullable column")
+    return arr
+
+
+def _check_columns(table: str, schema: pa.Schema, got: Sequence[str], what: str = "columns") -> None:
+    expected = set(schema.names)
+    missing = [n for n in schema.names if n not in set(got)]
+    extra = sorted(set(got) - expected)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if extra:
+            parts.append(f"extra {extra}")
+        raise ValueError(f"table {table!r}: {what} do not match the schema: {'; '.join(parts)}")
+
+
+def make_table(name: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> pa.Table:
+    """Build table `name` from row dicts or a column dict, with exactly the declared columns, order and types.
+
+    ValueError (naming the table and the columns) for missing or extra columns, values of the wrong kind,
+    lossy casts, or nulls in non-nullable columns. An empty row list gives an empty table.
+    """
+    schema = schema_for(name)
+    if isinstance(rows, Mapping):
+        columns: Mapping[str, Any] = rows
+        _check_columns(name, schema, list(columns))
+    else:
+        rows = list(rows)
+        for i, row in enumerate(rows):
+            _check_columns(name, schema, list(row), what=f"keys of row {i}")
+        columns = {n: [row[n] for row in rows] for n in schema.names}
+    arrays = [_column(name, field, columns[field.name]) for field in schema]
+    lengths = {field.name: len(a) for field, a in zip(schema, arrays)}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"table {name!r}: columns have different lengths: {lengths}")
+    return pa.Table.from_arrays(arrays, schema=schema)

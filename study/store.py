@@ -1,0 +1,267 @@
+"""Result storage: Parquet datasets on disk, written atomically per run, plus run identity helpers.
+
+Layout of an output folder OUT:
+
+    OUT/<table>/model=<model_slug>/part-<run_id>-<n>.parquet
+    OUT/manifest.json                  the latest committed run's manifest
+    OUT/manifests/<run_id>.json        every committed run's manifest (earlier runs stay readable)
+    OUT/.staging-<run_id>/...          a run in progress (removed on commit or failure)
+
+A run's parts are staged and only moved into place (os.replace, same filesystem) when the `RunWriter` block
+ends cleanly, the manifest last; so an interrupted or failed run never leaves a half shard in OUT, and a run
+whose manifest exists is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import secrets
+import shutil
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from study.errors import UsageError
+from study.schema import TABLES
+
+__all__ = [
+    "RunWriter",
+    "config_hash",
+    "model_slug",
+    "new_run_id",
+    "package_versions",
+    "read_manifest",
+    "read_table",
+]
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFESTS_DIR = "manifests"
+_HF_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def model_slug(model: str) -> str:
+    """A filesystem-safe, stable folder name for a model id.
+
+    An HF id or alias keeps its name with `/` as `--` (`HuggingFaceTB/SmolLM2-135M` ->
+    `HuggingFaceTB--SmolLM2-135M`; HF forbids `--` in names, so this is unambiguous). Anything else is a
+    local path: its last component plus 8 hex of the hash of the normalised path, so two checkpoints both
+    called `final/` do not share a folder.
+    """
+    if not model or not model.strip():
+        raise UsageError("empty model id: expected a Hugging Face id, a local path or an alias")
+    if _HF_ID.fullmatch(model) and ".." not in model:
+        return model.replace("/", "--")
+    norm = os.path.normpath(os.path.expanduser(model))
+    last = _UNSAFE.sub("_", os.path.basename(norm)).strip("._-") or "model"
+    digest = hashlib.sha256(norm.encode("utf-8")).hexdigest()[:8]
+    return f"{last}-{digest}"
+
+
+def new_run_id() -> str:
+    """UTC timestamp (to the microsecond) plus a random suffix: unique, and sorts by start time."""
+    now = datetime.now(timezone.utc)
+    return f"{now:%Y%m%dT%H%M%S}.{now:%f}Z-{secrets.token_hex(3)}"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions recorded in the manifest, read from package metadata (importing torch or ray is slow)."""
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "pyarrow", "ray", "headstudy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "absent"
+    return out
+
+
+def config_hash(cfg: dict[str, Any]) -> str:
+    """First 16 hex of sha256 over canonical JSON (sorted keys, no spaces): equal configs, equal hash."""
+    text = json.dumps(cfg, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _schema_of(name: str) -> pa.Schema:
+    try:
+        return TABLES[name]
+    except KeyError:
+        raise UsageError(f"unknown table {name!r}: known tables are {', '.join(TABLES)}") from None
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class RunWriter:
+    """Stages one run's tables and commits them into OUT on a clean exit, or leaves OUT untouched.
+
+    with RunWriter(out_dir, run_id) as w:
+        w.write("ships", table)          # validated against schema.TABLES["ships"]
+        w.set_manifest({...})
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str], run_id: str) -> None:
+        if not _RUN_ID.fullmatch(run_id):
+            raise UsageError(f"bad run id {run_id!r}: use letters, digits, '.', '_' and '-' (see new_run_id())")
+        self.out_dir = Path(out_dir)
+        self.run_id = run_id
+        self.staging = self.out_dir / f".staging-{run_id}"
+        self._manifest: dict[str, Any] = {}
+        self._parts: dict[str, int] = {}  # table -> next part number
+        self._staged: list[Path] = []  # relative to staging
+        self._tables: set[str] = set()
+        self._created_root: Path | None = None  # highest folder this writer will have created
+        self._open = False
+
+    def __enter__(self) -> "RunWriter":
+        if self._open:
+            raise RuntimeError("RunWriter is already open")
+        root = None
+        p = self.out_dir.absolute()
+        while not p.exists():
+            root, p = p, p.parent
+        self._created_root = root
+        self._open = True
+        return self
+
+    def write(self, name: str, table: pa.Table) -> None:
+        """Stage `table` as new part(s) of table `name`, one file per model partition.
+
+        ValueError unless its schema equals the declared one exactly (names, order, types, nullability).
+        """
+        if not self._open:
+            raise RuntimeError("RunWriter.write outside its `with` block")
+        schema = _schema_of(name)
+        if not table.schema.equals(schema, check_metadata=False):
+            raise ValueError(
+                f"table {name!r} does not match its declared schema (build it with study.schema.make_table):\n"
+                f"got:\n{table.schema}\nexpected:\n{schema}"
+            )
+        for field in schema:
+            if not field.nullable and table[field.name].null_count:
+                raise ValueError(f"table {name!r}: nulls in non-nullable column {field.name!r}")
+        n = self._parts.get(name, 0)
+        self._parts[name] = n + 1
+        self._tables.add(name)
+        (self.staging / name).mkdir(parents=True, exist_ok=True)
+        by_slug: dict[str, list[str]] = {}
+        for m in pc.unique(table["model"]).to_pylist():
+            by_slug.setdefault(model_slug(m), []).append(m)
+        for slug, models in sorted(by_slug.items()):
+            part = table if len(by_slug) == 1 else table.filter(pc.is_in(table["model"], pa.array(models)))
+            rel = Path(name) / f"model={slug}" / f"part-{self.run_id}-{n:05d}.parquet"
+            dest = self.staging / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(dest.name + ".tmp")
+            pq.write_table(part, tmp)
+            os.replace(tmp, dest)
+            self._staged.append(rel)
+            log.debug("staged %s (%d rows)", rel, part.num_rows)
+
+    def set_manifest(self, manifest: dict[str, Any]) -> None:
+        """The run's manifest (resolved config, its hash, versions, timings); `run_id` and `files` are added."""
+        self._manifest = dict(manifest)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        self._open = False
+        if exc_type is None:
+            self._commit()
+        else:
+            self._rollback()
+        return False
+
+    def _commit(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for name in sorted(self._tables):
+            (self.out_dir / name).mkdir(exist_ok=True)  # an empty table still exists
+        files: dict[str, list[str]] = {}
+        for rel in self._staged:
+            final = self.out_dir / rel
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.staging / rel, final)
+            files.setdefault(rel.parts[0], []).append(rel.as_posix())
+        manifest = {**self._manifest, "run_id": self.run_id, "files": files}
+        (self.out_dir / MANIFESTS_DIR).mkdir(exist_ok=True)
+        _write_json_atomic(self.out_dir / MANIFESTS_DIR / f"{self.run_id}.json", manifest)
+        _write_json_atomic(self.out_dir / MANIFEST, manifest)  # last: its presence marks a complete run
+        shutil.rmtree(self.staging, ignore_errors=True)
+        log.info("run %s: wrote %d file(s) to %s", self.run_id, len(self._staged), self.out_dir)
+
+    def _rollback(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+        if self._created_root is not None:
+            # Remove the folders this writer created, innermost first; rmdir refuses if anyone else wrote there.
+            p = self.out_dir.absolute()
+            while True:
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+                if p == self._created_root:
+                    break
+                p = p.parent
+        log.info("run %s failed: staged files removed, %s left as it was", self.run_id, self.out_dir)
+
+
+def _tables_in(out_dir: Path) -> list[str]:
+    return [n for n in TABLES if (out_dir / n).is_dir()]
+
+
+def read_table(out_dir: str | os.PathLike[str], name: str, model: str | None = None) -> pa.Table:
+    """All committed parts of table `name` in OUT, with the declared schema; optionally one model's rows.
+
+    Files are listed explicitly, so the `model=` folder names never become columns. UsageError if the table
+    (or the model's partition) is not there.
+    """
+    out = Path(out_dir)
+    schema = _schema_of(name)
+    tdir = out / name
+    if not tdir.is_dir():
+        present = ", ".join(_tables_in(out)) or "none"
+        raise UsageError(f"no table {name!r} in {out}: tables present: {present}")
+    if model is None:
+        pdirs = sorted(p for p in tdir.glob("model=*") if p.is_dir())
+    else:
+        pdir = tdir / f"model={model_slug(model)}"
+        if not pdir.is_dir():
+            present = ", ".join(p.name.removeprefix("model=") for p in sorted(tdir.glob("model=*"))) or "none"
+            raise UsageError(f"no rows for model {model!r} in table {name!r} of {out}: models present: {present}")
+        pdirs = [pdir]
+    files = [str(f) for d in pdirs for f in sorted(d.glob("part-*.parquet"))]
+    if not files:
+        return schema.empty_table()
+    table = ds.dataset(files, schema=schema, format="parquet").to_table()
+    if model is not None:
+        table = table.filter(pc.equal(table["model"], model))
+    return table
+
+
+def read_manifest(out_dir: str | os.PathLike[str], run_id: str | None = None) -> dict[str, Any]:
+    """The latest committed run's manifest, or a given run's; UsageError if there is none."""
+    out = Path(out_dir)
+    path = out / MANIFEST if run_id is None else out / MANIFESTS_DIR / f"{run_id}.json"
+    if not path.is_file():
+        raise UsageError(f"no manifest at {path}: not a completed run folder")
+    return json.loads(path.read_text(encoding="utf-8"))

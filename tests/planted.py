@@ -1,0 +1,64 @@
+"""A small Llama whose refusal signal runs through known heads, built weight by weight in the test suite.
+
+Vocabulary: 1 BOS, 2-9 neutral words, 10-13 harmful triggers, 14 the answer marker, 20 REFUSE.
+The planted head L1H2 sits at the answer marker and attends to trigger tokens (to BOS when there is none);
+its value/output path writes the REFUSE direction into the residual stream, which the LM head reads.
+Every other head is small and random. Undifferentiated attention on L1H2 spreads its attention evenly,
+dilutes the REFUSE signal and changes the next-token distribution far more than any other head.
+RoPE uses a huge base so the planted query/key dimensions (not the first rotary pair) barely rotate.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from study.heads import Head
+
+BOS, MARKER, REFUSE = 1, 14, 20
+NEUTRAL = list(range(2, 10))
+TRIGGERS = [10, 11, 12, 13]
+PLANTED = Head(1, 2)
+D_HEAD = 8
+
+
+def planted_model(seed: int = 0, dtype: torch.dtype = torch.float64):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, head_dim=D_HEAD, rope_theta=1e12,
+                      tie_word_embeddings=False, max_position_embeddings=64, bos_token_id=BOS, pad_token_id=0,
+                      eos_token_id=2, initializer_range=0.15)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval().requires_grad_(False)
+    with torch.no_grad():
+        m = model.model
+        m.embed_tokens.weight.copy_(torch.eye(32, dtype=dtype))  # token t -> e_t
+        model.lm_head.weight.copy_(torch.eye(32, dtype=dtype) * 1.0)
+        for layer in m.layers:  # keep the MLPs quiet
+            layer.mlp.down_proj.weight.mul_(0.1)
+        attn = m.layers[PLANTED.layer].self_attn
+        rows = slice(PLANTED.head * D_HEAD, (PLANTED.head + 1) * D_HEAD)
+        for w in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight):
+            w[rows] = 0.0
+        attn.o_proj.weight[:, rows] = 0.0
+        qk_dim = PLANTED.head * D_HEAD + 3  # a low-frequency rotary dimension
+        attn.q_proj.weight[qk_dim, MARKER] = 3.0
+        for t in TRIGGERS:
+            attn.k_proj.weight[qk_dim, t] = 3.0
+        attn.k_proj.weight[qk_dim, BOS] = 1.5
+        v_dim = PLANTED.head * D_HEAD + 1
+        for t in TRIGGERS:
+            attn.v_proj.weight[v_dim, t] = 4.0
+        attn.o_proj.weight[REFUSE, v_dim] = 3.0
+    return model
+
+
+def harmful_prompts(n: int = 6, seed: int = 3) -> list[list[int]]:
+    """[BOS, words..., a trigger, words..., MARKER] with varied lengths and trigger positions."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        before = torch.randint(0, len(NEUTRAL), (int(torch.randint(1, 5, (1,), generator=g)),), generator=g)
+        after = torch.randint(0, len(NEUTRAL), (int(torch.randint(0, 4, (1,), generator=g)),), generator=g)
+        trigger = TRIGGERS[int(torch.randint(0, len(TRIGGERS), (1,), generator=g))]
+        out.append([BOS, *[NEUTRAL[i] for i in before], trigger, *[NEUTRAL[i] for i in after], MARKER])
+    return out

@@ -1,0 +1,83 @@
+"""The scan engine against the naive strategy (one full forward per ablation and prompt), float64."""
+
+import pytest
+import torch
+
+from study.ablation import Ablation, Op
+from study.engine import ScanEngine, naive_scan, pad_left
+from study.heads import Head, all_heads
+from tests.planted import PLANTED, harmful_prompts, planted_model
+from tests.tiny_models import CONFIGS, MHA, random_prompts, tiny_model
+
+
+def _all_single(arch_name, shape, op, eps):
+    return [Ablation(heads=(h,), op=op, eps=eps) for h in all_heads(shape.n_layers, shape.n_heads)]
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_engine_equals_naive(arch):
+    model = tiny_model(arch)
+    engine = ScanEngine(model, pad_id=0, token_budget=40)  # small budget: several groups and chunks
+    shape = engine.arch.shape
+    prompts = random_prompts(5, lo=3, hi=10)
+    ops = [(Op.UNDIFF_Q, 1e-5), (Op.SCALE_V, 0.3), (Op.MEAN, 1e-5)] + ([(Op.UNDIFF_K, 1e-5)] if arch in MHA else [])
+    ablations = [a for op, eps in ops for a in _all_single(arch, shape, op, eps)]
+    ablations += [Ablation(heads=(Head(0, 1), Head(2, 0)), op=Op.UNDIFF_Q, eps=1e-4), Ablation()]
+    fast = engine.scan(prompts, ablations)
+    ref = naive_scan(model, prompts, ablations)
+    torch.testing.assert_close(fast.hidden, ref.hidden, atol=1e-9, rtol=0)
+    torch.testing.assert_close(fast.kl, ref.kl, atol=1e-9, rtol=0)
+    assert ref.kl.max() > 1e-6  # the ablations do something
+    assert fast.kl[-1].abs().max() < 1e-12  # the empty ablation is the normal model
+    # prefix reuse: a head at layer l only runs layers l..L-1
+    assert fast.layer_rows < ref.layer_rows
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_engine_with_base_ablation_equals_naive(arch):
+    model = tiny_model(arch)
+    engine = ScanEngine(model, pad_id=0, token_budget=64)
+    shape = engine.arch.shape
+    base = Ablation(heads=(Head(1, 2),), eps=1e-5)
+    cands = [base.with_head(h) for h in all_heads(shape.n_layers, shape.n_heads) if h not in base.heads]
+    prompts = random_prompts(4)
+    fast = engine.scan(prompts, [*cands, base], base=base)
+    ref = naive_scan(model, prompts, [*cands, base])
+    torch.testing.assert_close(fast.hidden, ref.hidden, atol=1e-9, rtol=0)
+    torch.testing.assert_close(fast.kl, ref.kl, atol=1e-9, rtol=0)  # KL is against the NORMAL model
+    assert fast.kl[-1].min() > 0
+
+
+def test_left_padding_does_not_change_results():
+    model = tiny_model("llama")
+    short, long = [5, 9, 11], random_prompts(1, lo=12, hi=12)[0]
+    ablations = _all_single("llama", ScanEngine(model, 0).arch.shape, Op.UNDIFF_Q, 1e-5)
+    alone = ScanEngine(model, 0, token_budget=10_000).scan([short], ablations)
+    padded = ScanEngine(model, 0, token_budget=10_000).scan([long, short], ablations)
+    torch.testing.assert_close(padded.hidden[:, 1], alone.hidden[:, 0], atol=1e-9, rtol=0)
+    torch.testing.assert_close(padded.kl[:, 1], alone.kl[:, 0], atol=1e-9, rtol=0)
+
+
+def test_budget_does_not_change_results():
+    model = tiny_model("qwen2")
+    prompts = random_prompts(6)
+    ablations = _all_single("qwen2", ScanEngine(model, 0).arch.shape, Op.UNDIFF_Q, 1e-5)
+    a = ScanEngine(model, 0, token_budget=9).scan(prompts, ablations)
+    b = ScanEngine(model, 0, token_budget=100_000).scan(prompts, ablations)
+    torch.testing.assert_close(a.hidden, b.hidden, atol=1e-9, rtol=0)
+
+
+def test_pad_left_positions():
+    ids, mask, pos = pad_left([[7, 8], [1, 2, 3]], pad_id=0)
+    assert ids.tolist() == [[0, 7, 8], [1, 2, 3]]
+    assert mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert pos.tolist() == [[0, 0, 1], [0, 1, 2]]
+
+
+def test_planted_head_has_the_largest_kl():
+    model = planted_model()
+    prompts = harmful_prompts(8)
+    heads = all_heads(2, 4)
+    result = ScanEngine(model, 0).scan(prompts, [Ablation(heads=(h,)) for h in heads])
+    top = result.kl.argmax(dim=0)  # (prompts,)
+    assert [heads[i] for i in top] == [PLANTED] * len(prompts)
