@@ -62,3 +62,53 @@ def harmful_prompts(n: int = 6, seed: int = 3) -> list[list[int]]:
         trigger = TRIGGERS[int(torch.randint(0, len(TRIGGERS), (1,), generator=g))]
         out.append([BOS, *[NEUTRAL[i] for i in before], trigger, *[NEUTRAL[i] for i in after], MARKER])
     return out
+
+
+# ---------------------------------------------------------------------------------- a group that matters together
+GROUP = (Head(1, 1), Head(1, 2))  # both write REFUSE; either one alone saturates the final norm
+
+
+def _plant_trigger_head(model, head: Head, write: float) -> None:
+    """Head attends from MARKER to a trigger (else BOS); its values are +write*REFUSE on triggers and
+    -write*REFUSE on MARKER, so undifferentiated attention over one trigger and one marker cancels to zero."""
+    attn = model.model.layers[head.layer].self_attn
+    rows = slice(head.head * D_HEAD, (head.head + 1) * D_HEAD)
+    for w in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight):
+        w[rows] = 0.0
+    attn.o_proj.weight[:, rows] = 0.0
+    qk_dim = head.head * D_HEAD + 3
+    attn.q_proj.weight[qk_dim, MARKER] = 3.0
+    for t in TRIGGERS:
+        attn.k_proj.weight[qk_dim, t] = 3.0
+    attn.k_proj.weight[qk_dim, BOS] = 1.5
+    v_dim = head.head * D_HEAD + 1
+    for t in TRIGGERS:
+        attn.v_proj.weight[v_dim, t] = 1.0
+    attn.v_proj.weight[v_dim, MARKER] = -1.0
+    attn.o_proj.weight[REFUSE, v_dim] = write / 5.657  # the normed one-hot input is sqrt(32) = 5.657
+
+
+def planted_group_model(seed: int = 0, dtype: torch.dtype = torch.float64):
+    """Two redundant refusal heads in layer 1 (GROUP) over quiet random heads (init 0.02)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, head_dim=D_HEAD, rope_theta=1e12,
+                      tie_word_embeddings=False, max_position_embeddings=64, bos_token_id=BOS, pad_token_id=0,
+                      eos_token_id=2, initializer_range=0.02)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval().requires_grad_(False)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.eye(32, dtype=dtype))
+        model.lm_head.weight.copy_(torch.eye(32, dtype=dtype))
+        _plant_trigger_head(model, GROUP[0], 12.0)
+        _plant_trigger_head(model, GROUP[1], 10.0)
+    return model
+
+
+def benign_prompts(n: int = 4, seed: int = 5) -> list[list[int]]:
+    """[BOS, words..., MARKER] without a trigger."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        words = torch.randint(0, len(NEUTRAL), (int(torch.randint(2, 6, (1,), generator=g)),), generator=g)
+        out.append([BOS, *[NEUTRAL[i] for i in words], MARKER])
+    return out

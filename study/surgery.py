@@ -1,0 +1,47 @@
+"""Surgery: write an ablation into the weights once and save a normal checkpoint (the paper uses eps 1e-10)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from study.ablation import Ablation, edit_weights_inplace
+from study.architectures import Arch
+from study.errors import UsageError
+from study.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+def save_ablated(lm: LoadedModel, ablation: Ablation, out: str | Path) -> Path:
+    """Edit `lm.model` in place with `ablation` and save it (with its tokenizer) to `out`, atomically."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"checkpoint folder {str(out)!r} exists and is not empty: choose a new --out")
+    arch = Arch.of(lm.model)
+    ablation.check(arch)
+    touched = edit_weights_inplace(lm.model, ablation, arch)
+    has_bias = any(getattr(m, "bias", None) is not None for m in touched) and ablation.site.value != "o_in"
+    # one head's slice: d_head x d_model weights (+ d_head bias): 524,288 for a Llama-2-7B head
+    n_params = len(ablation.heads) * arch.shape.d_head * (arch.shape.d_model + int(has_bias))
+    total = sum(p.numel() for p in lm.model.parameters())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        lm.model.save_pretrained(staging)
+        lm.tokenizer.save_pretrained(staging)
+        info = dict(source=lm.model_id, ablation=ablation.model_dump(mode="json"), label=ablation.label,
+                    edited_parameters=n_params, total_parameters=total)
+        (staging / "headstudy_surgery.json").write_text(json.dumps(info, indent=2))
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    log.info("saved %s with %s (%d of %d parameters edited)", out, ablation.label, n_params, total)
+    return out
