@@ -109,11 +109,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from study.config import load_study
     from study.runner import run_study
 
-    path = args.config or DEFAULT_CONFIG
-    if args.config is None and not Path(path).is_file():
-        from importlib.resources import files
-        path = str(files("study") / "data" / "quickstart.yaml")
-    study = load_study(path)
+    study = load_study(args.config or DEFAULT_CONFIG)
     overrides = _values(args, ("device", "dtype", "data_dir", "token_budget", "executor"))
     if overrides:
         study = study.model_copy(update={"defaults": {**study.defaults, **overrides}})
@@ -154,7 +150,7 @@ def print_ships(table, top: int) -> None:
     overall = overall.sort_values(["top1", "mean_kl"], ascending=False).head(10)
     print("overall (prompts where the head is top-1, mean KL):")
     for label, r in overall.iterrows():
-        print(f"  {label:<8} top-1 on {r.top1:>3} prompts   mean KL {r.mean_kl:.4g}")
+        print(f"  {label:<8} top-1 on {int(r.top1):>3} prompts   mean KL {r.mean_kl:.4g}")
 
 
 def print_sahara(out) -> None:

@@ -153,7 +153,8 @@ class ScanEngine:
         logits = hidden.to(self.out_dtype) @ weight.T  # (rows, vocab)
         if bias is not None:
             logits = logits + bias
-        return log_softmax_fp(logits, self.arch.logit_softcap(self.model))
+        # log-softmax and KL in float64: small KLs are differences of nearly equal log-probs
+        return log_softmax_fp(logits.double(), self.arch.logit_softcap(self.model))
 
     def _final(self, resid_last: torch.Tensor) -> torch.Tensor:
         """(rows, 1, d_model) pre-norm last-position residual -> (rows, d_model) final-norm state."""
@@ -297,7 +298,7 @@ def naive_scan(model: nn.Module, prompts: Sequence[Sequence[int]], ablations: Se
     def run(p: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         final.clear()
         logits = model(input_ids=torch.as_tensor([list(p)], device=param.device), use_cache=False).logits
-        return final[-1][0, -1].to(out_dtype), log_softmax_fp(logits[0, -1].to(out_dtype))  # the model applied any softcap
+        return final[-1][0, -1].to(out_dtype), log_softmax_fp(logits[0, -1].double())  # the model applied any softcap
 
     try:
         normal = [run(p)[1] for p in prompts] if kl else []

@@ -151,7 +151,9 @@ def load_model(name: str, *, device: str = "cpu", dtype: str = "float32", revisi
     torch_dtype = _torch_dtype(dtype)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own bars show progress; loading a cached folder takes ~1 s
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device {device!r} requested but CUDA is not available: use --device cpu")
     source: str | Path = materialize_alias(name) if name in ALIASES else name

@@ -1,0 +1,71 @@
+"""Bad input: one clear line on stderr, exit code 2, nothing written, no model loaded."""
+
+import subprocess
+import sys
+
+import pytest
+
+from study.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+CASES = [
+    (["ships", "--model", "no-such-model"], "no-such-model"),
+    (["ships", "--prompts", "missing.csv"], "missing.csv"),
+    (["ships", "--prompts", "nonsense-set"], "nonsense-set"),
+    (["ships", "--op", "zero_q"], "zero_q"),
+    (["ships", "--eps", "1.5"], "1.5"),
+    (["ships", "--eps", "0"], "eps"),
+    (["ships", "--format", "fancy"], "fancy"),
+    (["ships", "--dtype", "float8"], "float8"),
+    (["ships", "--device", "tpu"], "tpu"),
+    (["ships", "--limit", "0"], "limit"),
+    (["ships", "--executor", "dask"], "dask"),
+    (["sahara", "--subspace", "middle"], "middle"),
+    (["sahara", "--steps", "0"], "steps"),
+    (["surgery", "--heads", "L2X26"], "L2X26"),
+]
+
+
+@pytest.mark.parametrize("argv,needle", CASES)
+def test_bad_input_one_line_exit_2_nothing_written(argv, needle, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = _run(capsys, *argv, "--out", str(out))
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert needle in err
+    assert not out.exists()
+
+
+def test_missing_column_and_empty_set(tmp_path, capsys):
+    csv = tmp_path / "p.csv"
+    csv.write_text("goal,target\nhow to x,sure\n")
+    code, err = _run(capsys, "ships", "--prompts", f"{csv}:nope", "--out", str(tmp_path / "o"))
+    assert code == 2 and "nope" in err and "goal" in err
+    empty = tmp_path / "e.txt"
+    empty.write_text("\n\n")
+    code, err = _run(capsys, "ships", "--prompts", str(empty), "--out", str(tmp_path / "o"))
+    assert code == 2 and "e.txt" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_config_key(tmp_path, capsys):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("ships:\n  limt: 3\n")
+    code, err = _run(capsys, "run", str(cfg), "--out", str(tmp_path / "o"))
+    assert code == 2 and "limt" in err and "limit" in err
+    code, err = _run(capsys, "run", str(tmp_path / "none.yaml"))
+    assert code == 2 and "none.yaml" in err
+
+
+def test_console_script_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "study.cli", "ships", "--op", "bogus", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("headstudy: error:") and "bogus" in proc.stderr
+    assert not (tmp_path / "o").exists()
