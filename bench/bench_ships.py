@@ -7,9 +7,9 @@ reuses the residual stream below each row's ablated layer and computes the LM he
 only (DESIGN.md section 3). This script times both on the same prompts and heads, checks that they agree,
 and prints the speed ratio against the targets (>= 10x, KL relative difference <= 1e-4).
 
-The naive strategy's cost per forward does not depend on which head is ablated, so on CPU it is timed on an
-evenly spread subset of heads and extrapolated linearly to all heads; the engine is also timed on exactly
-that subset, for a like-for-like ratio.
+The naive strategy's cost per forward does not depend on which head is ablated, so where the full naive
+scan would be slow it is timed on an evenly spread subset of heads and extrapolated linearly to all heads;
+the engine is also timed on exactly that subset, for a like-for-like ratio.
 
     python bench/bench_ships.py --prompts 8 --heads all --budget 16384 --threads 2 --device cpu
     python bench/bench_ships.py --random-llama7b            # GPU: a random-weight Llama-2-7B shape, bf16
@@ -37,18 +37,20 @@ from study.models import DEFAULT_MODEL, load_model
 from study.prompts import PromptFormat, encode_all, load_prompts
 
 SPEED_TARGET = 10.0  # engine vs naive, all heads
-REL_DIFF_TARGET = 1e-4  # max |kl_engine - kl_naive| / |kl_naive| (fp32)
+REL_DIFF_TARGET = 1e-4  # max |kl_engine - kl_naive| / |kl_naive|, judged in float32 and float64
 REL_FLOOR = 1e-6  # relative differences are taken where the naive KL exceeds this
 REL_DENOM_MIN = 1e-8
 NAIVE_FULL_LIMIT_S = 180.0  # by default run the naive strategy on all heads if estimated under this
 NAIVE_SUBSET_S = 60.0  # ... else on a subset of heads sized to take about this long
 MIN_NAIVE_HEADS = 3
+BUSY_WARN = 0.75  # warn when a CPU run got less than this share of its threads' time (a contended host)
 EPS = 1e-5
 PROMPT_SET = "builtin:harmful"
 DEFAULT_PROMPTS = 8
 LLAMA7B_PROMPTS = 100
 LLAMA7B_LEN = (20, 30)  # random prompt lengths, inclusive: about 25 tokens
 LLAMA7B_SEED = 0
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass
@@ -61,6 +63,16 @@ class Workload:
     prompts: list[list[int]]
     heads: list[Head]
     source: str  # where the prompts came from
+
+
+@dataclass
+class Timing:
+    wall_s: float
+    cpu_s: float  # process CPU time, all threads: about wall x threads when the CPUs are all ours
+
+    @property
+    def busy(self) -> float:
+        return self.cpu_s / self.wall_s if self.wall_s > 0 else math.nan
 
 
 @dataclass
@@ -82,7 +94,9 @@ class Figures:
     n_heads_model: int
     n_heads: int
     token_budget: int
+    repeat: int
     engine_s: float = math.nan
+    engine_cpu_busy: float = math.nan  # CPU seconds per wall second (ideal: torch_threads)
     engine_rows: int = 0
     engine_rows_per_s: float = math.nan
     engine_layer_fraction: float = math.nan  # layer-rows computed / (rows x layers): what prefix reuse saves
@@ -90,6 +104,7 @@ class Figures:
     naive_subset: list[str] = field(default_factory=list)
     naive_estimate_s: float = math.nan  # the pre-run estimate for all heads
     naive_s: float = math.nan  # measured, on naive_heads heads
+    naive_cpu_busy: float = math.nan
     naive_forward_s: float = math.nan  # per forward, measured
     naive_rows_per_s: float = math.nan
     naive_all_s: float = math.nan  # measured (all heads) or extrapolated
@@ -100,11 +115,14 @@ class Figures:
     max_abs_diff: float = math.nan  # over the common subset, both engine runs
     max_rel_diff: float = math.nan
     max_abs_diff_rel_region: float = math.nan  # max abs diff where naive kl > REL_FLOOR
+    worst_rel_kl: float = math.nan  # the naive KL where the relative difference is largest
     kl_min: float = math.nan
     kl_max: float = math.nan
-    agreement_checked: bool = True
+    fp64_naive_rel: float | None = None  # with --fp64-reference: naive (this dtype) vs naive float64
+    fp64_engine_rel: float | None = None  # engine (this dtype) vs naive float64
+    contended: bool = False
     speed_pass: bool = False
-    agree_pass: bool | None = None
+    agree_pass: bool | None = None  # None: not judged (half precision)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -114,13 +132,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], Any], device: str) -> tuple[Any, float]:
-    """(fn(), seconds), with the device synchronised on both sides."""
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - start
+def timed(fn: Callable[[], Any], device: str, repeat: int = 1) -> tuple[Any, Timing]:
+    """(fn(), the fastest of `repeat` runs), the device synchronised on both sides of each run."""
+    best: Timing | None = None
+    out = None
+    for _ in range(max(1, repeat)):
+        sync(device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = fn()
+        sync(device)
+        t = Timing(time.perf_counter() - wall, time.process_time() - cpu)
+        if best is None or t.wall_s < best.wall_s:
+            best = t
+    assert best is not None
+    return out, best
 
 
 def spread(items: Sequence[Any], k: int) -> list[Any]:
@@ -150,16 +175,18 @@ def select_heads(spec: str, n_layers: int, n_heads: int) -> list[Head]:
     return chosen
 
 
-def kl_diffs(engine_kl: torch.Tensor, naive_kl: torch.Tensor) -> dict[str, float]:
-    """Absolute and relative differences, the naive strategy as the reference."""
-    a, b = engine_kl.double(), naive_kl.double()
+def kl_diffs(kl: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """Absolute and relative differences of `kl` from the reference `ref` (same shape)."""
+    a, b = kl.double(), ref.double()
     diff = (a - b).abs()
     region = b > REL_FLOOR
     rel = diff[region] / b.abs()[region].clamp(min=REL_DENOM_MIN)
+    worst = int(rel.argmax()) if rel.numel() else None
     return {
         "max_abs_diff": float(diff.max()),
         "max_rel_diff": float(rel.max()) if rel.numel() else 0.0,
         "max_abs_diff_rel_region": float(diff[region].max()) if region.any() else 0.0,
+        "worst_rel_kl": float(b[region][worst]) if worst is not None else math.nan,
         "kl_min": float(b.min()),
         "kl_max": float(b.max()),
     }
@@ -178,7 +205,7 @@ def embedded_workload(args: argparse.Namespace) -> Workload:
 
 
 def random_llama7b_workload(args: argparse.Namespace) -> Workload:
-    """A Llama-2-7B-shaped model with random weights, built directly on the GPU, and random prompts."""
+    """A Llama-2-7B-shaped model with random weights, built directly on its device, and random prompts."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     layers = args.llama_layers or 32
@@ -195,20 +222,19 @@ def random_llama7b_workload(args: argparse.Namespace) -> Workload:
     lo, hi = LLAMA7B_LEN
     lengths = torch.randint(lo, hi + 1, (args.prompts,), generator=gen).tolist()
     prompts = [[1] + torch.randint(3, config.vocab_size, (n - 1,), generator=gen).tolist() for n in lengths]
-    name = "random-llama-2-7b-shape" + (f" ({layers} layers)" if layers != 32 else "")
-    return Workload(model, name, 0, prompts, select_heads(args.heads, layers, 32),
+    return Workload(model, "random Llama-2-7B shape", 0, prompts, select_heads(args.heads, layers, 32),
                     f"random tokens, {lo}-{hi} long (seed {LLAMA7B_SEED})")
 
 
 # ----------------------------------------------------------------------------------------------- the bench
 
 def estimate_naive_forward(work: Workload, device: str) -> float:
-    """Seconds per naive forward, timed on up to two prompts (after a warm-up forward)."""
-    probe = work.prompts[:2]
+    """Seconds per naive forward: the fastest of three timings on one prompt, after a warm-up."""
+    probe = work.prompts[:1]
     one = ablations_of(work.heads[:1])
-    naive_scan(work.model, probe[:1], one)  # warm-up
-    _, seconds = timed(lambda: naive_scan(work.model, probe, one), device)
-    return seconds / (2 * len(probe))  # a normal and an ablated forward per prompt
+    naive_scan(work.model, probe, one)  # warm-up
+    _, t = timed(lambda: naive_scan(work.model, probe, one), device, repeat=3)
+    return t.wall_s / 2  # a normal and an ablated forward
 
 
 def choose_naive_heads(requested: int | None, n_heads: int, n_prompts: int, per_forward: float) -> int:
@@ -220,98 +246,129 @@ def choose_naive_heads(requested: int | None, n_heads: int, n_prompts: int, per_
     return max(MIN_NAIVE_HEADS, min(fit, n_heads))
 
 
-def run_bench(work: Workload, args: argparse.Namespace, say: Callable[[str], None]) -> Figures:
+def new_figures(work: Workload, args: argparse.Namespace) -> Figures:
     shape = Arch.of(work.model).shape
-    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
-    fig = Figures(
+    return Figures(
         model=work.model_id, prompt_source=work.source, device=args.device, dtype=args.dtype,
         cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch_version=torch.__version__,
-        cpu=platform.processor() or platform.machine(), gpu=gpu, n_prompts=len(work.prompts),
-        mean_prompt_len=sum(map(len, work.prompts)) / len(work.prompts), n_layers=shape.n_layers,
-        n_heads_model=shape.n_heads, n_heads=len(work.heads), token_budget=args.budget)
+        cpu=platform.processor() or platform.machine(),
+        gpu=torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        n_prompts=len(work.prompts), mean_prompt_len=sum(map(len, work.prompts)) / len(work.prompts),
+        n_layers=shape.n_layers, n_heads_model=shape.n_heads, n_heads=len(work.heads),
+        token_budget=args.budget, repeat=args.repeat)
+
+
+def run_bench(work: Workload, args: argparse.Namespace, say: Callable[[str], None]) -> Figures:
+    fig = new_figures(work, args)
     engine = ScanEngine(work.model, work.pad_id, token_budget=args.budget)
     ablations = ablations_of(work.heads)
-    n_prompts = len(work.prompts)
+    n_prompts, dev, rep = len(work.prompts), args.device, args.repeat
 
     say("warm-up ...")
     engine.scan(work.prompts[:2], spread(ablations, 4))
-    per_forward = estimate_naive_forward(work, args.device)
-    fig.naive_estimate_s = (len(work.heads) + 1) * n_prompts * per_forward
-    k = choose_naive_heads(args.naive_heads, len(work.heads), n_prompts, per_forward)
-    subset_idx = spread(list(range(len(work.heads))), k)
+    per_forward = estimate_naive_forward(work, dev)
+    fig.naive_estimate_s = (len(ablations) + 1) * n_prompts * per_forward
+    subset_idx = spread(range(len(ablations)),
+                        choose_naive_heads(args.naive_heads, len(ablations), n_prompts, per_forward))
     subset = [ablations[i] for i in subset_idx]
     fig.naive_heads = len(subset)
     fig.naive_subset = [work.heads[i].label for i in subset_idx]
     say(f"naive forward ~{per_forward * 1e3:.1f} ms; all heads estimated {fig.naive_estimate_s:.0f} s; "
-        f"naive on {fig.naive_heads} heads")
+        f"the naive strategy runs on {fig.naive_heads} heads")
 
     say(f"engine: {len(ablations)} heads x {n_prompts} prompts ...")
-    full, fig.engine_s = timed(lambda: engine.scan(work.prompts, ablations), args.device)
+    full, t = timed(lambda: engine.scan(work.prompts, ablations), dev, rep)
+    fig.engine_s, fig.engine_cpu_busy = t.wall_s, t.busy
     fig.engine_rows = len(ablations) * n_prompts
     fig.engine_rows_per_s = fig.engine_rows / fig.engine_s
-    fig.engine_layer_fraction = full.layer_rows / max(1, full.rows_run * shape.n_layers)
+    fig.engine_layer_fraction = full.layer_rows / max(1, full.rows_run * fig.n_layers)
 
     say(f"engine: the same {fig.naive_heads} heads ...")
-    part, fig.engine_subset_s = timed(lambda: engine.scan(work.prompts, subset), args.device)
+    part, t = timed(lambda: engine.scan(work.prompts, subset), dev, rep)
+    fig.engine_subset_s = t.wall_s
 
     say(f"naive: {fig.naive_heads} heads x {n_prompts} prompts ...")
-    naive, fig.naive_s = timed(lambda: naive_scan(work.model, work.prompts, subset), args.device)
+    naive, t = timed(lambda: naive_scan(work.model, work.prompts, subset), dev, rep)
+    fig.naive_s, fig.naive_cpu_busy = t.wall_s, t.busy
     forwards = (len(subset) + 1) * n_prompts  # one normal reference forward per prompt, then one per row
     fig.naive_forward_s = fig.naive_s / forwards
     fig.naive_rows_per_s = len(subset) * n_prompts / fig.naive_s
     fig.naive_all_extrapolated = len(subset) < len(ablations)
-    fig.naive_all_s = (fig.naive_forward_s * (len(ablations) + 1) * n_prompts if fig.naive_all_extrapolated
-                       else fig.naive_s)
+    fig.naive_all_s = fig.naive_forward_s * (len(ablations) + 1) * n_prompts if fig.naive_all_extrapolated \
+        else fig.naive_s
     fig.ratio_all = fig.naive_all_s / fig.engine_s
     fig.ratio_subset = fig.naive_s / fig.engine_subset_s
 
-    compare(fig, full, part, naive, subset_idx)
+    compare(fig, full.kl[subset_idx], part, naive)
+    if args.fp64_reference:
+        say(f"float64 reference: naive, {fig.naive_heads} heads x {n_prompts} prompts ...")
+        ref = fp64_reference(args, work.prompts, subset)
+        fig.fp64_naive_rel = kl_diffs(naive.kl, ref)["max_rel_diff"]
+        fig.fp64_engine_rel = kl_diffs(full.kl[subset_idx], ref)["max_rel_diff"]
+    fig.contended = not dev.startswith("cuda") and min(fig.engine_cpu_busy, fig.naive_cpu_busy) \
+        < BUSY_WARN * fig.torch_threads
     fig.speed_pass = fig.ratio_all >= SPEED_TARGET
     return fig
 
 
-def compare(fig: Figures, full: ScanResult, part: ScanResult, naive: ScanResult, subset_idx: list[int]) -> None:
+def compare(fig: Figures, full_kl: torch.Tensor, part: ScanResult, naive: ScanResult) -> None:
     """KL differences on the common subset: both engine runs against the naive strategy; keep the worst."""
-    assert full.kl is not None and part.kl is not None and naive.kl is not None
-    a = kl_diffs(full.kl[subset_idx], naive.kl)
-    b = kl_diffs(part.kl, naive.kl)
-    for key in ("max_abs_diff", "max_rel_diff", "max_abs_diff_rel_region"):
-        setattr(fig, key, max(a[key], b[key]))
-    fig.kl_min, fig.kl_max = a["kl_min"], a["kl_max"]
-    fig.agreement_checked = fig.dtype in ("float32", "float64")
-    fig.agree_pass = fig.max_rel_diff <= REL_DIFF_TARGET if fig.agreement_checked else None
+    assert part.kl is not None and naive.kl is not None
+    runs = [kl_diffs(full_kl, naive.kl), kl_diffs(part.kl, naive.kl)]
+    worst = max(runs, key=lambda d: d["max_rel_diff"])
+    fig.max_abs_diff = max(d["max_abs_diff"] for d in runs)
+    fig.max_abs_diff_rel_region = max(d["max_abs_diff_rel_region"] for d in runs)
+    fig.max_rel_diff, fig.worst_rel_kl = worst["max_rel_diff"], worst["worst_rel_kl"]
+    fig.kl_min, fig.kl_max = runs[0]["kl_min"], runs[0]["kl_max"]
+    fig.agree_pass = fig.max_rel_diff <= REL_DIFF_TARGET if fig.dtype in ("float32", "float64") else None
+
+
+def fp64_reference(args: argparse.Namespace, prompts: list[list[int]], subset: list[Ablation]) -> torch.Tensor:
+    """Naive KL of the same model in float64: the truth both float32 strategies are measured against."""
+    loaded = load_model(args.model, device=args.device, dtype="float64")
+    result = naive_scan(loaded.model, prompts, subset)
+    assert result.kl is not None
+    return result.kl
 
 
 # ----------------------------------------------------------------------------------------------- output
 
 def report(fig: Figures) -> str:
-    extra = " (extrapolated linearly from the subset: per-forward cost is head-independent)" \
-        if fig.naive_all_extrapolated else " (measured)"
+    how = " (extrapolated linearly from the subset: the per-forward cost does not depend on the head)" \
+        if fig.naive_all_extrapolated else " (measured on all heads)"
+    busy = f"; CPU busy {fig.engine_cpu_busy:.2f} (engine) / {fig.naive_cpu_busy:.2f} (naive) of " \
+           f"{fig.torch_threads} threads" if not fig.device.startswith("cuda") else ""
     lines = [
-        f"machine      : {fig.cpu_count} CPUs ({fig.cpu}), torch {fig.torch_version} with {fig.torch_threads} "
-        f"threads, device {fig.device}" + (f" ({fig.gpu})" if fig.gpu else "") + f", dtype {fig.dtype}",
+        f"machine      : {fig.cpu_count} CPUs ({fig.cpu}), torch {fig.torch_version}, {fig.torch_threads} threads, "
+        f"device {fig.device}" + (f" ({fig.gpu})" if fig.gpu else "") + f", dtype {fig.dtype}{busy}",
         f"model        : {fig.model} ({fig.n_layers} layers x {fig.n_heads_model} heads)",
         f"prompts      : {fig.n_prompts} from {fig.prompt_source}, mean length {fig.mean_prompt_len:.1f} tokens",
-        f"heads        : {fig.n_heads} (undiff_q, eps {EPS:g}); token budget {fig.token_budget}",
-        f"engine       : {fig.engine_s:8.2f} s  {fig.engine_rows} rows, {fig.engine_rows_per_s:.1f} rows/s, "
+        f"heads        : {fig.n_heads} (undiff_q, eps {EPS:g}); engine token budget {fig.token_budget}"
+        + (f"; best of {fig.repeat} runs" if fig.repeat > 1 else ""),
+        f"engine       : {fig.engine_s:9.2f} s  {fig.engine_rows} rows, {fig.engine_rows_per_s:.1f} rows/s, "
         f"{fig.engine_layer_fraction:.1%} of the layer work of full forwards",
-        f"naive        : {fig.naive_s:8.2f} s  on {fig.naive_heads} heads, {fig.naive_rows_per_s:.2f} rows/s, "
+        f"naive        : {fig.naive_s:9.2f} s  on {fig.naive_heads} heads, {fig.naive_rows_per_s:.2f} rows/s, "
         f"{fig.naive_forward_s * 1e3:.1f} ms per forward (pre-run estimate for all heads "
         f"{fig.naive_estimate_s:.0f} s)",
-        f"naive, all   : {fig.naive_all_s:8.2f} s{extra}",
-        f"engine, same : {fig.engine_subset_s:8.2f} s  on the naive strategy's {fig.naive_heads} heads",
-        f"speed ratio  : {fig.ratio_all:.2f}x all heads;  {fig.ratio_subset:.2f}x like for like on "
+        f"naive, all   : {fig.naive_all_s:9.2f} s{how}",
+        f"engine, same : {fig.engine_subset_s:9.2f} s  on the naive strategy's {fig.naive_heads} heads",
+        f"speed ratio  : {fig.ratio_all:.2f}x on all heads;  {fig.ratio_subset:.2f}x like for like on "
         f"{fig.naive_heads} heads",
-        f"KL agreement : max abs diff {fig.max_abs_diff:.3g} (overall); max rel diff {fig.max_rel_diff:.3g} "
-        f"(where naive KL > {REL_FLOOR:g}, max abs there {fig.max_abs_diff_rel_region:.3g}); "
-        f"naive KL in [{fig.kl_min:.3g}, {fig.kl_max:.3g}]",
+        f"KL agreement : max abs diff {fig.max_abs_diff:.3g} overall; max rel diff {fig.max_rel_diff:.3g} "
+        f"(where naive KL > {REL_FLOOR:g}; at KL {fig.worst_rel_kl:.3g}; max abs there "
+        f"{fig.max_abs_diff_rel_region:.3g}); naive KL in [{fig.kl_min:.3g}, {fig.kl_max:.3g}]",
     ]
+    if fig.fp64_naive_rel is not None:
+        lines.append(f"vs float64   : max rel diff from the float64 naive KL: naive {fig.fp64_naive_rel:.3g}, "
+                     f"engine {fig.fp64_engine_rel:.3g} (the {fig.dtype} rounding floor)")
+    if fig.contended:
+        lines.append(f"warning      : the CPUs were shared (busy below {BUSY_WARN:.0%} of the threads): "
+                     f"timings are noisy, re-run or use --repeat")
     speed = f"speed {fig.ratio_all:.2f}x vs >= {SPEED_TARGET:g}x: {'PASS' if fig.speed_pass else 'MISS'}"
     if fig.agree_pass is None:
-        agree = f"agreement {fig.max_rel_diff:.3g}: not judged in {fig.dtype} (target {REL_DIFF_TARGET:g} is for fp32)"
+        agree = f"agreement {fig.max_rel_diff:.3g}: not judged in {fig.dtype} (the {REL_DIFF_TARGET:g} target is fp32)"
     else:
-        agree = (f"agreement {fig.max_rel_diff:.3g} vs <= {REL_DIFF_TARGET:g}: "
-                 f"{'PASS' if fig.agree_pass else 'MISS'}")
+        agree = f"agreement {fig.max_rel_diff:.3g} vs <= {REL_DIFF_TARGET:g}: {'PASS' if fig.agree_pass else 'MISS'}"
     overall = "PASS" if fig.speed_pass and fig.agree_pass is not False else "MISS"
     lines.append(f"{overall}: {speed}; {agree}")
     return "\n".join(lines)
@@ -343,18 +400,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget", type=int, default=DEFAULT_TOKEN_BUDGET, help="engine tokens per forward")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cpu; cuda with --random-llama7b)")
-    p.add_argument("--dtype", default=None,
-                   help="float32 | bfloat16 | float64 (default: float32; bfloat16 with --random-llama7b)")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="model dtype (default: float32; bfloat16 with --random-llama7b)")
+    p.add_argument("--repeat", type=int, default=1, help="time each part this many times, keep the fastest")
+    p.add_argument("--fp64-reference", action="store_true",
+                   help="also run the naive strategy in float64 on the subset: the rounding floor of --dtype")
     p.add_argument("--json", default=None, metavar="PATH", help="append the figures as one JSON line")
     args = p.parse_args(argv)
     llama = args.random_llama7b
     args.prompts = args.prompts or (LLAMA7B_PROMPTS if llama else DEFAULT_PROMPTS)
     args.device = args.device or ("cuda" if llama else "cpu")
     args.dtype = args.dtype or ("bfloat16" if llama else "float32")
-    if args.prompts < 1 or args.budget < 1 or (args.naive_heads is not None and args.naive_heads < 1):
-        p.error("--prompts, --budget and --naive-heads must be >= 1")
-    if args.dtype not in ("float32", "bfloat16", "float16", "float64"):
-        p.error(f"unknown dtype {args.dtype!r}: valid are float32, bfloat16, float16, float64")
+    if min(args.prompts, args.budget, args.repeat, args.naive_heads or 1, args.llama_layers or 1) < 1:
+        p.error("--prompts, --budget, --repeat, --naive-heads and --llama-layers must be >= 1")
+    if llama and args.fp64_reference:
+        p.error("--fp64-reference needs a model to reload: not available with --random-llama7b")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.exit(2, f"{p.prog}: CUDA is not available on this machine"
                   + (": --random-llama7b builds a 7B model and runs on a GPU only" if llama else

@@ -143,10 +143,7 @@ class HeadTables:
         return cls(scale, mean)
 
     def layer_signature(self) -> torch.Tensor:
-        """(rows, layers) int64 hash-free fingerprint: row r differs from row q at layer l iff the values differ.
-
-        Returned as a (rows, layers, features) float64 tensor flattened per layer for comparisons.
-        """
+        """(rows, layers, features) float64: two rows act identically at layer l iff their [:, l] rows are equal."""
         parts = [t.permute(1, 0, 2) for t in self.scale.values()]  # (rows, layers, heads)
         if self.mean is not None:
             parts.append(self.mean.permute(1, 0, 2).to(torch.float64))

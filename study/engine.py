@@ -16,6 +16,7 @@ and benchmarked against.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
@@ -160,7 +161,7 @@ class ScanEngine:
         """(rows, 1, d_model) pre-norm last-position residual -> (rows, d_model) final-norm state."""
         return self.arch.final_norm(self.model)(resid_last)[:, -1].to(self.out_dtype)
 
-    def _groups(self, prompts: Sequence[Sequence[int]], n_ablations: int) -> list[list[int]]:
+    def _groups(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
         """Prompt groups sorted by length, each small enough for one base forward within the budget."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         groups: list[list[int]] = []
@@ -199,7 +200,7 @@ class ScanEngine:
         rows_run = layer_rows = 0
 
         with HeadHooks(self.model, self.arch) as hooks:
-            for group in self._groups(prompts, n_abl):
+            for group in self._groups(prompts):
                 ids, mask, positions = (t.to(self.device) for t in pad_left([prompts[i] for i in group],
                                                                                 self.pad_id))
                 width = ids.shape[1]
@@ -209,7 +210,7 @@ class ScanEngine:
                         normal = _BasePass(self.model, self.arch, ids, mask, positions)
                         ref_logp = self._logprobs(self._final(normal.final_in[:, -1:]))
                         del normal
-                with ablated(self.model, base, self.arch) if base.heads else _nullcontext():
+                with ablated(self.model, base, self.arch) if base.heads else contextlib.nullcontext():
                     bp = _BasePass(self.model, self.arch, ids, mask, positions)
                 base_final = self._final(bp.final_in[:, -1:])  # (group, d_model)
                 if kl and ref_logp is None:
@@ -275,14 +276,6 @@ class ScanEngine:
             work += n_active
         hooks.clear()
         return self._final(h[:, -1:]), work
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 @torch.no_grad()
