@@ -9,6 +9,7 @@ timed on the full step. Both give the same scores (checked on the subset).
 
     python bench/bench_sahara.py --prompts 16 --naive-candidates 6
     python bench/bench_sahara.py --prompts 100 --search-steps 3      # also time a full 3-step search
+    python bench/bench_sahara.py --prompts 100 --prompt-set advbench --data-dir ../shared/data --search-steps 3
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from study.ablation import Ablation
-from study.engine import DEFAULT_TOKEN_BUDGET, ScanEngine, naive_scan
+from study.engine import ScanEngine, naive_scan
 from study.heads import all_heads
 from study.models import DEFAULT_MODEL, load_model
 from study.prompts import PromptFormat, encode, load_prompts
@@ -36,17 +39,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--prompt-set", default=None,
+                    help="a prompt set spec (e.g. advbench with --data-dir); default: builtin harmful, then benign")
+    ap.add_argument("--data-dir", default=None, help="folder of the known benchmark sets")
     ap.add_argument("--naive-candidates", type=int, default=6)
-    ap.add_argument("--budget", type=int, default=DEFAULT_TOKEN_BUDGET)
+    ap.add_argument("--budget", type=int, default=None, help="engine tokens per forward (default: the device's)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--search-steps", type=int, default=0, help="also time a full search of this many steps")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    sys.stdout.reconfigure(line_buffering=True)  # figures appear as they are measured, even into a file
 
     lm = load_model(args.model)
-    # the built-in harmful set, then benign prompts when more are asked for (100 prompts for the note)
-    texts = load_prompts("builtin:harmful").texts + load_prompts("builtin:benign").texts
+    if args.prompt_set:
+        texts = load_prompts(args.prompt_set, data_dir=args.data_dir, limit=args.prompts).texts
+    else:  # the built-in harmful set, then benign prompts when more are asked for
+        texts = load_prompts("builtin:harmful").texts + load_prompts("builtin:benign").texts
     ids = [encode(t, PromptFormat.PAPER, lm.tokenizer) for t in texts[: args.prompts]]
     engine = ScanEngine(lm.model, lm.tokenizer.pad_token_id, token_budget=args.budget)
     shape = engine.arch.shape
@@ -55,7 +64,8 @@ def main() -> None:
     engine.scan(ids[:2], [Ablation(heads=(heads[0],))], kl=False)  # warm-up
 
     t0 = time.perf_counter()
-    scorer = GeneralizedShipsScorer(engine, ids, spec, Ablation().op, 1e-5)
+    bar = tqdm(unit="row", desc="engine rows", disable=None)
+    scorer = GeneralizedShipsScorer(engine, ids, spec, Ablation().op, 1e-5, progress=bar.update)
     step1 = scorer((), heads)
     t_step1 = time.perf_counter() - t0
     group = (heads[max(range(len(heads)), key=lambda i: step1[i])],)
@@ -74,8 +84,8 @@ def main() -> None:
     max_abs = float((naive_scores - engine_scores).abs().max())
     naive_step = t_naive_subset / len(subset) * len(cands)
 
-    fig = dict(model=lm.model_id, cpu_count=os.cpu_count(), threads=torch.get_num_threads(), prompts=len(ids),
-               mean_len=sum(map(len, ids)) / len(ids), candidates=len(cands), engine_step1_s=t_step1,
+    fig = dict(model=lm.model_id, prompt_set=args.prompt_set or "builtin:harmful+benign", cpu_count=os.cpu_count(), threads=torch.get_num_threads(), prompts=len(ids),
+               mean_len=sum(map(len, ids)) / len(ids), candidates=len(cands), token_budget=engine.token_budget, engine_step1_s=t_step1,
                engine_step2_s=t_step2, naive_step_s_extrapolated=naive_step, naive_subset=len(subset),
                ratio_step2=naive_step / t_step2, max_abs_angle_diff_deg=max_abs,
                max_angle_deg=float(naive_scores.abs().max()))

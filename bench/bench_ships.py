@@ -11,7 +11,7 @@ The naive strategy's cost per forward does not depend on which head is ablated, 
 scan would be slow it is timed on an evenly spread subset of heads and extrapolated linearly to all heads;
 the engine is also timed on exactly that subset, for a like-for-like ratio.
 
-    python bench/bench_ships.py --prompts 8 --heads all --budget 16384 --threads 2 --device cpu
+    python bench/bench_ships.py --prompts 8 --heads all --budget 2048 --threads 2 --device cpu
     python bench/bench_ships.py --random-llama7b            # GPU: a random-weight Llama-2-7B shape, bf16
 """
 
@@ -31,7 +31,7 @@ import torch
 
 from study.ablation import Ablation, Op
 from study.architectures import Arch
-from study.engine import DEFAULT_TOKEN_BUDGET, ScanEngine, ScanResult, naive_scan
+from study.engine import ScanEngine, default_token_budget, ScanResult, naive_scan
 from study.heads import Head, all_heads, parse_heads
 from study.models import DEFAULT_MODEL, load_model
 from study.prompts import PromptFormat, encode_all, load_prompts
@@ -255,12 +255,12 @@ def new_figures(work: Workload, args: argparse.Namespace) -> Figures:
         gpu=torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         n_prompts=len(work.prompts), mean_prompt_len=sum(map(len, work.prompts)) / len(work.prompts),
         n_layers=shape.n_layers, n_heads_model=shape.n_heads, n_heads=len(work.heads),
-        token_budget=args.budget, repeat=args.repeat)
+        token_budget=args.budget or default_token_budget(args.device), repeat=args.repeat)
 
 
 def run_bench(work: Workload, args: argparse.Namespace, say: Callable[[str], None]) -> Figures:
     fig = new_figures(work, args)
-    engine = ScanEngine(work.model, work.pad_id, token_budget=args.budget)
+    engine = ScanEngine(work.model, work.pad_id, token_budget=fig.token_budget)
     ablations = ablations_of(work.heads)
     n_prompts, dev, rep = len(work.prompts), args.device, args.repeat
 
@@ -397,7 +397,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--naive-heads", type=int, default=None,
                    help="time the naive strategy on K evenly spread heads and extrapolate (default: all heads "
                         f"if estimated under {NAIVE_FULL_LIMIT_S:.0f} s, else a ~{NAIVE_SUBSET_S:.0f} s subset)")
-    p.add_argument("--budget", type=int, default=DEFAULT_TOKEN_BUDGET, help="engine tokens per forward")
+    p.add_argument("--budget", type=int, default=None, help="engine tokens per forward (default: the device's)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cpu; cuda with --random-llama7b)")
     p.add_argument("--dtype", default=None, choices=DTYPES,
@@ -411,7 +411,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.prompts = args.prompts or (LLAMA7B_PROMPTS if llama else DEFAULT_PROMPTS)
     args.device = args.device or ("cuda" if llama else "cpu")
     args.dtype = args.dtype or ("bfloat16" if llama else "float32")
-    if min(args.prompts, args.budget, args.repeat, args.naive_heads or 1, args.llama_layers or 1) < 1:
+    if min(args.prompts, args.budget or 1, args.repeat, args.naive_heads or 1, args.llama_layers or 1) < 1:
         p.error("--prompts, --budget, --repeat, --naive-heads and --llama-layers must be >= 1")
     if llama and args.fp64_reference:
         p.error("--fp64-reference needs a model to reload: not available with --random-llama7b")

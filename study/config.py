@@ -14,7 +14,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from study.ablation import Op, check_eps, parse_op
-from study.engine import DEFAULT_TOKEN_BUDGET
 from study.errors import UsageError
 from study.models import DEFAULT_MODEL, DTYPES, check_device
 from study.prompts import PromptFormat, parse_format
@@ -41,7 +40,7 @@ class ScanConfig(_Frozen):
     device: str = "cpu"
     dtype: str = "float32"
     data_dir: str | None = None
-    token_budget: int = Field(default=DEFAULT_TOKEN_BUDGET, ge=1)
+    token_budget: int | None = Field(default=None, ge=1)  # None: the engine's default for the device
     executor: Literal["local"] = "local"
 
     @field_validator("format", mode="before")

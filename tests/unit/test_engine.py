@@ -81,3 +81,12 @@ def test_planted_head_has_the_largest_kl():
     result = ScanEngine(model, 0).scan(prompts, [Ablation(heads=(h,)) for h in heads])
     top = result.kl.argmax(dim=0)  # (prompts,)
     assert [heads[i] for i in top] == [PLANTED] * len(prompts)
+
+
+def test_token_budget_defaults_by_device() -> None:
+    from study.engine import CPU_TOKEN_BUDGET, default_token_budget
+
+    model = tiny_model("llama")
+    assert ScanEngine(model, 0).token_budget == CPU_TOKEN_BUDGET == default_token_budget("cpu")
+    assert default_token_budget("cuda:0") > CPU_TOKEN_BUDGET
+    assert ScanEngine(model, 0, token_budget=77).token_budget == 77
