@@ -83,15 +83,16 @@ class _LayerCall:
     """One layer's call as the model made it in the base pass, re-playable on other rows and states."""
 
     def __init__(self, layer: nn.Module, args: tuple, kwargs: dict, batch: int) -> None:
-        bound = inspect.signature(layer.forward).bind(*args, **kwargs)
+        signature = inspect.signature(layer.forward)
+        bound = signature.bind(*args, **kwargs)
         named: dict[str, Any] = {}
         for key, value in bound.arguments.items():
-            kind = inspect.signature(layer.forward).parameters[key].kind
+            kind = signature.parameters[key].kind
             if kind is inspect.Parameter.VAR_KEYWORD:
                 named.update(value)
             elif kind is not inspect.Parameter.VAR_POSITIONAL:
                 named[key] = value
-        self.hidden_name = next(iter(inspect.signature(layer.forward).parameters))
+        self.hidden_name = next(iter(signature.parameters))
         self.hidden = named.pop(self.hidden_name)
         for key, value in named.items():
             if key in BATCHED_ARGS or key in UNBATCHED_ARGS:
@@ -221,9 +222,9 @@ class ScanEngine:
                 with ablated(self.model, base, self.arch) if base.heads else contextlib.nullcontext():
                     bp = _BasePass(self.model, self.arch, ids, mask, positions)
                 base_final = self._final(bp.final_in[:, -1:])  # (group, d_model)
-                if kl and ref_logp is None:
-                    ref_logp = self._logprobs(base_final)
                 base_logp = self._logprobs(base_final) if kl else None
+                if ref_logp is None:  # the base is the normal model: its distribution is the reference
+                    ref_logp = base_logp
 
                 # rows of this group: (ablation a, prompt slot j), sorted by start layer for the wavefront
                 a_idx = torch.arange(n_abl).repeat_interleave(len(group))
