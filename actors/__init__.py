@@ -1,1 +1,4 @@
-"""Ray and vLLM plumbing (model actors, pools, the vLLM engine actor). Only this package imports ray/vllm."""
+"""Ray plumbing: the cluster connection, model actors (one per GPU or CPU slot) and the Ray executor.
+
+Everything that imports ray lives here; `study` reaches it only through `study.executor.make_executor`.
+"""

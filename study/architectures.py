@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from study.ablation import Site
 from study.errors import UsageError
+from study.models import ModelShape
 
 
 class Layout(str, enum.Enum):
@@ -23,14 +25,6 @@ class Layout(str, enum.Enum):
     SEPARATE = "separate"  # q_proj, k_proj, v_proj: head h is columns h*d:(h+1)*d of its own projection
     FUSED = "fused"  # one projection, [q heads | k heads | v heads] (Phi-3, GPT-2)
     INTERLEAVED = "interleaved"  # one projection, per head [q | k | v] (GPT-NeoX)
-
-
-class Site(str, enum.Enum):
-    """Where an operator acts: a projection output (q, k) or the o_proj input (the head outputs)."""
-
-    Q = "q"
-    K = "k"
-    O_IN = "o_in"
 
 
 @dataclass(frozen=True)
@@ -74,30 +68,6 @@ def arch_for(model_type: str) -> ArchSpec:
             return spec
     known = ", ".join(t for s in ARCHITECTURES for t in s.model_types)
     raise UsageError(f"unsupported architecture {model_type!r}: supported model types are {known}")
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_head: int
-    d_model: int
-
-    @classmethod
-    def from_config(cls, config: Any) -> "ModelShape":
-        n_heads = config.num_attention_heads
-        d_model = config.hidden_size
-        d_head = getattr(config, "head_dim", None) or d_model // n_heads
-        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-        return cls(config.num_hidden_layers, n_heads, n_kv, d_head, d_model)
-
-    @property
-    def n_total_heads(self) -> int:
-        return self.n_layers * self.n_heads
-
-    def n_site_heads(self, site: Site) -> int:
-        return self.n_kv_heads if site is Site.K else self.n_heads
 
 
 def get_path(root: nn.Module, path: str) -> Any:

@@ -12,29 +12,36 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from study.ablation import DEFAULT_OP, SCORING_EPS, SURGERY_EPS
 from study.errors import UsageError
-
-DEFAULT_CONFIG = "configs/quickstart.yaml"
+from study.models import DEFAULT_MODEL
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("common")
-    g.add_argument("--executor", default="local", help="local (in this process); ray arrives with the Ray issue")
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    g.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64")
+    g.add_argument("--executor", default=None, help="ray (default: a local Ray cluster, or --address) or local "
+                                                    "(this process, no Ray)")
+    g.add_argument("--address", default=None, help="a running Ray cluster (auto, HOST:6379, ray://HOST:10001)")
+    g.add_argument("--actors", type=int, default=None, help="model actors per model (default: fill the cluster)")
+    g.add_argument("--cpus-per-actor", type=int, default=None, help="CPUs (and torch threads) per actor (default 1)")
+    g.add_argument("--gpus-per-actor", type=int, default=None, help="GPUs per actor where the cluster has GPUs "
+                                                                    "(default 1; more spreads a model's weights)")
+    g.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default cpu)")
+    g.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or float64")
     g.add_argument("--data-dir", default=None, help="folder with known datasets (default $HEADSTUDY_DATA)")
     g.add_argument("--token-budget", type=int, default=None, help="rows x tokens per forward (memory bound)")
+    g.add_argument("--force", action="store_true", help="recompute every shard, even those already in --out")
     g.add_argument("-v", "--verbose", action="store_true")
 
 
-def _scan_args(p: argparse.ArgumentParser, eps_default: float = 1e-5) -> None:
+def _scan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="alias, local folder or HF id (default smollm2-135m-instruct)")
     p.add_argument("--revision", default=None)
     p.add_argument("--prompts", default=None, help="builtin:harmful, a file[:column] or a known name (advbench...)")
     p.add_argument("--format", default=None, help="paper (default), direct or chat")
     p.add_argument("--system-prompt", default=None, help="system prompt for --format chat")
     p.add_argument("--op", default=None, help="undiff_q (default), undiff_k, scale_v or mean")
-    p.add_argument("--eps", type=float, default=None, help=f"operator scale, 0 < eps < 1 (default {eps_default:g})")
+    p.add_argument("--eps", type=float, default=None, help=f"operator scale, 0 < eps < 1 (default {SCORING_EPS:g})")
     p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
     p.add_argument("--out", required=True, help="output folder (tables + manifest.json)")
     _common(p)
@@ -45,7 +52,12 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="a full study from a YAML spec")
-    p.add_argument("config", nargs="?", default=None, help=f"study spec (default {DEFAULT_CONFIG})")
+    p.add_argument("config", nargs="?", default=None, help="study spec: a file, or a built-in name (default quickstart)")
+    p.add_argument("--out", default=None, help="output folder (default: the spec's 'out')")
+    _common(p)
+
+    p = sub.add_parser("plan", help="the work a study implies and what --out already holds, loading no model")
+    p.add_argument("config", nargs="?", default=None, help="study spec (default quickstart)")
     p.add_argument("--out", default=None, help="output folder (default: the spec's 'out')")
     _common(p)
 
@@ -62,79 +74,86 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-gain", type=float, default=None, help="stop when a step gains less (degrees)")
 
     p = sub.add_parser("surgery", help="write an ablation into the weights and save a checkpoint")
-    p.add_argument("--model", default=None)
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--revision", default=None)
-    p.add_argument("--heads", required=True, help="e.g. L2H26,L3H8")
-    p.add_argument("--op", default="undiff_q")
-    p.add_argument("--eps", type=float, default=1e-10)
+    p.add_argument("--heads", required=True, help="e.g. L2H6,L18H8")
+    p.add_argument("--op", default=DEFAULT_OP.value)
+    p.add_argument("--eps", type=float, default=SURGERY_EPS)
     p.add_argument("--out", required=True, help="checkpoint folder (new or empty)")
-    _common(p)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("-v", "--verbose", action="store_true")
     return top
 
 
-_SHARED = ("model", "revision", "prompts", "format", "system_prompt", "op", "eps", "limit", "device", "dtype",
-           "data_dir", "token_budget", "executor")
+_SHARED = ("model", "revision", "prompts", "format", "system_prompt", "op", "eps", "limit")
+_DEFAULTS = ("device", "dtype", "data_dir", "token_budget")  # also apply to every section of a spec
+_EXECUTION = ("executor", "address", "actors", "cpus_per_actor", "gpus_per_actor")
 
 
 def _values(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, Any]:
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
-def _check_executor(name: str) -> None:
-    if name != "local":
-        raise UsageError(f"unknown executor {name!r}: valid executors in this version are local")
+def _single(args: argparse.Namespace, extra: Sequence[str]):
+    from study.config import one_experiment
+
+    return one_experiment(args.command, _values(args, (*_SHARED, *_DEFAULTS, *extra)), _values(args, _EXECUTION),
+                          args.out)
+
+
+def _study(args: argparse.Namespace):
+    from study.config import load_study
+
+    study = load_study(args.config)
+    return study.with_overrides(_values(args, _DEFAULTS), _values(args, _EXECUTION))
+
+
+def _run(study, args: argparse.Namespace) -> None:
+    from study.runner import run_study, summary_lines
+
+    result = run_study(study, args.out, force=args.force, command=args.command)
+    for job in result.jobs:
+        if job.experiment == "ships":
+            print_ships(job.tables(result.run_id)["ships"], job.cfg.top if args.command == "ships" else 3)
+        elif job.experiment == "sahara":
+            print_sahara(job)
+    print("\n".join(summary_lines(result)))
+    print(f"wrote {result.out} (run {result.run_id})")
 
 
 def _cmd_ships(args: argparse.Namespace) -> None:
-    from study.config import ShipsConfig, build
-    from study.runner import run_ships
-
-    cfg = build(ShipsConfig, _values(args, (*_SHARED, "top")))
-    out = run_ships(cfg, args.out)
-    print_ships(out.tables["ships"], cfg.top)
-    print(f"wrote {out.out} (run {out.run_id})")
+    _run(_single(args, ("top",)), args)
 
 
 def _cmd_sahara(args: argparse.Namespace) -> None:
-    from study.config import SaharaConfig, build
-    from study.runner import run_sahara_job
-
-    cfg = build(SaharaConfig, _values(args, (*_SHARED, "steps", "rank", "subspace", "center", "min_gain")))
-    out = run_sahara_job(cfg, args.out)
-    print_sahara(out)
-    print(f"wrote {out.out} (run {out.run_id})")
+    _run(_single(args, ("steps", "rank", "subspace", "center", "min_gain")), args)
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from study.config import load_study
-    from study.runner import run_study
+    _run(_study(args), args)
 
-    study = load_study(args.config or DEFAULT_CONFIG)
-    overrides = _values(args, ("device", "dtype", "data_dir", "token_budget", "executor"))
-    if overrides:
-        study = study.model_copy(update={"defaults": {**study.defaults, **overrides}})
-        study.ships_config(), study.sahara_config()
-    out = run_study(study, args.out)
-    if "ships" in out.tables:
-        print_ships(out.tables["ships"], 3)
-    if out.steps:
-        print_sahara(out)
-    print(f"wrote {out.out} (run {out.run_id})")
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from study.runner import describe_plan, plan_study
+
+    print("\n".join(describe_plan(plan_study(_study(args), args.out), args.force)))
 
 
 def _cmd_surgery(args: argparse.Namespace) -> None:
     from study.ablation import Ablation, parse_op
     from study.heads import parse_heads
-    from study.models import DEFAULT_MODEL, check_model_name, load_model
+    from study.models import check_dtype, check_device, load_model, model_shape
+    from study.runner import check_out
     from study.surgery import save_ablated
 
-    heads = parse_heads(args.heads)
-    ablation = Ablation(heads=heads, op=parse_op(args.op), eps=args.eps)
-    model = args.model or DEFAULT_MODEL
-    check_model_name(model)
-    if Path(args.out).exists() and any(Path(args.out).iterdir()):
+    ablation = Ablation(heads=parse_heads(args.heads), op=parse_op(args.op), eps=args.eps)
+    check_device(args.device), check_dtype(args.dtype)
+    ablation.check(model_shape(args.model, args.revision))  # heads against the config, before the weights load
+    out = check_out(args.out)
+    if out.exists() and any(out.iterdir()):
         raise UsageError(f"checkpoint folder {args.out!r} exists and is not empty: choose a new --out")
-    lm = load_model(model, device=args.device, dtype=args.dtype, revision=args.revision)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
     save_ablated(lm, ablation, args.out)
     print(f"wrote {args.out}: {ablation.label}")
 
@@ -153,19 +172,20 @@ def print_ships(table, top: int) -> None:
         print(f"  {label:<8} top-1 on {int(r.top1):>3} prompts   mean KL {r.mean_kl:.4g}")
 
 
-def print_sahara(out) -> None:
-    print("\nSahara (generalized Ships, degrees):")
+def print_sahara(job) -> None:
+    print(f"\nSahara on {job.cfg.model} (generalized Ships, degrees):")
     previous = 0.0
-    for st in out.steps:
+    for st in job.steps:
         order = sorted(range(len(st.scores)), key=lambda i: -st.scores[i])
         runner = st.candidates[order[1]].label if len(order) > 1 else "-"
         print(f"  step {st.step}: + {st.chosen.label:<8} score {st.best:8.4f}  gain {st.best - previous:+8.4f}"
               f"  (runner-up {runner} {st.scores[order[1]] if len(order) > 1 else float('nan'):.4f})")
         previous = st.best
-    print(f"group: {', '.join(h.label for h in out.group)}")
+    print(f"group: {', '.join(h.label for h in job.group)}")
 
 
-COMMANDS = {"run": _cmd_run, "ships": _cmd_ships, "sahara": _cmd_sahara, "surgery": _cmd_surgery}
+COMMANDS = {"run": _cmd_run, "plan": _cmd_plan, "ships": _cmd_ships, "sahara": _cmd_sahara,
+            "surgery": _cmd_surgery}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -174,7 +194,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        _check_executor(args.executor)
         COMMANDS[args.command](args)
     except UsageError as err:
         print(f"headstudy: error: {err}", file=sys.stderr)

@@ -1,29 +1,50 @@
-"""Typed, frozen run configurations (CLI flags and YAML study specs map onto these).
+"""Typed, frozen configurations: what to compute (experiments), where to run it (execution), and the study spec.
 
-Every field is validated before any model is loaded, so bad input ends with one clear line. Unknown keys
-are refused (`extra="forbid"`).
+Light by design (no torch, transformers, ray or vllm): a spec or a command line is validated and planned
+before anything heavy is imported. Each default and each check is written once, here or in the value type
+it belongs to (`study.ablation` for operators and eps, `study.prompts` for formats). Unknown keys are
+refused (`extra="forbid"`).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from study.ablation import Op, check_eps, parse_op
+from study.ablation import DEFAULT_OP, SCORING_EPS, Op, check_eps, parse_op
 from study.errors import UsageError
-from study.models import DEFAULT_MODEL, DTYPES, check_device
-from study.prompts import PromptFormat, parse_format
-from study.scores import SubspaceSpec
+from study.models import DEFAULT_MODEL, check_device, check_dtype
+from study.prompts import PromptFormat, check_system_prompt, parse_format
 
-EXECUTORS = ("local",)
+EXECUTORS = ("local", "ray")
+DEFAULT_EXECUTOR = "ray"
+DEFAULT_STUDY = "quickstart.yaml"  # in the packaged configs folder
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SubspaceSpec(_Frozen):
+    """Which subspace of the (prompts × d_model) hidden-state matrix generalized Ships compares.
+
+    `left`: top-r left singular vectors (directions in prompt space, the paper's choice);
+    `right`: top-r right singular vectors (directions in hidden space, a "refusal subspace").
+    `center` subtracts the mean over prompts before the SVD.
+    """
+
+    rank: int = Field(default=1, ge=1)
+    side: Literal["left", "right"] = "left"
+    center: bool = False
+
+    @classmethod
+    def paper(cls) -> "SubspaceSpec":
+        """The paper and authors' code: left singular space, r = 1, uncentred."""
+        return cls(rank=1, side="left", center=False)
 
 
 class ScanConfig(_Frozen):
@@ -35,13 +56,14 @@ class ScanConfig(_Frozen):
     limit: int | None = Field(default=None, ge=1)
     format: PromptFormat = PromptFormat.PAPER
     system_prompt: str | None = None
-    op: Op = Op.UNDIFF_Q
-    eps: float = 1e-5
+    op: Op = DEFAULT_OP
+    eps: float = SCORING_EPS
     device: str = "cpu"
     dtype: str = "float32"
     data_dir: str | None = None
     token_budget: int | None = Field(default=None, ge=1)  # None: the engine's default for the device
-    executor: Literal["local"] = "local"
+    shard_heads: int = Field(default=32, ge=1)  # ablations per shard (the unit of work, retry and resume)
+    shard_prompts: int = Field(default=16, ge=1)  # prompts per Ships shard
 
     @field_validator("format", mode="before")
     @classmethod
@@ -56,9 +78,7 @@ class ScanConfig(_Frozen):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:
-        if v not in DTYPES:
-            raise UsageError(f"unknown dtype {v!r}: valid dtypes are {', '.join(DTYPES)}")
-        return v
+        return check_dtype(v)
 
     @field_validator("device")
     @classmethod
@@ -66,10 +86,9 @@ class ScanConfig(_Frozen):
         return check_device(v)
 
     @model_validator(mode="after")
-    def _eps(self) -> "ScanConfig":
+    def _checks(self) -> "ScanConfig":
         check_eps(self.op, self.eps)
-        if self.system_prompt is not None and self.format is not PromptFormat.CHAT:
-            raise UsageError(f"a system prompt needs format 'chat', not {self.format.value!r}")
+        check_system_prompt(self.format, self.system_prompt)
         return self
 
 
@@ -93,24 +112,94 @@ class SaharaConfig(ScanConfig):
         return SubspaceSpec(rank=self.rank, side=self.subspace, center=self.center)
 
 
+class ExecutionConfig(_Frozen):
+    """Where the work runs: in this process (`local`) or on a Ray pool (local cluster or `address`)."""
+
+    executor: Literal["local", "ray"] = DEFAULT_EXECUTOR
+    address: str | None = None  # a running Ray cluster ("auto", "ray://host:10001", "host:6379")
+    actors: int | None = Field(default=None, ge=1)  # per model; None: fill the cluster
+    cpus_per_actor: int = Field(default=1, ge=1)
+    gpus_per_actor: int = Field(default=1, ge=1)  # used when the cluster has GPUs
+    max_retries: int = Field(default=3, ge=0)  # per shard, after an actor died
+
+    @field_validator("executor", mode="before")
+    @classmethod
+    def _executor(cls, v: Any) -> str:
+        if v not in EXECUTORS:
+            raise UsageError(f"unknown executor {v!r}: valid executors are {', '.join(EXECUTORS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _address(self) -> "ExecutionConfig":
+        if self.address is not None and self.executor != "ray":
+            raise UsageError(f"--address {self.address!r} needs the ray executor, not {self.executor!r}")
+        return self
+
+
+EXPERIMENTS: dict[str, type[ScanConfig]] = {"ships": ShipsConfig, "sahara": SaharaConfig}
+
+
 class StudyConfig(_Frozen):
-    """A YAML study spec for `headstudy run`: shared settings, then which experiments to run."""
+    """A YAML study spec for `headstudy run`: shared settings, models, then which experiments to run.
+
+    `models` (optional) runs every experiment on each listed model (one pool per model, concurrently);
+    without it, each section's `model` (default: the embedded SmolLM2) is the one model.
+    """
 
     out: str = "runs/quickstart"
+    models: list[str] | None = None
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     ships: dict[str, Any] | None = None
     sahara: dict[str, Any] | None = None
-    defaults: dict[str, Any] = Field(default_factory=dict)
 
-    def ships_config(self) -> ShipsConfig | None:
-        return None if self.ships is None else build(ShipsConfig, {**self.defaults, **self.ships}, "ships")
+    @field_validator("execution", mode="before")
+    @classmethod
+    def _execution(cls, v: Any) -> ExecutionConfig:
+        return v if isinstance(v, ExecutionConfig) else build(ExecutionConfig, v or {}, "execution")
 
-    def sahara_config(self) -> SaharaConfig | None:
-        return None if self.sahara is None else build(SaharaConfig, {**self.defaults, **self.sahara}, "sahara")
+    @model_validator(mode="after")
+    def _runs_something(self) -> "StudyConfig":
+        if not any(getattr(self, name) is not None for name in EXPERIMENTS):
+            raise UsageError(f"the study runs nothing: add a section ({', '.join(EXPERIMENTS)})")
+        if self.models is not None and not self.models:
+            raise UsageError("'models' is empty: list at least one model, or drop the key")
+        if self.models and any("model" in (getattr(self, n) or {}) for n in EXPERIMENTS):
+            raise UsageError("a section sets 'model' while the study lists 'models': use one or the other")
+        list(self.jobs())  # validate every section for every model before anything runs
+        return self
+
+    def jobs(self) -> Iterator[tuple[str, ScanConfig]]:
+        """(experiment, config) for every experiment section and every model, in spec order."""
+        for name, cls in EXPERIMENTS.items():
+            section = getattr(self, name)
+            if section is None:
+                continue
+            for model in self.models or [None]:
+                values = {**self.defaults, **section}
+                if model is not None:
+                    values["model"] = model
+                yield name, build(cls, values, name)
+
+    def with_overrides(self, defaults: dict[str, Any], execution: dict[str, Any]) -> "StudyConfig":
+        """The spec with command-line overrides applied (and validated again)."""
+        return build(StudyConfig, {**self.model_dump(exclude={"execution"}),
+                                   "defaults": {**self.defaults, **defaults},
+                                   "execution": {**self.execution.model_dump(exclude_unset=True), **execution}})
+
+
+def one_experiment(name: str, values: dict[str, Any], execution: dict[str, Any], out: str) -> StudyConfig:
+    """A single command (`headstudy ships ...`) as a one-experiment study: one code path for everything."""
+    cls = EXPERIMENTS[name]
+    build(cls, values, "")  # the command's own line names a bad value without a section prefix
+    return build(StudyConfig, {"out": out, name: values, "execution": execution})
 
 
 def build(cls: type[_Frozen], values: dict[str, Any], where: str = "") -> Any:
     """Construct a config, turning a pydantic error into one `UsageError` line naming key and valid keys."""
     prefix = f"{where}: " if where else ""
+    if not isinstance(values, dict):
+        raise UsageError(f"{prefix}expected a mapping of keys, got {type(values).__name__}")
     try:
         return cls(**values)
     except ValidationError as err:
@@ -122,18 +211,36 @@ def build(cls: type[_Frozen], values: dict[str, Any], where: str = "") -> Any:
         raise UsageError(f"{prefix}bad value for {key!r} ({first.get('input')!r}): {first['msg']}") from None
 
 
-def load_study(path: str | os.PathLike[str]) -> StudyConfig:
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"config file {str(p)!r} not found: pass a YAML study spec, e.g. configs/quickstart.yaml")
+def packaged_configs() -> Path:
+    """The built-in study specs: the project's `configs/` folder (beside the `study` package)."""
+    return Path(__file__).resolve().parents[1] / "configs"
+
+
+def find_config(name: str | os.PathLike[str] | None) -> Path:
+    """A spec path as given, else a built-in spec by file name or stem (`quickstart`), from any directory."""
+    if name is None:
+        name = DEFAULT_STUDY
+    p = Path(name)
+    if p.is_file():
+        return p
+    builtin = packaged_configs()
+    for candidate in (builtin / p.name, builtin / f"{p.name}.yaml"):
+        if candidate.is_file() and p.parent == Path("."):
+            return candidate
+    known = ", ".join(sorted(c.stem for c in builtin.glob("*.yaml"))) or "none"
+    raise UsageError(f"config file {str(name)!r} not found: pass a YAML study spec or a built-in one ({known})")
+
+
+def load_study(path: str | os.PathLike[str] | None) -> StudyConfig:
+    p = find_config(path)
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:
         raise UsageError(f"config file {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UsageError(f"config file {str(p)!r} must be a mapping of keys, got {type(data).__name__}")
-    cfg = build(StudyConfig, data, str(p))
-    if cfg.ships is None and cfg.sahara is None:
-        raise UsageError(f"config file {str(p)!r} runs nothing: add a 'ships' and/or 'sahara' section")
-    cfg.ships_config(), cfg.sahara_config()  # validate every section before anything runs
-    return cfg
+    try:
+        return build(StudyConfig, data, str(p))
+    except UsageError as err:
+        msg = str(err)
+        raise UsageError(msg if msg.startswith(str(p)) else f"{p}: {msg}") from None

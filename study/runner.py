@@ -1,12 +1,18 @@
-"""Running experiments end to end: validate, load, score, write tables and a manifest atomically.
+"""The one runner: a study (or a single command, which is a one-experiment study) from spec to tables.
 
-Each `run_*` function returns what it wrote (the tables) so the CLI can summarise it; nothing is written
-unless the whole experiment succeeds.
+    plan    validate the spec, the output folder, every prompt set and model shape; cut the work into
+            shards (no torch, no model loaded)
+    run     advance every job (experiment x model) in rounds on the executor; each round's shards run
+            together, so several models' pools work at once; finished shards are stored as they arrive
+    write   each job's tables (replacing that experiment's earlier tables for the model) and a manifest
+
+Started again on the same folder, a run reads finished shards back and computes only what is missing.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,13 +21,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from study.config import SaharaConfig, ScanConfig, ShipsConfig, StudyConfig
-from study.inputs import Inputs, prepare, validate
-from study.models import LoadedModel
-from study.sahara import run_sahara, settled_group
-from study.search import Step
-from study.ships import ships_table
-from study.store import RunWriter, config_hash, new_run_id, package_versions
+from study.config import StudyConfig
+from study.errors import UsageError
+from study.executor import Executor, ModelStats, execute, make_executor
+from study.jobs import JOBS, Job
+from study.store import RunWriter, ShardStore, config_hash, new_run_id, package_versions
 
 log = logging.getLogger(__name__)
 
@@ -30,80 +34,131 @@ log = logging.getLogger(__name__)
 class RunOutput:
     run_id: str
     out: Path
-    tables: dict[str, pa.Table] = field(default_factory=dict)
-    group: tuple = ()
-    steps: list[Step] = field(default_factory=list)
+    jobs: list[Job]
+    tables: dict[str, pa.Table] = field(default_factory=dict)  # every model's rows, per table
+    stats: dict[str, ModelStats] = field(default_factory=dict)
+    computed: int = 0  # shards computed in this run
+    reused: int = 0  # shards read back from the run folder
+    seconds: float = 0.0
 
 
-def _manifest(run_id: str, command: str, configs: dict[str, ScanConfig | StudyConfig],
-              timings: dict[str, float]) -> dict[str, Any]:
-    resolved = {name: c.model_dump(mode="json") for name, c in configs.items()}
-    return dict(run_id=run_id, command=command, argv=sys.argv, config=resolved, config_hash=config_hash(resolved),
-                versions=package_versions(), timings_s=timings)
+@dataclass
+class Plan:
+    study: StudyConfig
+    out: Path
+    jobs: list[Job]
+
+    @property
+    def first_round(self) -> int:
+        return sum(len(j.pending()) for j in self.jobs)
 
 
-def run_ships(cfg: ShipsConfig, out: str | Path, inputs: Inputs | None = None) -> RunOutput:
-    inputs = inputs or prepare(cfg)
+def check_out(out: str | os.PathLike[str]) -> Path:
+    """The output folder must be a folder we can write (or create): one line otherwise, before any work."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"output {str(p)!r} exists and is not a folder: choose a folder for --out")
+    existing = p
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"output {str(p)!r} is not writable ({existing} is not a writable folder): "
+                         f"choose another --out")
+    return p
+
+
+def plan_study(study: StudyConfig, out: str | os.PathLike[str] | None = None) -> Plan:
+    """Everything that can be checked and planned without loading a model."""
+    out_dir = check_out(out or study.out)
+    jobs = [JOBS[name](cfg) for name, cfg in study.jobs()]
+    return Plan(study, out_dir, jobs)
+
+
+def run_study(study: StudyConfig, out: str | os.PathLike[str] | None = None, *, force: bool = False,
+              executor: Executor | None = None, command: str = "run") -> RunOutput:
+    """Run every job of the study into one run folder (one manifest, one run id)."""
+    plan = plan_study(study, out)
     run_id = new_run_id()
+    store = ShardStore(plan.out)
+    result = RunOutput(run_id, plan.out, plan.jobs)
     t0 = time.perf_counter()
-    table = ships_table(cfg, inputs, run_id)
-    timings = {"ships": time.perf_counter() - t0}
-    with RunWriter(out, run_id) as writer:
-        writer.write("ships", table)
-        writer.set_manifest(_manifest(run_id, "ships", {"ships": cfg}, timings))
-    return RunOutput(run_id, Path(out), {"ships": table})
-
-
-def run_sahara_job(cfg: SaharaConfig, out: str | Path, inputs: Inputs | None = None) -> RunOutput:
-    inputs = inputs or prepare(cfg)
-    run_id = new_run_id()
-    t0 = time.perf_counter()
-    scores, search, steps = run_sahara(cfg, inputs, run_id)
-    timings = {"sahara": time.perf_counter() - t0}
-    group = settled_group(cfg, steps)
-    with RunWriter(out, run_id) as writer:
-        writer.write("head_scores", scores)
-        writer.write("sahara", search)
-        manifest = _manifest(run_id, "sahara", {"sahara": cfg}, timings)
-        manifest["sahara_group"] = [h.label for h in group]
-        writer.set_manifest(manifest)
-    return RunOutput(run_id, Path(out), {"head_scores": scores, "sahara": search}, group, steps)
-
-
-def run_study(study: StudyConfig, out: str | Path | None = None) -> RunOutput:
-    """Run every experiment of a study spec into one run folder (one manifest, one run id)."""
-    out = Path(out or study.out)
-    ships_cfg, sahara_cfg = study.ships_config(), study.sahara_config()
-    # validate everything (models, prompt sets) before loading any model
-    prompt_sets = {name: validate(c) for name, c in (("ships", ships_cfg), ("sahara", sahara_cfg)) if c}
-    run_id = new_run_id()
-    result = RunOutput(run_id, out)
-    timings: dict[str, float] = {}
-    models: dict[tuple, LoadedModel] = {}
-
-    def inputs_for(name: str, cfg: ScanConfig) -> Inputs:
-        key = (cfg.model, cfg.revision, cfg.device, cfg.dtype)
-        inputs = prepare(cfg, prompt_sets[name], models.get(key))
-        models[key] = inputs.lm
-        return inputs
-
-    if ships_cfg:
-        t0 = time.perf_counter()
-        result.tables["ships"] = ships_table(ships_cfg, inputs_for("ships", ships_cfg), run_id)
-        timings["ships"] = time.perf_counter() - t0
-    if sahara_cfg:
-        t0 = time.perf_counter()
-        scores, search, steps = run_sahara(sahara_cfg, inputs_for("sahara", sahara_cfg), run_id)
-        timings["sahara"] = time.perf_counter() - t0
-        result.tables.update(head_scores=scores, sahara=search)
-        result.steps, result.group = steps, settled_group(sahara_cfg, steps)
-    configs: dict[str, Any] = {"study": study}
-    configs.update({k: v for k, v in (("ships", ships_cfg), ("sahara", sahara_cfg)) if v})
-    with RunWriter(out, run_id) as writer:
-        for name, table in result.tables.items():
-            writer.write(name, table)
-        manifest = _manifest(run_id, "run", configs, timings)
-        if sahara_cfg:
-            manifest["sahara_group"] = [h.label for h in result.group]
-        writer.set_manifest(manifest)
+    options = {j.model: j.options for j in plan.jobs}
+    own = executor is None
+    ex = executor or make_executor(study.execution)
+    try:
+        round_no = 0
+        while active := [j for j in plan.jobs if not j.done]:
+            round_no += 1
+            shards = [s for j in active for s in j.pending()]
+            desc = " | ".join(sorted({_round_label(j) for j in active}))
+            outcome = execute(ex, store, shards, options, force=force, desc=desc)
+            result.computed += outcome.computed
+            result.reused += outcome.reused
+            for j in active:
+                j.absorb(outcome)
+        result.stats = dict(ex.stats)
+    finally:
+        if own:
+            ex.close()
+    result.seconds = time.perf_counter() - t0
+    _write(plan, result, command)
     return result
+
+
+def _round_label(job: Job) -> str:
+    step = f" step {len(job.steps) + 1}" if hasattr(job, "steps") else ""
+    return f"{job.experiment}{step}"
+
+
+def _write(plan: Plan, result: RunOutput, command: str) -> None:
+    resolved = plan.study.model_dump(mode="json")
+    jobs_meta = []
+    with RunWriter(plan.out, result.run_id) as writer:
+        for job in plan.jobs:
+            tables = job.tables(result.run_id)
+            for name, table in tables.items():
+                writer.write(name, table, part=job.experiment)
+                result.tables[name] = (table if name not in result.tables
+                                       else pa.concat_tables([result.tables[name], table]))
+            jobs_meta.append(dict(experiment=job.experiment, model=job.cfg.model,
+                                  config=job.cfg.model_dump(mode="json"),
+                                  config_hash=config_hash(job.cfg.model_dump(mode="json")),
+                                  tables=sorted(tables), **job.summary()))
+        writer.set_manifest(dict(
+            run_id=result.run_id, command=command, argv=sys.argv, config=resolved, config_hash=config_hash(resolved),
+            versions=package_versions(), executor=plan.study.execution.model_dump(mode="json"), jobs=jobs_meta,
+            shards=dict(computed=result.computed, reused=result.reused),
+            models={name: s.as_dict() for name, s in result.stats.items()},
+            timings_s=dict(total=round(result.seconds, 3)),
+        ))
+
+
+def describe_plan(plan: Plan, force: bool = False) -> list[str]:
+    """What a study implies, and what the run folder already holds (`headstudy plan`)."""
+    store = ShardStore(plan.out)
+    done = set() if force else store.ids()
+    lines = [f"study -> {plan.out} ({plan.study.execution.executor} executor)"]
+    for job in plan.jobs:
+        shards = job.pending()
+        have = sum(s.id in done for s in shards)
+        rows = sum(s.rows for s in shards)
+        extra = ""
+        if job.experiment == "sahara":
+            extra = f", then up to {job.cfg.steps - 1} more step(s) of about the same size"
+        lines.append(f"  {job.experiment:<7} {job.cfg.model}: {len(job.prompts)} prompts x {len(job.heads)} heads, "
+                     f"{len(shards)} shards ({rows} rows) in the first round, {have} already done{extra}")
+    return lines
+
+
+def summary_lines(result: RunOutput) -> list[str]:
+    """The closing summary: actors, shards, retries and time per model."""
+    lines = [f"shards: {result.computed} computed, {result.reused} reused from {result.out}, "
+             f"{result.seconds:.1f} s in all"]
+    for name, s in result.stats.items():
+        lines.append(f"  {name}: {s.actors} actor(s), {s.shards} shards ({s.rows} rows) computed, "
+                     f"{s.reused} reused, {s.retries} retried, {s.seconds:.1f} s")
+    return lines
+
+
+def sahara_steps(result: RunOutput) -> list[tuple[Job, Any]]:
+    return [(j, j.steps) for j in result.jobs if j.experiment == "sahara"]

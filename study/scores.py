@@ -8,11 +8,9 @@ float32 or better (float64 for anything involving SVD or angles), whatever dtype
 from __future__ import annotations
 
 import math
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
+from study.config import SubspaceSpec
 from study.errors import UsageError
 
 __all__ = [
@@ -68,26 +66,6 @@ def log_softmax_fp(logits: torch.Tensor, softcap: float | None = None) -> torch.
             raise UsageError(f"softcap must be > 0 or None, got {softcap!r}")
         x = torch.tanh(x / softcap) * softcap  # (..., vocab)
     return torch.log_softmax(x, dim=-1)  # (..., vocab)
-
-
-class SubspaceSpec(BaseModel):
-    """Which subspace of the (prompts × d_model) hidden-state matrix generalized Ships compares.
-
-    `left`: top-r left singular vectors (directions in prompt space, the paper's choice);
-    `right`: top-r right singular vectors (directions in hidden space, a "refusal subspace").
-    `center` subtracts the mean over prompts before the SVD.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    rank: int = Field(default=1, ge=1)
-    side: Literal["left", "right"] = "left"
-    center: bool = False
-
-    @classmethod
-    def paper(cls) -> "SubspaceSpec":
-        """The paper and authors' code: left singular space, r = 1, uncentred."""
-        return cls(rank=1, side="left", center=False)
 
 
 def subspace_basis(M: torch.Tensor, spec: SubspaceSpec) -> torch.Tensor:

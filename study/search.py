@@ -33,37 +33,65 @@ class Step:
         return max(self.scores)
 
 
-def sahara(candidates: Sequence[Head], score_fn: ScoreFn, steps: int, *, min_gain: float | None = None,
-           on_step: Callable[[Step], None] | None = None) -> list[Step]:
-    """Greedily grow a head group for up to `steps` steps.
+class GreedySearch:
+    """The greedy loop as a state machine, so a driver can advance many searches at once (one per model)
+    and resume one from stored scores: `request()` is the current step's (group, candidates); `submit()`
+    takes one score per candidate (for `group + (candidate,)`, against the normal model).
 
-    Each step scores G ∪ {h} for every h not in G and adds the best (ties: the first candidate in order).
-    With `min_gain`, the search stops before taking a step whose best score improves on the previous
-    step's best by less than `min_gain`; that step's scores are still returned (its `chosen` head is
-    reported but not added). Returns the steps taken, in order.
+    Each step adds the best candidate (ties: the first in order). With `min_gain`, the search stops before
+    taking a step whose best score improves on the previous step's best by less than `min_gain`; that
+    step's scores are still kept (its `chosen` head is reported but not added).
     """
-    if steps < 1:
-        raise ValueError("steps must be >= 1")
-    pool = list(dict.fromkeys(candidates))
-    group: tuple[Head, ...] = ()
-    done: list[Step] = []
-    previous = None
-    for s in range(1, min(steps, len(pool)) + 1):
-        cands = tuple(h for h in pool if h not in group)
-        scores = tuple(float(x) for x in score_fn(group, cands))
+
+    def __init__(self, candidates: Sequence[Head], steps: int, *, min_gain: float | None = None) -> None:
+        if steps < 1:
+            raise ValueError("steps must be >= 1")
+        self.pool = list(dict.fromkeys(candidates))
+        self.max_steps = min(steps, len(self.pool))
+        self.min_gain = min_gain
+        self.group: tuple[Head, ...] = ()
+        self.steps: list[Step] = []
+        self._stopped = False
+
+    @property
+    def done(self) -> bool:
+        return self._stopped or len(self.steps) >= self.max_steps
+
+    def request(self) -> tuple[tuple[Head, ...], tuple[Head, ...]]:
+        if self.done:
+            raise RuntimeError("the search is done")
+        return self.group, tuple(h for h in self.pool if h not in self.group)
+
+    def submit(self, scores: Sequence[float]) -> Step:
+        group, cands = self.request()
+        scores = tuple(float(x) for x in scores)
         if len(scores) != len(cands):
             raise ValueError(f"score_fn returned {len(scores)} scores for {len(cands)} candidates")
         best = max(range(len(cands)), key=lambda i: (scores[i], -i))
-        step = Step(s, group, cands, scores, cands[best])
-        done.append(step)
+        step = Step(len(self.steps) + 1, group, cands, scores, cands[best])
+        previous = self.steps[-1].best if self.steps else None
+        self.steps.append(step)
+        if self.min_gain is not None and previous is not None and step.best - previous < self.min_gain:
+            log.info("sahara: step %d gains %.4g < min_gain %.4g, stopping", step.step, step.best - previous,
+                     self.min_gain)
+            self._stopped = True
+        else:
+            self.group = group + (step.chosen,)
+        return step
+
+
+def sahara(candidates: Sequence[Head], score_fn: ScoreFn, steps: int, *, min_gain: float | None = None,
+           on_step: Callable[[Step], None] | None = None) -> list[Step]:
+    """Greedily grow a head group for up to `steps` steps with a batched `score_fn(group, candidates)`.
+
+    See `GreedySearch` for the rule. Returns the steps taken, in order.
+    """
+    search = GreedySearch(candidates, steps, min_gain=min_gain)
+    while not search.done:
+        step = search.submit(score_fn(*search.request()))
         if on_step:
             on_step(step)
-        if min_gain is not None and previous is not None and step.best - previous < min_gain:
-            log.info("sahara: step %d gains %.4g < min_gain %.4g, stopping", s, step.best - previous, min_gain)
-            break
-        group = group + (cands[best],)
-        previous = step.best
-    return done
+    return search.steps
 
 
 def final_group(steps: Sequence[Step], min_gain: float | None = None) -> tuple[Head, ...]:

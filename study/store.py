@@ -2,14 +2,17 @@
 
 Layout of an output folder OUT:
 
-    OUT/<table>/model=<model_slug>/part-<run_id>-<n>.parquet
+    OUT/<table>/<model_slug>/<part>.parquet   one file per (table, model, experiment); a rerun replaces it
+    OUT/shards/<shard_id>.arrow        completed shards, written atomically as they finish (resume = skip)
     OUT/manifest.json                  the latest committed run's manifest
     OUT/manifests/<run_id>.json        every committed run's manifest (earlier runs stay readable)
-    OUT/.staging-<run_id>/...          a run in progress (removed on commit or failure)
+    OUT/.staging-<run_id>/...          a run's tables in progress (removed on commit or failure)
 
-A run's parts are staged and only moved into place (os.replace, same filesystem) when the `RunWriter` block
-ends cleanly, the manifest last; so an interrupted or failed run never leaves a half shard in OUT, and a run
-whose manifest exists is complete.
+Model folders are plain names, not hive `model=` partitions: every file holds its own `model` column, and a
+hive key of the same name would make pandas, pyarrow and DuckDB read it back as a second, conflicting column.
+A run's table files are staged and only moved into place (os.replace, same filesystem) when the `RunWriter`
+block ends cleanly, the manifest last; so an interrupted or failed run never leaves a half file in OUT, and a
+run whose manifest exists is complete.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from study.schema import TABLES
 
 __all__ = [
     "RunWriter",
+    "ShardStore",
     "config_hash",
     "model_slug",
     "new_run_id",
@@ -49,6 +53,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+SHARDS_DIR = "shards"
 MANIFESTS_DIR = "manifests"
 _HF_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -141,8 +146,11 @@ class RunWriter:
         self._open = True
         return self
 
-    def write(self, name: str, table: pa.Table) -> None:
-        """Stage `table` as new part(s) of table `name`, one file per model partition.
+    def write(self, name: str, table: pa.Table, part: str | None = None) -> None:
+        """Stage `table` as part(s) of table `name`, one file per model folder.
+
+        `part` names the file (`<part>.parquet`, replacing a file of that name on commit: a rerun of an
+        experiment replaces its rows); None gives a new, unique `part-<run_id>-<n>`.
 
         ValueError unless its schema equals the declared one exactly (names, order, types, nullability).
         """
@@ -159,6 +167,9 @@ class RunWriter:
                 raise ValueError(f"table {name!r}: nulls in non-nullable column {field.name!r}")
         n = self._parts.get(name, 0)
         self._parts[name] = n + 1
+        if part is not None and not _RUN_ID.fullmatch(part):
+            raise ValueError(f"bad part name {part!r}: use letters, digits, '.', '_' and '-'")
+        stem = part or f"part-{self.run_id}-{n:05d}"
         self._tables.add(name)
         (self.staging / name).mkdir(parents=True, exist_ok=True)
         by_slug: dict[str, list[str]] = {}
@@ -166,7 +177,7 @@ class RunWriter:
             by_slug.setdefault(model_slug(m), []).append(m)
         for slug, models in sorted(by_slug.items()):
             part = table if len(by_slug) == 1 else table.filter(pc.is_in(table["model"], pa.array(models)))
-            rel = Path(name) / f"model={slug}" / f"part-{self.run_id}-{n:05d}.parquet"
+            rel = Path(name) / slug / f"{stem}.parquet"
             dest = self.staging / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_name(dest.name + ".tmp")
@@ -229,11 +240,10 @@ def _tables_in(out_dir: Path) -> list[str]:
     return [n for n in TABLES if (out_dir / n).is_dir()]
 
 
-def read_table(out_dir: str | os.PathLike[str], name: str, model: str | None = None) -> pa.Table:
-    """All committed parts of table `name` in OUT, with the declared schema; optionally one model's rows.
-
-    Files are listed explicitly, so the `model=` folder names never become columns. UsageError if the table
-    (or the model's partition) is not there.
+def read_table(out_dir: str | os.PathLike[str], name: str, model: str | None = None,
+               run_id: str | None = None) -> pa.Table:
+    """All committed parts of table `name` in OUT, with the declared schema; optionally one model's rows
+    and one run's rows. UsageError if the table (or the model's folder) is not there.
     """
     out = Path(out_dir)
     schema = _schema_of(name)
@@ -242,19 +252,21 @@ def read_table(out_dir: str | os.PathLike[str], name: str, model: str | None = N
         present = ", ".join(_tables_in(out)) or "none"
         raise UsageError(f"no table {name!r} in {out}: tables present: {present}")
     if model is None:
-        pdirs = sorted(p for p in tdir.glob("model=*") if p.is_dir())
+        pdirs = sorted(p for p in tdir.iterdir() if p.is_dir())
     else:
-        pdir = tdir / f"model={model_slug(model)}"
+        pdir = tdir / model_slug(model)
         if not pdir.is_dir():
-            present = ", ".join(p.name.removeprefix("model=") for p in sorted(tdir.glob("model=*"))) or "none"
+            present = ", ".join(p.name for p in sorted(tdir.iterdir()) if p.is_dir()) or "none"
             raise UsageError(f"no rows for model {model!r} in table {name!r} of {out}: models present: {present}")
         pdirs = [pdir]
-    files = [str(f) for d in pdirs for f in sorted(d.glob("part-*.parquet"))]
+    files = [str(f) for d in pdirs for f in sorted(d.glob("*.parquet"))]
     if not files:
         return schema.empty_table()
     table = ds.dataset(files, schema=schema, format="parquet").to_table()
     if model is not None:
         table = table.filter(pc.equal(table["model"], model))
+    if run_id is not None:
+        table = table.filter(pc.equal(table["run_id"], run_id))
     return table
 
 
@@ -265,3 +277,42 @@ def read_manifest(out_dir: str | os.PathLike[str], run_id: str | None = None) ->
     if not path.is_file():
         raise UsageError(f"no manifest at {path}: not a completed run folder")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+class ShardStore:
+    """Completed shards of a run folder, one Arrow IPC file per shard id, each written atomically and synced.
+
+    A shard is content-addressed (`study.shards.Shard.id`): whatever wrote it, a later run that needs the same
+    work reads it back instead of computing it.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str]) -> None:
+        self.root = Path(out_dir) / SHARDS_DIR
+
+    def _path(self, shard_id: str) -> Path:
+        if not _RUN_ID.fullmatch(shard_id):
+            raise ValueError(f"bad shard id {shard_id!r}")
+        return self.root / f"{shard_id}.arrow"
+
+    def has(self, shard_id: str) -> bool:
+        return self._path(shard_id).is_file()
+
+    def get(self, shard_id: str) -> pa.Table:
+        with pa.memory_map(str(self._path(shard_id))) as source:
+            return pa.ipc.open_file(source).read_all()
+
+    def put(self, shard_id: str, batch: pa.RecordBatch | pa.Table) -> None:
+        path = self._path(shard_id)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+            writer.write(batch)
+        with open(tmp, "rb+") as f:  # durable before it becomes visible: a crash leaves no torn shard
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def ids(self) -> set[str]:
+        return {p.stem for p in self.root.glob("*.arrow")} if self.root.is_dir() else set()
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -9,7 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from study.ablation import Ablation, edit_weights_inplace
+from study.ablation import Ablation
+from study.interventions import edit_weights_inplace
 from study.architectures import Arch
 from study.errors import UsageError
 from study.models import LoadedModel
@@ -23,7 +24,7 @@ def save_ablated(lm: LoadedModel, ablation: Ablation, out: str | Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"checkpoint folder {str(out)!r} exists and is not empty: choose a new --out")
     arch = Arch.of(lm.model)
-    ablation.check(arch)
+    ablation.check(arch.shape)
     touched = edit_weights_inplace(lm.model, ablation, arch)
     has_bias = any(getattr(m, "bias", None) is not None for m in touched) and ablation.site.value != "o_in"
     # one head's slice: d_head x d_model weights (+ d_head bias): 524,288 for a Llama-2-7B head

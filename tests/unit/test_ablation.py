@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from study.ablation import Ablation, Op, ablated, apply_heads, first_divergent_layer, weights_edited
+from study.ablation import Ablation, Op
+from study.interventions import ablated, apply_heads, first_divergent_layer, weights_edited
 from study.architectures import Arch
 from study.errors import UsageError
 from study.heads import Head, all_heads
@@ -100,9 +101,9 @@ def test_apply_heads_math():
 def test_undiff_k_under_gqa_refuses_and_works_for_mha():
     gqa = tiny_model("llama")
     with pytest.raises(UsageError, match="GQA"):
-        Ablation(heads=(Head(0, 0),), op=Op.UNDIFF_K).check(Arch.of(gqa))
+        Ablation(heads=(Head(0, 0),), op=Op.UNDIFF_K).check(Arch.of(gqa).shape)
     mha = tiny_model("gemma")
-    Ablation(heads=(Head(0, 3),), op=Op.UNDIFF_K).check(Arch.of(mha))
+    Ablation(heads=(Head(0, 3),), op=Op.UNDIFF_K).check(Arch.of(mha).shape)
 
 
 @pytest.mark.parametrize("eps", [0.0, 1.0, -0.1, 2.0, float("nan")])
@@ -114,9 +115,9 @@ def test_eps_outside_unit_interval_rejected(eps):
 def test_out_of_range_head_rejected():
     arch = Arch.of(tiny_model("llama"))
     with pytest.raises(UsageError, match="L3H0"):
-        Ablation(heads=(Head(3, 0),)).check(arch)
+        Ablation(heads=(Head(3, 0),)).check(arch.shape)
     with pytest.raises(UsageError, match="L0H4"):
-        Ablation(heads=(Head(0, 4),)).check(arch)
+        Ablation(heads=(Head(0, 4),)).check(arch.shape)
 
 
 def test_first_divergent_layer():

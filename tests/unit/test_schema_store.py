@@ -176,7 +176,7 @@ def test_round_trip_two_tables_two_parts(tmp_path: Path) -> None:
         w.set_manifest({"config": {"steps": 2}, "config_hash": config_hash({"steps": 2})})
         assert not (out / "ships").exists()  # nothing visible before commit
     assert not list(out.glob(".staging-*"))
-    parts = sorted(p.name for p in (out / "ships" / f"model={model_slug(HF)}").iterdir())
+    parts = sorted(p.name for p in (out / "ships" / model_slug(HF)).iterdir())
     assert parts == [f"part-{run_id}-00000.parquet", f"part-{run_id}-00001.parquet"]
     got = read_table(out, "ships")
     assert got.schema.equals(schema.SHIPS)
@@ -235,7 +235,7 @@ def test_model_filter_and_partitions(tmp_path: Path) -> None:
     with RunWriter(out, "r1") as w:
         w.write("ships", both)
     dirs = sorted(p.name for p in (out / "ships").iterdir())
-    assert dirs == sorted([f"model={model_slug(HF)}", f"model={model_slug(LOCAL)}"])
+    assert dirs == sorted([model_slug(HF), model_slug(LOCAL)])
     assert read_table(out, "ships").num_rows == 5
     local = read_table(out, "ships", model=LOCAL)
     assert local.num_rows == 2 and set(local["model"].to_pylist()) == {LOCAL}
@@ -269,7 +269,7 @@ def test_manifest_content(tmp_path: Path) -> None:
     assert m["config"] == cfg
     assert m["config_hash"] == config_hash(cfg)
     assert m["versions"]["pyarrow"] == pa.__version__
-    assert m["files"]["ships"] == [f"ships/model={model_slug(HF)}/part-r1-00000.parquet"]
+    assert m["files"]["ships"] == [f"ships/{model_slug(HF)}/part-r1-00000.parquet"]
     assert read_manifest(out, "r1") == m
     assert read_table(out, "asr").num_rows == 0
     with RunWriter(out, "r2") as w:

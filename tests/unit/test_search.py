@@ -8,8 +8,9 @@ import torch
 from study.ablation import Ablation
 from study.engine import ScanEngine, naive_scan
 from study.heads import Head, all_heads
-from study.sahara import GeneralizedShipsScorer
-from study.scores import SubspaceSpec, generalized_ships
+from study.worker import GeneralizedShipsScorer
+from study.config import SubspaceSpec
+from study.scores import generalized_ships
 from study.search import final_group, sahara
 from tests.planted import GROUP, benign_prompts, harmful_prompts, planted_group_model
 from tests.tiny_models import random_prompts, tiny_model

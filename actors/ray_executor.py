@@ -1,0 +1,221 @@
+"""The Ray executor: a pool of `ModelActor`s per model, shards fanned out and collected with `ray.wait`.
+
+- Pools: one actor per GPU (`gpus_per_actor`) or per `cpus_per_actor` CPU slot. The cluster's slots are
+  shared among the models of a round; a model that gets none now waits and is served when another model's
+  work is done and its pool is released, so several models never deadlock on resources.
+- Each actor holds its model for the whole run (every round, every experiment) unless its slot is needed by a
+  waiting model.
+- Faults: an actor that dies is restarted by Ray (`max_restarts`); the shard it held is queued again (shards
+  are idempotent, and the driver keeps only the first result of each), up to `max_retries` times per shard.
+  An actor that cannot be restarted is replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import pyarrow as pa
+import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from actors.cluster import Slots, actor_slots, connect
+from actors.model_actor import ModelActor
+from study.config import ExecutionConfig
+from study.executor import Executor, WorkerOptions
+from study.shards import ModelRef, Shard
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT = 2  # shards queued per actor: the next one is ready when the current one finishes
+ACTOR_RESTARTS = 3
+WAIT_S = 1.0
+_ACTOR_LOST = (RayActorError, ActorUnavailableError)
+
+
+@dataclass
+class _Member:
+    handle: Any
+    ready_ref: Any | None  # None once the model is loaded
+    busy: set = field(default_factory=set)  # refs of shards in flight
+    index: int = 0
+
+
+@dataclass
+class _Pool:
+    model: ModelRef
+    options: WorkerOptions
+    members: list[_Member] = field(default_factory=list)
+    created: int = 0
+
+
+class RayExecutor(Executor):
+    """Runs shards on Ray actors; see the module docstring."""
+
+    name = "ray"
+
+    def __init__(self, cfg: ExecutionConfig, *, actor_options: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.owns_ray = connect(cfg)
+        self.slots: Slots = actor_slots(cfg)
+        if self.slots.count < 1:
+            raise RuntimeError("the Ray cluster has no room for a model actor")
+        self.actor_options = actor_options or {}
+        self.pools: dict[ModelRef, _Pool] = {}
+        log.info("ray: %d actor slot(s) of %d CPU / %d GPU", self.slots.count, self.slots.num_cpus,
+                 self.slots.num_gpus)
+
+    # ------------------------------------------------------------------------------------------ pools
+    def _targets(self, models: Sequence[ModelRef]) -> dict[ModelRef, int]:
+        """Actors per model for a round: the slots shared out, at most `actors` each; models past the
+        slots get 0 and wait for a pool to be released."""
+        want = self.cfg.actors or self.slots.count
+        targets = {m: 0 for m in models}
+        free = self.slots.count
+        while free > 0:
+            grew = False
+            for m in models:
+                if free > 0 and targets[m] < want:
+                    targets[m] += 1
+                    free -= 1
+                    grew = True
+            if not grew:
+                break
+        return targets
+
+    def _new_member(self, pool: _Pool) -> _Member:
+        device = pool.options.device
+        if device in ("cpu", "auto"):
+            device = "auto" if self.slots.num_gpus else "cpu"
+        handle = ModelActor.options(num_cpus=self.slots.num_cpus, num_gpus=self.slots.num_gpus,
+                                    max_restarts=ACTOR_RESTARTS, max_task_retries=0).remote(
+            pool.model, device, pool.options.token_budget, self.slots.num_cpus, **self.actor_options)
+        pool.created += 1
+        self.stats_for(pool.model).actors = max(self.stats_for(pool.model).actors, len(pool.members) + 1)
+        return _Member(handle, handle.ready.remote(), index=pool.created)
+
+    def _grow(self, pool: _Pool, target: int) -> None:
+        while len(pool.members) < target:
+            pool.members.append(self._new_member(pool))
+
+    def _release(self, model: ModelRef) -> None:
+        pool = self.pools.pop(model, None)
+        if pool is None:
+            return
+        for m in pool.members:
+            ray.kill(m.handle, no_restart=True)
+        log.info("ray: released the pool of %s", model.name)
+
+    # -------------------------------------------------------------------------------------------- run
+    def run(self, shards: Sequence[Shard], options: dict[ModelRef, WorkerOptions]) -> Iterator[
+            tuple[Shard, pa.RecordBatch]]:
+        queues: dict[ModelRef, deque[Shard]] = {}
+        for s in shards:
+            queues.setdefault(s.model, deque()).append(s)
+        # models that already hold a pool keep it (their model is loaded); the others share what is left
+        models = sorted(queues, key=lambda m: m not in self.pools)
+        targets = self._targets(models)
+        for m in list(self.pools):  # pools with nothing to do in this round give their slots back
+            if targets.get(m, 0) == 0:
+                self._release(m)
+        waiting = [m for m in models if targets[m] == 0]
+        models = [m for m in models if targets[m] > 0]
+        for m in models:
+            pool = self.pools.setdefault(m, _Pool(m, options.get(m, WorkerOptions())))
+            if len(pool.members) > targets[m]:
+                for extra in pool.members[targets[m]:]:
+                    ray.kill(extra.handle, no_restart=True)
+                del pool.members[targets[m]:]
+            self._grow(pool, targets[m])
+        in_flight: dict[Any, tuple[_Pool, _Member, Shard]] = {}
+        tries: dict[str, int] = {}
+        done: set[str] = set()
+        started = {m: time.perf_counter() for m in models}
+        if waiting:
+            log.info("ray: %d model(s) wait for a free slot: %s", len(waiting), ", ".join(m.name for m in waiting))
+
+        while any(queues.values()) or in_flight:
+            self._dispatch(queues, in_flight)
+            refs = list(in_flight) + [mb.ready_ref for p in self.pools.values() for mb in p.members
+                                      if mb.ready_ref is not None]
+            if not refs:
+                raise RuntimeError("ray executor: work is queued but no actor can take it")
+            ready, _ = ray.wait(refs, num_returns=1, timeout=WAIT_S)
+            for ref in ready:
+                if ref in in_flight:
+                    pool, member, shard = in_flight.pop(ref)
+                    member.busy.discard(ref)
+                    try:
+                        batch = ray.get(ref)
+                    except _ACTOR_LOST as err:
+                        self._lost(pool, member, shard, queues, tries, err)
+                        continue
+                    if shard.id in done:  # a retried shard that had finished after all: keep the first
+                        continue
+                    done.add(shard.id)
+                    stats = self.stats_for(shard.model)
+                    stats.seconds = time.perf_counter() - started[shard.model]
+                    yield shard, batch
+                else:
+                    self._member_ready(ref)
+            for m in list(models):  # a model whose work is all done frees its slots for a waiting model
+                if waiting and not queues[m] and not any(p.model == m for p, _, _ in in_flight.values()):
+                    self._release(m)
+                    models.remove(m)
+                    nxt = waiting.pop(0)
+                    models.append(nxt)
+                    pool = self.pools.setdefault(nxt, _Pool(nxt, options.get(nxt, WorkerOptions())))
+                    self._grow(pool, targets[m])
+                    started[nxt] = time.perf_counter()
+
+    def _dispatch(self, queues: dict[ModelRef, deque[Shard]], in_flight: dict) -> None:
+        for model, pool in self.pools.items():
+            queue = queues.get(model)
+            if not queue:
+                continue
+            for member in pool.members:
+                while queue and member.ready_ref is None and len(member.busy) < IN_FLIGHT:
+                    shard = queue.popleft()
+                    ref = member.handle.run.remote(shard)
+                    member.busy.add(ref)
+                    in_flight[ref] = (pool, member, shard)
+
+    def _member_ready(self, ref: Any) -> None:
+        for pool in self.pools.values():
+            for member in pool.members:
+                if member.ready_ref is ref or member.ready_ref == ref:
+                    try:
+                        ray.get(ref)
+                        member.ready_ref = None
+                    except _ACTOR_LOST as err:  # restarts exhausted: replace the actor
+                        log.warning("ray: an actor of %s is gone (%s); starting a new one", pool.model.name,
+                                    type(err).__name__)
+                        pool.members.remove(member)
+                        pool.members.append(self._new_member(pool))
+                    except Exception as err:  # the model failed to load: a real error, not a fault to retry
+                        raise RuntimeError(f"model actor for {pool.model.name!r} failed to start: {err}") from err
+                    return
+
+    def _lost(self, pool: _Pool, member: _Member, shard: Shard, queues: dict, tries: dict[str, int],
+              err: Exception) -> None:
+        n = tries.get(shard.id, 0) + 1
+        tries[shard.id] = n
+        if n > self.cfg.max_retries:
+            raise RuntimeError(f"shard {shard.id} of {shard.model.name} failed {n} times (actor lost: "
+                               f"{type(err).__name__}); giving up") from err
+        log.warning("ray: actor of %s lost while running shard %s (%s); retry %d", shard.model.name, shard.id,
+                    type(err).__name__, n)
+        self.stats_for(shard.model).retries += 1
+        queues.setdefault(shard.model, deque()).appendleft(shard)
+        if member.ready_ref is None:  # wait until Ray has restarted it (the model loads again)
+            member.ready_ref = member.handle.ready.remote()
+
+    def close(self) -> None:
+        for model in list(self.pools):
+            self._release(model)
+        if self.owns_ray and ray.is_initialized():
+            ray.shutdown()

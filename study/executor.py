@@ -1,0 +1,174 @@
+"""Executors: where shards run. One interface, two implementations, the same answers.
+
+`LocalExecutor` runs shards in this process on one `Worker` per model. `actors.ray_executor.RayExecutor`
+fans them out to a pool of Ray actors per model (imported only when asked for, so nothing here needs Ray).
+`execute` is what experiments call: it skips shards already in the run folder's `ShardStore`, runs the rest
+on the executor, stores each one the moment it completes, and shows one progress bar.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from study.config import ExecutionConfig
+from study.shards import ModelRef, Shard
+from study.store import ShardStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How a model's workers run it (not part of a shard's identity: it never changes a value)."""
+
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto (cuda where the worker has one)
+    token_budget: int | None = None
+
+
+@dataclass
+class ModelStats:
+    """What one model's workers did in a run, for the closing summary and the manifest."""
+
+    shards: int = 0  # computed (not read back from the store)
+    reused: int = 0  # read back from the store
+    rows: int = 0
+    retries: int = 0
+    actors: int = 0
+    seconds: float = 0.0  # wall time from the first submission to the last result
+
+    def as_dict(self) -> dict[str, float | int]:
+        return dict(shards=self.shards, reused=self.reused, rows=self.rows, retries=self.retries,
+                    actors=self.actors, seconds=round(self.seconds, 3))
+
+
+class Executor(ABC):
+    """Runs shards; yields (shard, record batch) as each completes, in any order."""
+
+    name: str = "executor"
+
+    def __init__(self) -> None:
+        self.stats: dict[str, ModelStats] = {}
+
+    def stats_for(self, model: ModelRef) -> ModelStats:
+        return self.stats.setdefault(model.name, ModelStats())
+
+    @abstractmethod
+    def run(self, shards: Sequence[Shard], options: dict[ModelRef, WorkerOptions]) -> Iterator[
+            tuple[Shard, pa.RecordBatch]]:
+        ...
+
+    def close(self) -> None:
+        """Release workers (models, actors)."""
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LocalExecutor(Executor):
+    """Shards in this process, one model at a time, each model loaded once and kept."""
+
+    name = "local"
+
+    def __init__(self, threads: int | None = None) -> None:
+        super().__init__()
+        self.threads = threads
+        self.workers: dict[ModelRef, object] = {}
+
+    def worker(self, model: ModelRef, options: WorkerOptions):
+        if model not in self.workers:
+            from study.worker import Worker, resolve_device
+
+            self.workers[model] = Worker(model, device=resolve_device(options.device),
+                                         token_budget=options.token_budget, threads=self.threads)
+            self.stats_for(model).actors = 1
+        return self.workers[model]
+
+    def run(self, shards: Sequence[Shard], options: dict[ModelRef, WorkerOptions]) -> Iterator[
+            tuple[Shard, pa.RecordBatch]]:
+        for shard in sorted(shards, key=lambda s: s.model.name):  # one model resident at a time
+            worker = self.worker(shard.model, options.get(shard.model, WorkerOptions()))
+            t0 = time.perf_counter()
+            batch = worker.run(shard)
+            stats = self.stats_for(shard.model)
+            stats.seconds += time.perf_counter() - t0
+            yield shard, batch
+
+    def close(self) -> None:
+        self.workers.clear()
+
+
+def progress_bar(total: int, desc: str) -> tqdm:
+    """A rows bar on stderr that also shows when stderr is a file (fewer updates there)."""
+    import sys
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="row", disable=False, dynamic_ncols=tty, mininterval=0.2 if tty else 5.0,
+                file=sys.stderr)
+
+
+def make_executor(cfg: ExecutionConfig) -> Executor:
+    """The executor a study asked for (Ray is imported only here, and only for `ray`)."""
+    if cfg.executor == "local":
+        return LocalExecutor()
+    from actors.ray_executor import RayExecutor
+
+    return RayExecutor(cfg)
+
+
+@dataclass
+class Outcome:
+    """The results of `execute`: every shard's table by id, and how many were computed now."""
+
+    tables: dict[str, pa.Table] = field(default_factory=dict)
+    computed: int = 0
+    reused: int = 0
+
+    def table(self, shard: Shard) -> pa.Table:
+        return self.tables[shard.id]
+
+
+def execute(executor: Executor, store: ShardStore | None, shards: Sequence[Shard],
+            options: dict[ModelRef, WorkerOptions], *, force: bool = False, desc: str = "scoring") -> Outcome:
+    """Every shard's result: from the store where present (unless `force`), else computed and stored."""
+    unique = list({s.id: s for s in shards}.values())
+    out = Outcome()
+    todo = []
+    for shard in unique:
+        if store is not None and not force and store.has(shard.id):
+            out.tables[shard.id] = store.get(shard.id)
+            executor.stats_for(shard.model).reused += 1
+        else:
+            todo.append(shard)
+    out.reused = len(unique) - len(todo)
+    if out.reused:
+        log.info("%s: %d of %d shards already in the run folder", desc, out.reused, len(unique))
+    if not todo:
+        return out
+    total = sum(s.rows for s in todo)
+    with progress_bar(total, desc) as bar:
+        for shard, batch in executor.run(todo, options):
+            if not batch.schema.equals(shard.schema):
+                raise RuntimeError(f"shard {shard.id} came back with schema {batch.schema}, expected {shard.schema}")
+            if store is not None:
+                store.put(shard.id, batch)
+            out.tables[shard.id] = pa.Table.from_batches([batch])
+            out.computed += 1
+            stats = executor.stats_for(shard.model)
+            stats.shards += 1
+            stats.rows += shard.rows
+            bar.update(shard.rows)
+            bar.set_postfix_str(f"{out.computed}/{len(todo)} shards", refresh=False)
+    missing = [s.id for s in todo if s.id not in out.tables]
+    if missing:
+        raise RuntimeError(f"{len(missing)} shard(s) never came back from the {executor.name} executor")
+    return out

@@ -1,0 +1,221 @@
+"""Jobs: one experiment on one model, as a state machine the runner advances in rounds.
+
+A job says which shards it needs next (`pending`), takes their results back (`absorb`) and, when done,
+builds its tables. Ships needs one round; Sahara one round per greedy step. The runner gathers the pending
+shards of every job (every model) into one round, so the pools of several models work at the same time,
+and a resumed run reads each round's finished shards back from the run folder. Light: no torch at import.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from typing import Any
+
+import pyarrow as pa
+
+from study import __version__
+from study.ablation import Ablation
+from study.config import SaharaConfig, ScanConfig, ShipsConfig
+from study.executor import Outcome, WorkerOptions
+from study.heads import Head, all_heads
+from study.models import ModelShape, check_model_name, model_id, model_shape
+from study.prompts import PromptSet, load_prompts
+from study.schema import make_table
+from study.search import GreedySearch, Step
+from study.shards import ModelRef, PromptBlock, Shard, blocks
+
+log = logging.getLogger(__name__)
+
+
+class Job(ABC):
+    """One experiment on one model: validated and planned without loading the model."""
+
+    experiment: str
+
+    def __init__(self, cfg: ScanConfig) -> None:
+        check_model_name(cfg.model)
+        self.cfg = cfg
+        self.prompts: PromptSet = load_prompts(cfg.prompts, data_dir=cfg.data_dir, limit=cfg.limit)
+        self.shape: ModelShape = model_shape(cfg.model, cfg.revision)
+        self.model = ModelRef(name=cfg.model, revision=cfg.revision, dtype=cfg.dtype)
+        self.options = WorkerOptions(device=cfg.device, token_budget=cfg.token_budget)
+        self.heads: list[Head] = all_heads(self.shape.n_layers, self.shape.n_heads)
+
+    @property
+    def label(self) -> str:
+        return f"{self.experiment} {self.cfg.model}"
+
+    @property
+    @abstractmethod
+    def done(self) -> bool: ...
+
+    @abstractmethod
+    def pending(self) -> list[Shard]:
+        """The shards of the next round (empty when done)."""
+
+    @abstractmethod
+    def absorb(self, outcome: Outcome) -> None:
+        """Take the results of this round's shards."""
+
+    @abstractmethod
+    def tables(self, run_id: str) -> dict[str, pa.Table]: ...
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+    def block(self, index: slice = slice(None)) -> PromptBlock:
+        return PromptBlock.of(self.prompts, self.cfg.format, self.cfg.system_prompt, index)
+
+    def meta(self, run_id: str, n: int) -> dict[str, list]:
+        """The run metadata columns every table row carries, for n rows."""
+        values = dict(run_id=run_id, model=model_id(self.cfg.model), model_revision=self.cfg.revision,
+                      dataset=self.prompts.name, prompt_format=self.cfg.format.value, code_version=__version__)
+        return {k: [v] * n for k, v in values.items()}
+
+    def ablation(self, heads: tuple[Head, ...] = ()) -> Ablation:
+        return Ablation(heads=heads, op=self.cfg.op, eps=self.cfg.eps)
+
+
+class ShipsJob(Job):
+    """Query-level Ships: every head on every prompt, in shards of heads x prompts."""
+
+    experiment = "ships"
+    cfg: ShipsConfig
+
+    def __init__(self, cfg: ShipsConfig) -> None:
+        super().__init__(cfg)
+        self.results: Outcome | None = None
+        n = len(self.prompts)
+        ablations = [self.ablation((h,)) for h in self.heads]
+        self.shards = [Shard(model=self.model, prompts=self.block(slice(p0, p0 + cfg.shard_prompts)),
+                             ablations=tuple(abl), measure="kl")
+                       for p0 in range(0, n, cfg.shard_prompts) for abl in blocks(ablations, cfg.shard_heads)]
+
+    @property
+    def done(self) -> bool:
+        return self.results is not None
+
+    def pending(self) -> list[Shard]:
+        return [] if self.done else self.shards
+
+    def absorb(self, outcome: Outcome) -> None:
+        self.results = outcome
+
+    def kl_matrix(self):
+        """(prompts, heads) float64 KL, in prompt and head order, from the shards' rows."""
+        import numpy as np
+
+        p_index = {p.id: i for i, p in enumerate(self.prompts.prompts)}
+        h_index = {self.ablation((h,)).label: i for i, h in enumerate(self.heads)}
+        kl = np.full((len(self.prompts), len(self.heads)), np.nan)
+        for shard in self.shards:
+            t = self.results.table(shard)
+            rows = [p_index[p] for p in t["prompt_id"].to_pylist()]
+            cols = [h_index[a] for a in t["ablation"].to_pylist()]
+            kl[rows, cols] = t["kl"].to_numpy()
+        if np.isnan(kl).any():
+            raise RuntimeError("ships: some (prompt, head) scores are missing from the shards")
+        return kl
+
+    def tables(self, run_id: str) -> dict[str, pa.Table]:
+        import torch
+
+        from study.scores import rank_desc
+
+        kl = self.kl_matrix()
+        rank = rank_desc(torch.from_numpy(kl)).numpy()  # (prompts, heads), 1 = largest KL
+        heads, prompts = self.heads, list(self.prompts.prompts)
+        n = kl.size
+        cols = self.meta(run_id, n)
+        cols.update(prompt_id=[p.id for p in prompts for _ in heads], prompt=[p.text for p in prompts for _ in heads],
+                    layer=[h.layer for _ in prompts for h in heads], head=[h.head for _ in prompts for h in heads],
+                    head_label=[h.label for _ in prompts for h in heads], op=[self.cfg.op.value] * n,
+                    eps=[self.cfg.eps] * n, kl=kl.flatten().tolist(), rank=rank.flatten().tolist())
+        return {"ships": make_table("ships", cols)}
+
+
+class SaharaJob(Job):
+    """Generalized Ships per head (step 1) and the greedy Sahara search, one round per step."""
+
+    experiment = "sahara"
+    cfg: SaharaConfig
+
+    def __init__(self, cfg: SaharaConfig) -> None:
+        super().__init__(cfg)
+        if cfg.rank > len(self.prompts) and cfg.subspace == "left":
+            from study.errors import UsageError
+
+            raise UsageError(f"sahara: subspace rank {cfg.rank} needs at least {cfg.rank} prompts, "
+                             f"got {len(self.prompts)} from {self.prompts.name!r}")
+        self.search = GreedySearch(self.heads, cfg.steps, min_gain=cfg.min_gain)
+        self._round: list[Shard] = []
+
+    @property
+    def done(self) -> bool:
+        return self.search.done
+
+    @property
+    def steps(self) -> list[Step]:
+        return self.search.steps
+
+    @property
+    def group(self) -> tuple[Head, ...]:
+        return self.search.group
+
+    def pending(self) -> list[Shard]:
+        if self.done:
+            return []
+        group, cands = self.search.request()
+        base = self.ablation(group)
+        block = self.block()
+        self._round = [Shard(model=self.model, prompts=block, ablations=tuple(abl), base=base, measure="angle",
+                             subspace=self.cfg.subspace_spec)
+                       for abl in blocks([base.with_head(h) for h in cands], self.cfg.shard_heads)]
+        return self._round
+
+    def absorb(self, outcome: Outcome) -> None:
+        scores: dict[str, float] = {}
+        for shard in self._round:
+            t = outcome.table(shard)
+            scores.update(zip(t["ablation"].to_pylist(), t["score"].to_pylist()))
+        group, cands = self.search.request()
+        base = self.ablation(group)
+        step = self.search.submit([scores[base.with_head(h).label] for h in cands])
+        log.info("sahara %s step %d: + %s (%.4f deg)", self.cfg.model, step.step, step.chosen.label, step.best)
+
+    def _subspace_columns(self, n: int) -> dict[str, list]:
+        c = self.cfg
+        return dict(op=[c.op.value] * n, eps=[c.eps] * n, subspace=[c.subspace] * n, rank_r=[c.rank] * n,
+                    centered=[c.center] * n)
+
+    def tables(self, run_id: str) -> dict[str, pa.Table]:
+        import torch
+
+        from study.scores import rank_desc
+
+        first = self.steps[0]
+        n = len(first.candidates)
+        rank = rank_desc(torch.tensor(first.scores, dtype=torch.float64))
+        cols = self.meta(run_id, n)
+        cols.update(layer=[h.layer for h in first.candidates], head=[h.head for h in first.candidates],
+                    head_label=[h.label for h in first.candidates], **self._subspace_columns(n),
+                    angle_deg=list(first.scores), rank=rank.tolist())
+        rows: dict[str, list] = {}
+        for st in self.steps:
+            m = len(st.candidates)
+            part = self.meta(run_id, m)
+            part.update(self._subspace_columns(m), step=[st.step] * m, layer=[h.layer for h in st.candidates],
+                        head=[h.head for h in st.candidates], head_label=[h.label for h in st.candidates],
+                        group=[[h.label for h in st.group]] * m, score=list(st.scores),
+                        chosen=[h == st.chosen for h in st.candidates])
+            for k, v in part.items():
+                rows.setdefault(k, []).extend(v)
+        return {"head_scores": make_table("head_scores", cols), "sahara": make_table("sahara", rows)}
+
+    def summary(self) -> dict[str, Any]:
+        return {"sahara_group": [h.label for h in self.group],
+                "sahara_scores": [round(s.best, 6) for s in self.steps]}
+
+
+JOBS: dict[str, type[Job]] = {"ships": ShipsJob, "sahara": SaharaJob}

@@ -1,0 +1,118 @@
+"""Shards: plain, picklable specs of scoring work, each with a stable content id.
+
+A shard is "what to compute" (a model reference, a block of prompts with their format, a base ablation, a
+block of ablations and what to measure) and nothing about where: a `study.worker.Worker` holding the model
+turns it into an Arrow record batch, in this process or on a Ray actor. Experiments only make shards and
+combine their batches, so they cannot tell which executor ran them; a completed shard is stored under its
+id, so a run that is started again skips it.
+
+Light: no torch here (planning a study imports none).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal, Sequence
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from study import __version__
+from study.ablation import Ablation
+from study.config import SubspaceSpec
+from study.prompts import PromptFormat, PromptSet
+
+Measure = Literal["kl", "angle"]
+
+# What a worker returns for each measure (one row per (ablation, prompt) for kl, per ablation for angle).
+RESULT_SCHEMAS: dict[str, pa.Schema] = {
+    "kl": pa.schema([pa.field("ablation", pa.string(), False), pa.field("prompt_id", pa.string(), False),
+                     pa.field("kl", pa.float64(), False)]),
+    "angle": pa.schema([pa.field("ablation", pa.string(), False), pa.field("score", pa.float64(), False)]),
+}
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelRef(_Frozen):
+    """Which weights, as the user named them (alias, folder or hub id), at which revision and dtype."""
+
+    name: str
+    revision: str | None = None
+    dtype: str = "float32"
+
+
+class PromptBlock(_Frozen):
+    """Prompts (ids and texts, in order) and how they become model input."""
+
+    ids: tuple[str, ...]
+    texts: tuple[str, ...]
+    format: PromptFormat
+    system_prompt: str | None = None
+
+    @classmethod
+    def of(cls, prompts: PromptSet, fmt: PromptFormat, system_prompt: str | None,
+           index: slice = slice(None)) -> "PromptBlock":
+        chosen = prompts.prompts[index]
+        return cls(ids=tuple(p.id for p in chosen), texts=tuple(p.text for p in chosen), format=fmt,
+                   system_prompt=system_prompt)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def key(self) -> str:
+        """Identity of the encoded block (texts are covered by their ids, which are their hashes)."""
+        return _digest({"ids": self.ids, "format": self.format.value, "system": self.system_prompt})
+
+
+class Shard(_Frozen):
+    """Score `ablations` on every prompt of `prompts`, starting rows from `base`'s cached residuals.
+
+    measure `kl`: KL(normal || ablated) of the next-token distribution per (ablation, prompt).
+    measure `angle`: generalized Ships of each ablation over the whole block (needs `subspace`).
+    `base` only saves work (rows start at their first layer that differs from it); it never changes a value.
+    """
+
+    model: ModelRef
+    prompts: PromptBlock
+    ablations: tuple[Ablation, ...] = Field(min_length=1)
+    base: Ablation = Ablation()
+    measure: Measure = "kl"
+    subspace: SubspaceSpec | None = None
+    code_version: str = __version__
+
+    @property
+    def id(self) -> str:
+        """Stable content id: model, revision, dtype, prompt ids, format, ablations, operator, eps, version."""
+        return _digest({
+            "model": self.model.model_dump(mode="json"),
+            "prompts": self.prompts.key,
+            "ablations": [a.model_dump(mode="json") for a in self.ablations],
+            "base": self.base.model_dump(mode="json"),
+            "measure": self.measure,
+            "subspace": None if self.subspace is None else self.subspace.model_dump(mode="json"),
+            "code_version": self.code_version,
+        })
+
+    @property
+    def rows(self) -> int:
+        """(ablation, prompt) rows of work."""
+        return len(self.ablations) * len(self.prompts)
+
+    @property
+    def schema(self) -> pa.Schema:
+        return RESULT_SCHEMAS[self.measure]
+
+
+def _digest(obj: object) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+def blocks(items: Sequence, size: int) -> list[Sequence]:
+    """`items` cut into consecutive blocks of at most `size`."""
+    return [items[i:i + size] for i in range(0, len(items), size)]

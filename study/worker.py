@@ -1,0 +1,118 @@
+"""The worker: one loaded model that turns shards into Arrow record batches.
+
+A plain class (no Ray): the local executor holds one per model in this process, and a Ray `ModelActor` is a
+thin wrapper around one. It loads the model once and keeps it, with the token ids of every prompt it has
+seen and the normal model's hidden states of every prompt block, for every shard, experiment and Sahara
+step of a run. It returns only what the shard's measure needs, on the CPU, as Arrow.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Sequence
+
+import pyarrow as pa
+import torch
+
+from study.ablation import Ablation, Op
+from study.config import SubspaceSpec
+from study.engine import ScanEngine
+from study.heads import Head
+from study.models import LoadedModel, load_model
+from study.prompts import encode
+from study.scores import generalized_ships_batch
+from study.shards import ModelRef, PromptBlock, Shard
+
+log = logging.getLogger(__name__)
+
+# candidates per engine call: bounds the (candidates, prompts, d_model) hidden-state block held at once
+CANDIDATE_BLOCK = 128
+
+
+class GeneralizedShipsScorer:
+    """score(G, candidates)[i] = generalized Ships of G ∪ {candidates[i]} against the NORMAL model.
+
+    For a chosen group G it caches the G-ablated model's residuals once and starts every candidate
+    G ∪ {h} at layer(h), so a step costs far less than one forward per candidate per prompt.
+    """
+
+    def __init__(self, engine: ScanEngine, token_ids: Sequence[Sequence[int]], spec: SubspaceSpec, op: Op,
+                 eps: float, progress: Callable[[int], None] | None = None,
+                 normal: torch.Tensor | None = None) -> None:
+        self.engine, self.token_ids, self.spec, self.op, self.eps = engine, token_ids, spec, op, eps
+        self.progress = progress
+        if normal is None:
+            normal = engine.scan(token_ids, [Ablation(op=op, eps=eps)], kl=False).hidden[0]
+        self.normal = normal.double()  # (prompts, d_model)
+
+    def score_ablations(self, base: Ablation, ablations: Sequence[Ablation]) -> list[float]:
+        """Generalized Ships of each ablation (rows start from `base`'s residuals where they agree)."""
+        scores: list[float] = []
+        for i in range(0, len(ablations), CANDIDATE_BLOCK):
+            block = ablations[i:i + CANDIDATE_BLOCK]
+            res = self.engine.scan(self.token_ids, block, base=base, kl=False, progress=self.progress)
+            scores += generalized_ships_batch(self.normal, res.hidden.double(), self.spec).tolist()
+        return scores
+
+    def __call__(self, group: tuple[Head, ...], candidates: Sequence[Head]) -> list[float]:
+        base = Ablation(heads=group, op=self.op, eps=self.eps)
+        return self.score_ablations(base, [base.with_head(h) for h in candidates])
+
+
+def resolve_device(device: str) -> str:
+    """`auto` becomes cuda where this process sees a GPU (a Ray actor holding one), else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class Worker:
+    """Holds one model (loaded once) and runs shards for it."""
+
+    def __init__(self, model: ModelRef, *, device: str = "cpu", token_budget: int | None = None,
+                 threads: int | None = None, lm: LoadedModel | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.ref = model
+        self.lm = lm or load_model(model.name, device=resolve_device(device), dtype=model.dtype, revision=model.revision)
+        self.engine = ScanEngine(self.lm.model, self.lm.tokenizer.pad_token_id, token_budget=token_budget)
+        self._tokens: dict[tuple[str, str, str | None], list[int]] = {}
+        self._normal: dict[str, torch.Tensor] = {}  # prompt block key -> (prompts, d_model) normal hidden
+        self.shards_run = 0
+        log.info("worker %d: %s on %s (%s), %d threads", os.getpid(), model.name, device, model.dtype,
+                 torch.get_num_threads())
+
+    def token_ids(self, block: PromptBlock) -> list[list[int]]:
+        out = []
+        for pid, text in zip(block.ids, block.texts):
+            key = (pid, block.format.value, block.system_prompt)
+            if key not in self._tokens:
+                self._tokens[key] = encode(text, block.format, self.lm.tokenizer, block.system_prompt)
+            out.append(self._tokens[key])
+        return out
+
+    def run(self, shard: Shard, progress: Callable[[int], None] | None = None) -> pa.RecordBatch:
+        """Compute one shard; returns its record batch (schema `shard.schema`)."""
+        if shard.model != self.ref:
+            raise ValueError(f"shard for {shard.model.name!r} sent to the worker of {self.ref.name!r}")
+        ids = self.token_ids(shard.prompts)
+        labels = [a.label for a in shard.ablations]
+        if shard.measure == "kl":
+            res = self.engine.scan(ids, shard.ablations, base=shard.base, kl=True, hidden=False, progress=progress)
+            kl = res.kl  # (ablations, prompts)
+            n_p = len(ids)
+            columns = [pa.array([lab for lab in labels for _ in range(n_p)]),
+                       pa.array(list(shard.prompts.ids) * len(labels)), pa.array(kl.flatten().tolist())]
+        else:
+            if shard.subspace is None:
+                raise ValueError("an angle shard needs a subspace spec")
+            key = shard.prompts.key
+            if key not in self._normal:
+                self._normal[key] = self.engine.scan(ids, [Ablation()], kl=False).hidden[0]
+            scorer = GeneralizedShipsScorer(self.engine, ids, shard.subspace, shard.base.op, shard.base.eps,
+                                            progress=progress, normal=self._normal[key])
+            columns = [pa.array(labels), pa.array(scorer.score_ablations(shard.base, list(shard.ablations)),
+                                                  type=pa.float64())]
+        self.shards_run += 1
+        return pa.RecordBatch.from_arrays(columns, schema=shard.schema)
