@@ -38,12 +38,13 @@ def connect(cfg: ExecutionConfig) -> bool:
     """Connect to (or start) Ray; True when this call started or joined it (and should shut it down)."""
     import ray
 
+    if cfg.address:
+        check_reachable(cfg.address)
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters: no token warning
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if cfg.address:
-        check_reachable(cfg.address)
         try:
             ray.init(address=cfg.address, logging_level=logging.WARNING, runtime_env=env)
         except Exception as err:  # ConnectionError, RuntimeError from the GCS client
@@ -74,12 +75,13 @@ def actor_slots(cfg: ExecutionConfig) -> Slots:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     gpus = [int(n["Resources"].get("GPU", 0)) for n in nodes]
     cpus = [int(n["Resources"].get("CPU", 0)) for n in nodes]
+    per_actor = cfg.gpus_per_actor or 1
+    if cfg.gpus_per_actor and per_actor > max(gpus, default=0):
+        raise UsageError(f"--gpus-per-actor {per_actor} is more than any node has (at most {max(gpus, default=0)} "
+                         f"GPUs on one node): use --gpus-per-actor <= {max(gpus, default=0)}"
+                         + ("" if any(gpus) else " or leave it out to run one actor per CPU slot"))
     if any(gpus):
-        if cfg.gpus_per_actor > max(gpus):
-            raise UsageError(f"--gpus-per-actor {cfg.gpus_per_actor} is more than any node has (at most "
-                             f"{max(gpus)} GPUs on one node): use --gpus-per-actor <= {max(gpus)}")
-        count = sum(g // cfg.gpus_per_actor for g in gpus)
-        return Slots(count, 1, cfg.gpus_per_actor)
+        return Slots(sum(g // per_actor for g in gpus), 1, per_actor)
     if cfg.cpus_per_actor > max(cpus, default=0):
         raise UsageError(f"--cpus-per-actor {cfg.cpus_per_actor} is more than any node has (at most "
                          f"{max(cpus, default=0)} CPUs on one node): use --cpus-per-actor <= {max(cpus, default=0)}")

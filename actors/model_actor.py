@@ -7,6 +7,7 @@ first incarnation of an actor exit on its k-th shard: fault injection for the te
 from __future__ import annotations
 
 import os
+import warnings
 
 import pyarrow as pa
 import ray
@@ -21,11 +22,15 @@ class ModelActor:
         from study.worker import Worker
 
         self.worker = Worker(model, device=device, token_budget=token_budget, threads=threads)
-        if die_on_shard is not None and ray.get_runtime_context().was_current_actor_reconstructed:
-            die_on_shard = None  # only the first incarnation dies
+        if die_on_shard is not None:
+            with warnings.catch_warnings():  # Ray's own accessor warns about an API it uses internally
+                warnings.simplefilter("ignore", DeprecationWarning)
+                if ray.get_runtime_context().was_current_actor_reconstructed:
+                    die_on_shard = None  # only the first incarnation dies
         self.die_on_shard = die_on_shard
         self.seen = 0
 
+    @ray.method(max_task_retries=-1)  # waits through a restart (the model loads again) instead of failing
     def ready(self) -> int:
         """The actor's pid, once the model is loaded."""
         return os.getpid()

@@ -60,12 +60,14 @@ class RayExecutor(Executor):
     def __init__(self, cfg: ExecutionConfig, *, actor_options: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.owns_ray = connect(cfg)
-        self.slots: Slots = actor_slots(cfg)
-        if self.slots.count < 1:
-            raise RuntimeError("the Ray cluster has no room for a model actor")
-        self.actor_options = actor_options or {}
         self.pools: dict[ModelRef, _Pool] = {}
+        self.owns_ray = connect(cfg)
+        try:
+            self.slots: Slots = actor_slots(cfg)
+        except BaseException:
+            self.close()
+            raise
+        self.actor_options = actor_options or {}
         log.info("ray: %d actor slot(s) of %d CPU / %d GPU", self.slots.count, self.slots.num_cpus,
                  self.slots.num_gpus)
 
@@ -135,6 +137,7 @@ class RayExecutor(Executor):
         tries: dict[str, int] = {}
         done: set[str] = set()
         started = {m: time.perf_counter() for m in models}
+        finished: dict[ModelRef, float] = {}
         if waiting:
             log.info("ray: %d model(s) wait for a free slot: %s", len(waiting), ", ".join(m.name for m in waiting))
 
@@ -157,8 +160,7 @@ class RayExecutor(Executor):
                     if shard.id in done:  # a retried shard that had finished after all: keep the first
                         continue
                     done.add(shard.id)
-                    stats = self.stats_for(shard.model)
-                    stats.seconds = time.perf_counter() - started[shard.model]
+                    finished[shard.model] = time.perf_counter()
                     yield shard, batch
                 else:
                     self._member_ready(ref)
@@ -171,6 +173,8 @@ class RayExecutor(Executor):
                     pool = self.pools.setdefault(nxt, _Pool(nxt, options.get(nxt, WorkerOptions())))
                     self._grow(pool, targets[m])
                     started[nxt] = time.perf_counter()
+        for m, t in finished.items():  # wall time per model, from its pool's start to its last result
+            self.stats_for(m).seconds += t - started[m]
 
     def _dispatch(self, queues: dict[ModelRef, deque[Shard]], in_flight: dict) -> None:
         for model, pool in self.pools.items():
@@ -194,6 +198,7 @@ class RayExecutor(Executor):
                     except _ACTOR_LOST as err:  # restarts exhausted: replace the actor
                         log.warning("ray: an actor of %s is gone (%s); starting a new one", pool.model.name,
                                     type(err).__name__)
+                        ray.kill(member.handle, no_restart=True)
                         pool.members.remove(member)
                         pool.members.append(self._new_member(pool))
                     except Exception as err:  # the model failed to load: a real error, not a fault to retry

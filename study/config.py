@@ -119,7 +119,7 @@ class ExecutionConfig(_Frozen):
     address: str | None = None  # a running Ray cluster ("auto", "ray://host:10001", "host:6379")
     actors: int | None = Field(default=None, ge=1)  # per model; None: fill the cluster
     cpus_per_actor: int = Field(default=1, ge=1)
-    gpus_per_actor: int = Field(default=1, ge=1)  # used when the cluster has GPUs
+    gpus_per_actor: int | None = Field(default=None, ge=1)  # None: 1 where the cluster has GPUs
     max_retries: int = Field(default=3, ge=0)  # per shard, after an actor died
 
     @field_validator("executor", mode="before")

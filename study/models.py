@@ -212,7 +212,10 @@ def check_device(device: str) -> str:
 
 def load_model(name: str, *, device: str = "cpu", dtype: str = "float32", revision: str | None = None,
                trust_remote_code: bool = False, attn_implementation: str = "sdpa") -> LoadedModel:
-    """Load a causal LM by alias, local folder or HF id, in eval mode with gradients off."""
+    """Load a causal LM by alias, local folder or HF id, in eval mode with gradients off.
+
+    On `cuda` with several visible GPUs (an actor holding more than one) the layers are spread over them
+    (`device_map="auto"`)."""
     check_model_name(name)
     check_device(device)
     torch_dtype = _torch_dtype(dtype)
@@ -230,12 +233,16 @@ def load_model(name: str, *, device: str = "cpu", dtype: str = "float32", revisi
     kwargs: dict[str, Any] = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        if device == "cuda" and torch.cuda.device_count() > 1:
+            kwargs["device_map"] = "auto"
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
                                                      attn_implementation=attn_implementation, **kwargs)
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"could not load model {name!r}: {first}") from err
-    model.to(device).eval().requires_grad_(False)
+    if "device_map" not in kwargs:
+        model.to(device)
+    model.eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(name, model_id(name), revision, model, tokenizer, device, dtype)

@@ -1,0 +1,85 @@
+"""The Ray executor on a real local cluster (2 CPUs, 2 one-thread actors): the same tables as the local
+executor, actors killed from the driver or dying by themselves mid-scan, and bad cluster options."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from actors.ray_executor import RayExecutor
+from study.config import ExecutionConfig
+from study.executor import LocalExecutor, execute
+from study.jobs import ShipsJob
+from study.runner import plan_study, run_study
+from study.store import read_table
+from tests.integration.test_runner import assert_same_tables, spec
+from tests.model_folders import tiny_llama_folder
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(tiny_llama_folder(tmp_path_factory.mktemp("tiny") / "m"))
+
+
+def test_ray_equals_local_and_survives_an_actor_dying_on_its_kth_shard(cluster, tiny, tmp_path):
+    run_study(spec(tiny, tmp_path / "local", heads=2))
+    ex = RayExecutor(ExecutionConfig(actors=2), actor_options=dict(die_on_shard=3))
+    with ex:
+        result = run_study(spec(tiny, tmp_path / "ray", heads=2, executor="ray"), executor=ex)
+        stats = ex.stats[tiny]
+        assert stats.actors == 2
+        assert stats.retries >= 2  # each actor's first incarnation died once, with shards in flight
+        assert stats.shards == result.computed == 24  # none lost, none counted twice
+    assert_same_tables(tmp_path / "local", tmp_path / "ray", rtol=1e-10)
+    ships = read_table(tmp_path / "ray", "ships").to_pandas()
+    assert len(ships) == 4 * 12 and not ships.duplicated(["prompt_id", "head_label"]).any()
+
+
+def test_actor_killed_from_the_driver_mid_scan(cluster, tiny, tmp_path):
+    job = plan_study(spec(tiny, tmp_path / "x", heads=1, prompts=1)).jobs[0]
+    assert isinstance(job, ShipsJob)
+    shards = job.pending()
+    options = {job.model: job.options}
+    expected = execute(LocalExecutor(), None, shards, options)
+    got = {}
+    with RayExecutor(ExecutionConfig(actors=2)) as ex:
+        for i, (shard, batch) in enumerate(ex.run(shards, options)):
+            if i == 3:
+                victim = ex.pools[job.model].members[0].handle
+                ray.kill(victim, no_restart=False)  # Ray restarts it; its shards in flight are run again
+            assert shard.id not in got
+            got[shard.id] = batch
+        assert ex.stats[tiny].retries >= 1
+    assert set(got) == {s.id for s in shards}
+    for shard in shards:
+        a = expected.table(shard).to_pydict()
+        b = got[shard.id].to_pydict()
+        assert a["ablation"] == b["ablation"] and a["prompt_id"] == b["prompt_id"]
+        assert max(abs(x - y) for x, y in zip(a["kl"], b["kl"])) <= 1e-12 * max(1.0, max(a["kl"]))
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--actors", "0"], "actors"),
+    (["--cpus-per-actor", "64"], "cpus-per-actor"),
+    (["--gpus-per-actor", "2"], "gpus-per-actor"),
+    (["--address", "127.0.0.1:9"], "127.0.0.1:9"),
+    (["--executor", "local", "--address", "127.0.0.1:9"], "address"),
+])
+def test_bad_cluster_options_one_line_exit_2_nothing_written(argv, needle, tmp_path, capsys):
+    from study.cli import main
+
+    out = tmp_path / "out"
+    assert main(["ships", "--limit", "1", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not out.exists()
+    assert not ray.is_initialized() or ray.is_initialized()  # never left half-started by the command

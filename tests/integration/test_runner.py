@@ -1,0 +1,120 @@
+"""The one runner on the local executor: shard cuts never change a value, results equal the naive strategy,
+an interrupted run resumes computing only the missing shards, and a rerun never duplicates rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from study.ablation import Ablation
+from study.config import StudyConfig, SubspaceSpec, build
+from study.engine import naive_scan
+from study.executor import LocalExecutor
+from study.heads import all_heads
+from study.models import load_model
+from study.prompts import PromptFormat, encode_all, load_prompts
+from study.runner import run_study
+from study.scores import generalized_ships
+from study.store import ShardStore, read_table
+from tests.model_folders import tiny_llama_folder
+
+pytestmark = pytest.mark.slow  # builds model folders with the embedded tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(tiny_llama_folder(tmp_path_factory.mktemp("tiny") / "m"))
+
+
+def spec(model: str, out, *, heads: int = 3, prompts: int = 2, steps: int = 2, executor: str = "local",
+         models: list[str] | None = None, **execution) -> StudyConfig:
+    defaults = dict(dtype="float64", limit=4, shard_heads=heads, shard_prompts=prompts)
+    if models is None:
+        defaults["model"] = model
+    return build(StudyConfig, dict(out=str(out), models=models, defaults=defaults, ships={},
+                                   sahara=dict(steps=steps), execution=dict(executor=executor, **execution)))
+
+
+def frame(out, table: str) -> pd.DataFrame:
+    df = read_table(out, table).to_pandas().drop(columns=["run_id"])
+    keys = [c for c in ("model", "prompt_id", "step", "layer", "head") if c in df.columns]
+    return df.sort_values(keys).reset_index(drop=True)
+
+
+def assert_same_tables(a, b, rtol: float) -> None:
+    for table in ("ships", "head_scores", "sahara"):
+        x, y = frame(a, table), frame(b, table)
+        value = {"ships": "kl", "head_scores": "angle_deg", "sahara": "score"}[table]
+        pd.testing.assert_frame_equal(x.drop(columns=[value, "rank"], errors="ignore"),
+                                      y.drop(columns=[value, "rank"], errors="ignore"))
+        np.testing.assert_allclose(x[value], y[value], rtol=rtol, atol=0)
+
+
+def test_shard_cut_does_not_change_values_and_equals_naive(tiny, tmp_path):
+    small = run_study(spec(tiny, tmp_path / "small", heads=1, prompts=1))
+    big = run_study(spec(tiny, tmp_path / "big", heads=64, prompts=64))
+    assert small.computed > big.computed  # really cut differently
+    assert_same_tables(tmp_path / "small", tmp_path / "big", rtol=1e-10)
+
+    lm = load_model(tiny, dtype="float64")
+    ids = encode_all(load_prompts("builtin:harmful", limit=4), PromptFormat.PAPER, lm.tokenizer)
+    heads = all_heads(3, 4)
+    ref = naive_scan(lm.model, ids, [Ablation(heads=(h,)) for h in heads])  # kl: (heads, prompts)
+    ships = read_table(tmp_path / "small", "ships").to_pandas()
+    got = ships.pivot(index="head_label", columns="prompt_id", values="kl")
+    order = [p.id for p in load_prompts("builtin:harmful", limit=4)]
+    expect = ref.kl.numpy()  # (heads, prompts)
+    np.testing.assert_allclose(got.loc[[h.label for h in heads], order].to_numpy(), expect, rtol=1e-9, atol=1e-12)
+    assert expect.max() > 1e-3
+
+    normal = naive_scan(lm.model, ids, [Ablation()]).hidden[0]
+    step1 = read_table(tmp_path / "small", "head_scores").to_pandas().set_index("head_label")
+    alone = naive_scan(lm.model, ids, [Ablation(heads=(h,)) for h in heads]).hidden
+    slow = [generalized_ships(normal, alone[i], SubspaceSpec.paper()) for i in range(len(heads))]
+    np.testing.assert_allclose(step1.loc[[h.label for h in heads], "angle_deg"], slow, rtol=1e-7, atol=1e-9)
+
+
+class _Killed(BaseException):
+    """Stands for the driver dying: nothing after it runs (not even `except Exception`)."""
+
+
+class DyingExecutor(LocalExecutor):
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.after, self.seen = after, 0
+
+    def run(self, shards, options):
+        for item in super().run(shards, options):
+            if self.seen == self.after:
+                raise _Killed()
+            self.seen += 1
+            yield item
+
+
+def test_interrupted_run_resumes_with_only_missing_shards(tiny, tmp_path):
+    clean = run_study(spec(tiny, tmp_path / "clean", heads=2))
+    total = clean.computed
+    # ships: 6 head blocks x 2 prompt blocks = 12; sahara: 6 shards per step
+    assert total == 12 + 6 + 6
+    out = tmp_path / "resumed"
+    killed_after = 12 + 6 + 2  # inside Sahara's second step
+    with pytest.raises(_Killed):
+        run_study(spec(tiny, out, heads=2), executor=DyingExecutor(killed_after))
+    assert len(ShardStore(out).ids()) == killed_after  # every finished shard is on disk
+    assert not (out / "ships").exists()  # tables are written only by a run that finished
+
+    again = run_study(spec(tiny, out, heads=2))
+    assert again.computed == total - killed_after and again.reused == killed_after
+    assert_same_tables(tmp_path / "clean", out, rtol=0)
+
+    # a third run computes nothing, and rewriting the same experiment leaves no duplicate rows
+    third = run_study(spec(tiny, out, heads=2))
+    assert third.computed == 0
+    ships = read_table(out, "ships").to_pandas()
+    assert not ships.duplicated(["prompt_id", "head_label"]).any() and len(ships) == 4 * 12
+    assert pd.read_parquet(out / "ships").shape == ships.shape
+
+    forced = run_study(spec(tiny, out, heads=2), force=True)
+    assert forced.computed == total
