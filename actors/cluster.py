@@ -81,8 +81,9 @@ def actor_slots(cfg: ExecutionConfig) -> Slots:
                          f"GPUs on one node): use --gpus-per-actor <= {max(gpus, default=0)}"
                          + ("" if any(gpus) else " or leave it out to run one actor per CPU slot"))
     if any(gpus):
-        return Slots(sum(g // per_actor for g in gpus), 1, per_actor)
-    if cfg.cpus_per_actor > max(cpus, default=0):
-        raise UsageError(f"--cpus-per-actor {cfg.cpus_per_actor} is more than any node has (at most "
+        return Slots(sum(g // per_actor for g in gpus), cfg.cpus_per_actor or 1, per_actor)
+    per_cpu = cfg.cpus_per_actor or 1
+    if per_cpu > max(cpus, default=0):
+        raise UsageError(f"--cpus-per-actor {per_cpu} is more than any node has (at most "
                          f"{max(cpus, default=0)} CPUs on one node): use --cpus-per-actor <= {max(cpus, default=0)}")
-    return Slots(sum(c // cfg.cpus_per_actor for c in cpus), cfg.cpus_per_actor, 0)
+    return Slots(sum(c // per_cpu for c in cpus), per_cpu, 0)

@@ -118,7 +118,8 @@ class ExecutionConfig(_Frozen):
     executor: Literal["local", "ray"] = DEFAULT_EXECUTOR
     address: str | None = None  # a running Ray cluster ("auto", "ray://host:10001", "host:6379")
     actors: int | None = Field(default=None, ge=1)  # per model; None: fill the cluster
-    cpus_per_actor: int = Field(default=1, ge=1)
+    cpus_per_actor: int | None = Field(default=None, ge=1)  # CPUs and torch threads per actor: None = 1 on
+    # Ray; the local executor uses it as its thread count when given (else torch's default, all cores)
     gpus_per_actor: int | None = Field(default=None, ge=1)  # None: 1 where the cluster has GPUs
     max_retries: int = Field(default=3, ge=0)  # per shard, after an actor died
 

@@ -119,7 +119,7 @@ def progress_bar(total: int, desc: str) -> tqdm:
 def make_executor(cfg: ExecutionConfig) -> Executor:
     """The executor a study asked for (Ray is imported only here, and only for `ray`)."""
     if cfg.executor == "local":
-        return LocalExecutor()
+        return LocalExecutor(threads=cfg.cpus_per_actor)
     from actors.ray_executor import RayExecutor
 
     return RayExecutor(cfg)

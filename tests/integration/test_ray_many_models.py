@@ -1,0 +1,38 @@
+"""Several models in one run on a cluster with logical GPUs (torch sees no CUDA, so actors holding a GPU
+compute on the CPU): three models, two GPU slots; the third model waits for a slot and the run completes
+with the same tables as the local executor."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from actors.ray_executor import RayExecutor
+from study.config import ExecutionConfig
+from study.runner import run_study
+from tests.integration.test_runner import assert_same_tables, spec
+from tests.model_folders import tiny_llama_folder
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster():
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def test_three_models_two_gpu_slots(gpu_cluster, tmp_path):
+    models = [str(tiny_llama_folder(tmp_path / f"m{i}", seed=i)) for i in range(3)]
+    run_study(spec("", tmp_path / "local", heads=4, models=models))
+    ex = RayExecutor(ExecutionConfig())
+    assert ex.slots.count == 2 and ex.slots.num_gpus == 1  # one actor per (logical) GPU
+    with ex:
+        result = run_study(spec("", tmp_path / "ray", heads=4, models=models, executor="ray"), executor=ex)
+        assert set(ex.stats) == set(models)
+        assert all(ex.stats[m].shards > 0 and ex.stats[m].actors == 1 for m in models)
+    assert result.computed == sum(s.shards for s in result.stats.values())
+    assert_same_tables(tmp_path / "local", tmp_path / "ray", rtol=1e-10)
+    groups = {j.cfg.model: j.group for j in result.jobs if j.experiment == "sahara"}
+    assert len(groups) == 3 and all(len(g) == 2 for g in groups.values())

@@ -1,0 +1,95 @@
+"""Validating a spec or a command line and planning its shards imports neither torch, transformers, ray nor
+vllm: checked in a fresh interpreter where importing them fails."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+BLOCKER = """
+import importlib.abc, sys
+BLOCKED = ("torch", "transformers", "ray", "vllm")
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"blocked heavy import: {name}")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run_blocked(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    script = BLOCKER + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_plan_and_validation_import_no_heavy_module(tmp_path):
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(dict(model_type="gpt2", n_layer=2, n_head=3, n_embd=12)))
+    proc = run_blocked(f"""
+        from study.cli import main
+        from study.config import build, StudyConfig
+        from study.runner import plan_study
+        assert main(["plan"]) == 0                      # the built-in quickstart, from another directory
+        assert main(["plan", "quickstart", "--out", "o"]) == 0
+        assert main(["ships", "--eps", "2", "--out", "o"]) == 2
+        assert main(["sahara", "--actors", "0", "--out", "o"]) == 2
+        study = build(StudyConfig, dict(out="o", defaults=dict(model={str(folder)!r}, limit=3, shard_heads=4),
+                                        ships={{}}, sahara={{}}))
+        plan = plan_study(study)
+        ships, sahara = plan.jobs
+        assert (ships.shape.n_layers, ships.shape.n_heads) == (2, 3)
+        assert len(ships.pending()) == 2 and len(sahara.pending()) == 2   # 6 heads in blocks of 4
+        ids = {{s.id for s in ships.pending()}}
+        assert len(ids) == 2 and all(len(i) == 24 for i in ids)
+        import sys
+        heavy = [m for m in ("torch", "transformers", "ray", "vllm") if m in sys.modules]
+        assert not heavy, heavy
+        print("LIGHT OK")
+    """, cwd=tmp_path)
+    assert "LIGHT OK" in proc.stdout, proc.stdout + proc.stderr
+    assert "quickstart" in proc.stdout and "already done" in proc.stdout
+    assert not (tmp_path / "o").exists()  # planning writes nothing
+
+
+def test_shard_ids_are_stable_and_cover_what_changes_a_value():
+    from study.ablation import Ablation, Op
+    from study.heads import Head
+    from study.prompts import PromptFormat, load_prompts
+    from study.shards import ModelRef, PromptBlock, Shard
+
+    prompts = load_prompts("builtin:harmful", limit=2)
+    block = PromptBlock.of(prompts, PromptFormat.PAPER, None)
+    base = Shard(model=ModelRef(name="m"), prompts=block, ablations=(Ablation(heads=(Head(0, 1),)),))
+    same = Shard.model_validate(json.loads(base.model_dump_json()))
+    assert same.id == base.id  # survives a round trip (a Ray hop, a restart)
+    variants = [
+        base.model_copy(update=dict(model=ModelRef(name="m", dtype="bfloat16"))),
+        base.model_copy(update=dict(model=ModelRef(name="m", revision="v2"))),
+        base.model_copy(update=dict(prompts=PromptBlock.of(prompts, PromptFormat.DIRECT, None))),
+        base.model_copy(update=dict(prompts=PromptBlock.of(prompts, PromptFormat.PAPER, None, slice(1)))),
+        base.model_copy(update=dict(ablations=(Ablation(heads=(Head(0, 1),), eps=1e-4),))),
+        base.model_copy(update=dict(ablations=(Ablation(heads=(Head(0, 1),), op=Op.SCALE_V),))),
+        base.model_copy(update=dict(code_version="0.0.0")),
+    ]
+    assert len({v.id for v in variants} | {base.id}) == len(variants) + 1
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ({"models": [], "ships": {}}, "models"),
+    ({"models": ["a/b"], "ships": {"model": "c/d"}}, "model"),
+    ({"execution": {"executor": "dask"}, "ships": {}}, "dask"),
+    ({"execution": {"actrs": 2}, "ships": {}}, "actrs"),
+    ({"defaults": {"limit": 2}}, "runs nothing"),
+])
+def test_bad_study_specs(spec, needle):
+    from study.config import StudyConfig, build
+    from study.errors import UsageError
+
+    with pytest.raises(UsageError, match=needle):
+        build(StudyConfig, spec)
