@@ -61,6 +61,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: the spec's 'out')")
     _common(p)
 
+    p = sub.add_parser("submit", help="the same study as a Ray job on a cluster (Ray Jobs API)")
+    p.add_argument("config", nargs="?", default=None, help="study spec (default quickstart)")
+    p.add_argument("--address", required=True, help="the cluster's Jobs API, e.g. http://HEAD:8265")
+    p.add_argument("--out", required=True, help="absolute output folder the head node can write")
+    p.add_argument("--actors", type=int, default=None)
+    p.add_argument("--cpus-per-actor", type=int, default=None)
+    p.add_argument("--gpus-per-actor", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--data-dir", default=None, help="dataset folder as the head node sees it")
+    p.add_argument("--token-budget", type=int, default=None)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser("models", help="the built-in model aliases")
+    p = sub.add_parser("configs", help="the built-in study specs")
+
     p = sub.add_parser("ships", help="query-level Ships: KL(normal || ablated) per prompt and head")
     _scan_args(p)
     p.add_argument("--top", type=int, default=None, help="heads printed per prompt (default 5)")
@@ -140,6 +157,33 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     print("\n".join(describe_plan(plan_study(_study(args), args.out), args.force)))
 
 
+def _cmd_submit(args: argparse.Namespace) -> None:
+    from study.config import load_study
+
+    study = load_study(args.config).with_overrides(_values(args, _DEFAULTS),
+                                                   _values(args, ("actors", "cpus_per_actor", "gpus_per_actor")))
+    from actors.jobs import submit
+
+    print("\n".join(submit(study, args.address, args.out, force=args.force).follow_lines()))
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    from study.models import ALIASES
+
+    for name, alias in ALIASES.items():
+        s = alias.shape
+        print(f"{name:<24} {alias.hub_id} ({s.n_layers} layers x {s.n_heads} heads, d_model {s.d_model}), "
+              f"from the package {alias.package.replace('_', '-')}")
+
+
+def _cmd_configs(args: argparse.Namespace) -> None:
+    from study.config import packaged_configs
+
+    for path in sorted(packaged_configs().glob("*.yaml")):
+        first = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+        print(f"{path.stem:<16} {first}")
+
+
 def _cmd_surgery(args: argparse.Namespace) -> None:
     from study.ablation import Ablation, parse_op
     from study.heads import parse_heads
@@ -184,13 +228,13 @@ def print_sahara(job) -> None:
     print(f"group: {', '.join(h.label for h in job.group)}")
 
 
-COMMANDS = {"run": _cmd_run, "plan": _cmd_plan, "ships": _cmd_ships, "sahara": _cmd_sahara,
-            "surgery": _cmd_surgery}
+COMMANDS = {"run": _cmd_run, "plan": _cmd_plan, "submit": _cmd_submit, "ships": _cmd_ships,
+            "sahara": _cmd_sahara, "surgery": _cmd_surgery, "models": _cmd_models, "configs": _cmd_configs}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
