@@ -30,7 +30,8 @@ from study.shards import ModelRef, Shard
 
 log = logging.getLogger(__name__)
 
-IN_FLIGHT = 2  # shards queued per actor: the next one is ready when the current one finishes
+IN_FLIGHT = 1  # shards per actor at once: a shard runs for seconds, so a round trip between shards costs
+# nothing, while a second queued shard can leave another actor idle at the end of a round
 ACTOR_RESTARTS = 3
 WAIT_S = 1.0
 _ACTOR_LOST = (RayActorError, ActorUnavailableError)

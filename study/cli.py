@@ -130,9 +130,9 @@ def _run(study, args: argparse.Namespace) -> None:
     from study.runner import run_study, summary_lines
 
     result = run_study(study, args.out, force=args.force, command=args.command)
-    for job in result.jobs:
+    for job, tables in zip(result.jobs, result.job_tables):
         if job.experiment == "ships":
-            print_ships(job.tables(result.run_id)["ships"], job.cfg.top if args.command == "ships" else 3)
+            print_ships(tables["ships"], job.cfg.top if args.command == "ships" else 3)
         elif job.experiment == "sahara":
             print_sahara(job)
     print("\n".join(summary_lines(result)))

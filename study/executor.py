@@ -75,7 +75,8 @@ class Executor(ABC):
 
 
 class LocalExecutor(Executor):
-    """Shards in this process, one model at a time, each model loaded once and kept."""
+    """Shards in this process, one model resident at a time (a laptop holds one model, not a study's worth):
+    a round's shards run grouped by model, and a model is loaded again only when a later round needs it."""
 
     name = "local"
 
@@ -88,6 +89,7 @@ class LocalExecutor(Executor):
         if model not in self.workers:
             from study.worker import Worker, resolve_device
 
+            self.workers.clear()  # free the previous model before loading the next
             self.workers[model] = Worker(model, device=resolve_device(options.device),
                                          token_budget=options.token_budget, threads=self.threads)
             self.stats_for(model).actors = 1

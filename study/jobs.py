@@ -12,6 +12,7 @@ import logging
 from abc import ABC, abstractmethod
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from study import __version__
@@ -21,6 +22,7 @@ from study.executor import Outcome, WorkerOptions
 from study.heads import Head, all_heads
 from study.models import ModelShape, check_model_name, model_id, model_shape
 from study.prompts import PromptSet, load_prompts
+from study.ranking import rank_desc
 from study.schema import make_table
 from study.search import GreedySearch, Step
 from study.shards import ModelRef, PromptBlock, Shard, blocks
@@ -102,10 +104,8 @@ class ShipsJob(Job):
     def absorb(self, outcome: Outcome) -> None:
         self.results = outcome
 
-    def kl_matrix(self):
+    def kl_matrix(self) -> np.ndarray:
         """(prompts, heads) float64 KL, in prompt and head order, from the shards' rows."""
-        import numpy as np
-
         p_index = {p.id: i for i, p in enumerate(self.prompts.prompts)}
         h_index = {self.ablation((h,)).label: i for i, h in enumerate(self.heads)}
         kl = np.full((len(self.prompts), len(self.heads)), np.nan)
@@ -119,12 +119,8 @@ class ShipsJob(Job):
         return kl
 
     def tables(self, run_id: str) -> dict[str, pa.Table]:
-        import torch
-
-        from study.scores import rank_desc
-
         kl = self.kl_matrix()
-        rank = rank_desc(torch.from_numpy(kl)).numpy()  # (prompts, heads), 1 = largest KL
+        rank = rank_desc(kl)  # (prompts, heads), 1 = largest KL
         heads, prompts = self.heads, list(self.prompts.prompts)
         n = kl.size
         cols = self.meta(run_id, n)
@@ -190,13 +186,9 @@ class SaharaJob(Job):
                     centered=[c.center] * n)
 
     def tables(self, run_id: str) -> dict[str, pa.Table]:
-        import torch
-
-        from study.scores import rank_desc
-
         first = self.steps[0]
         n = len(first.candidates)
-        rank = rank_desc(torch.tensor(first.scores, dtype=torch.float64))
+        rank = rank_desc(first.scores)
         cols = self.meta(run_id, n)
         cols.update(layer=[h.layer for h in first.candidates], head=[h.head for h in first.candidates],
                     head_label=[h.label for h in first.candidates], **self._subspace_columns(n),

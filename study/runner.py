@@ -17,7 +17,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 
@@ -36,6 +35,7 @@ class RunOutput:
     out: Path
     jobs: list[Job]
     tables: dict[str, pa.Table] = field(default_factory=dict)  # every model's rows, per table
+    job_tables: list[dict[str, pa.Table]] = field(default_factory=list)  # per job, in job order
     stats: dict[str, ModelStats] = field(default_factory=dict)
     computed: int = 0  # shards computed in this run
     reused: int = 0  # shards read back from the run folder
@@ -47,10 +47,6 @@ class Plan:
     study: StudyConfig
     out: Path
     jobs: list[Job]
-
-    @property
-    def first_round(self) -> int:
-        return sum(len(j.pending()) for j in self.jobs)
 
 
 def check_out(out: str | os.PathLike[str]) -> Path:
@@ -116,6 +112,7 @@ def _write(plan: Plan, result: RunOutput, command: str) -> None:
     with RunWriter(plan.out, result.run_id) as writer:
         for job in plan.jobs:
             tables = job.tables(result.run_id)
+            result.job_tables.append(tables)
             for name, table in tables.items():
                 writer.write(name, table, part=job.experiment)
                 result.tables[name] = (table if name not in result.tables
@@ -158,7 +155,3 @@ def summary_lines(result: RunOutput) -> list[str]:
         lines.append(f"  {name}: {s.actors} actor(s), {s.shards} shards ({s.rows} rows) computed, "
                      f"{s.reused} reused, {s.retries} retried, {s.seconds:.1f} s")
     return lines
-
-
-def sahara_steps(result: RunOutput) -> list[tuple[Job, Any]]:
-    return [(j, j.steps) for j in result.jobs if j.experiment == "sahara"]

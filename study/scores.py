@@ -20,7 +20,6 @@ __all__ = [
     "kl_from_logprobs",
     "log_softmax_fp",
     "principal_angles",
-    "rank_desc",
     "subspace_basis",
 ]
 
@@ -152,15 +151,3 @@ def generalized_ships_batch(M_normal: torch.Tensor, M_ablated: torch.Tensor, spe
     U0 = subspace_basis(M_normal, spec)  # (n | d, r)
     Ua = subspace_basis(M_ablated, spec)  # (k, n | d, r)
     return principal_angles(U0, Ua).sum(dim=-1)  # (k,)
-
-
-def rank_desc(values: torch.Tensor) -> torch.Tensor:
-    """1-based rank along the last dim, 1 = largest; ties keep index order (stable), so ranks are a
-    permutation and reproducible. NaN ranks last (torch would sort it first). int64, same shape as `values`."""
-    key = values
-    if values.is_floating_point():
-        key = torch.where(values.isnan(), -math.inf, values)  # (..., m)
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices  # (..., m)
-    ranks = torch.arange(1, values.shape[-1] + 1, dtype=torch.int64, device=values.device)  # (m,)
-    ranks = ranks.expand_as(order).contiguous()  # (..., m)
-    return torch.empty_like(order).scatter_(-1, order, ranks)  # (..., m)

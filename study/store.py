@@ -251,6 +251,10 @@ def read_table(out_dir: str | os.PathLike[str], name: str, model: str | None = N
     if not tdir.is_dir():
         present = ", ".join(_tables_in(out)) or "none"
         raise UsageError(f"no table {name!r} in {out}: tables present: {present}")
+    if model is not None:
+        from study.models import model_id
+
+        model = model_id(model)  # an alias selects the model it stands for
     if model is None:
         pdirs = sorted(p for p in tdir.iterdir() if p.is_dir())
     else:
@@ -298,7 +302,7 @@ class ShardStore:
         return self._path(shard_id).is_file()
 
     def get(self, shard_id: str) -> pa.Table:
-        with pa.memory_map(str(self._path(shard_id))) as source:
+        with pa.OSFile(str(self._path(shard_id)), "rb") as source:  # read into memory: no mapping outlives it
             return pa.ipc.open_file(source).read_all()
 
     def put(self, shard_id: str, batch: pa.RecordBatch | pa.Table) -> None:

@@ -90,3 +90,23 @@ def test_token_budget_defaults_by_device() -> None:
     assert ScanEngine(model, 0).token_budget == CPU_TOKEN_BUDGET == default_token_budget("cpu")
     assert default_token_budget("cuda:0") > CPU_TOKEN_BUDGET
     assert ScanEngine(model, 0, token_budget=77).token_budget == 77
+
+
+def test_cache_budget_bounds_prompt_groups_and_outputs_on_request():
+    """The per-layer residual cache counts against `cache_bytes`: a budget for one prompt gives groups of one
+    (same values); only the requested outputs are allocated."""
+    model = tiny_model("llama")
+    prompts = random_prompts(4, lo=6, hi=6)
+    ablations = [Ablation(heads=(h,)) for h in all_heads(3, 4)]
+    wide = ScanEngine(model, pad_id=0, token_budget=10_000)
+    one = ScanEngine(model, pad_id=0, token_budget=10_000, cache_bytes=wide.group_bytes(1, 6))
+    assert len(wide._groups(prompts)) == 1 and len(one._groups(prompts)) == 4
+    assert wide.group_bytes(2, 6) == 2 * wide.group_bytes(1, 6) > 4 * 6 * 32 * 8  # (layers + 1) x width x d
+    a = wide.scan(prompts, ablations, hidden=False)
+    b = one.scan(prompts, ablations, hidden=False)
+    assert a.hidden is None and b.hidden is None
+    torch.testing.assert_close(a.kl, b.kl, atol=1e-12, rtol=0)
+    h = one.scan(prompts, ablations, kl=False)
+    assert h.kl is None and h.hidden.shape == (12, 4, 32)
+    with pytest.raises(ValueError):
+        one.scan(prompts, ablations, kl=False, hidden=False)

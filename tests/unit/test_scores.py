@@ -18,7 +18,6 @@ from study.scores import (
     kl_from_logprobs,
     log_softmax_fp,
     principal_angles,
-    rank_desc,
     subspace_basis,
 )
 
@@ -250,9 +249,14 @@ def test_generalized_ships_shape_mismatch() -> None:
 
 
 def test_rank_desc() -> None:
-    v = torch.tensor([0.1, 3.0, 2.0, 3.0, -1.0])
+    import numpy as np
+
+    from study.ranking import rank_desc
+
+    v = np.array([0.1, 3.0, 2.0, 3.0, -1.0])
     assert rank_desc(v).tolist() == [4, 1, 3, 2, 5]
-    assert rank_desc(v).dtype == torch.int64
-    batch = torch.tensor([[1.0, 2.0, 2.0], [5.0, float("nan"), 4.0]])
+    assert rank_desc(v).dtype == np.int64
+    batch = np.array([[1.0, 2.0, 2.0], [5.0, float("nan"), 4.0]])
     assert rank_desc(batch).tolist() == [[3, 1, 2], [1, 3, 2]]
-    assert rank_desc(torch.tensor([2, 7, 7])).tolist() == [3, 1, 2]
+    assert rank_desc(np.array([2, 7, 7])).tolist() == [3, 1, 2]
+    assert rank_desc(np.array([-0.0, 1e-300, -np.inf])).tolist() == [2, 1, 3]
