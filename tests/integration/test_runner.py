@@ -118,3 +118,31 @@ def test_interrupted_run_resumes_with_only_missing_shards(tiny, tmp_path):
 
     forced = run_study(spec(tiny, out, heads=2), force=True)
     assert forced.computed == total
+
+
+def test_tables_read_back_with_pandas_pyarrow_and_duckdb(tiny, tmp_path):
+    import duckdb
+    import pyarrow.dataset as ds
+
+    out = tmp_path / "run"
+    run_study(spec(tiny, out, heads=6))
+    for table in ("ships", "head_scores", "sahara"):
+        ref = read_table(out, table).to_pandas()
+        keys = [c for c in ("prompt_id", "step", "layer", "head") if c in ref.columns]
+        ref = ref.sort_values(keys).reset_index(drop=True)
+        readers = {
+            "pandas": pd.read_parquet(out / table),
+            "pyarrow.dataset": ds.dataset(out / table, format="parquet", partitioning="hive").to_table().to_pandas(),
+            "duckdb": duckdb.sql(f"select * from read_parquet('{out / table}/**/*.parquet', "
+                                 f"hive_partitioning=true)").df(),
+        }
+        for name, df in readers.items():
+            assert list(df.columns) == list(ref.columns), name
+            df = df.sort_values(keys).reset_index(drop=True)
+            if table == "sahara":  # list column: compare as Python lists
+                df["group"], ref["group"] = df["group"].map(list), ref["group"].map(list)
+            for frame_ in (df, ref):  # a missing revision is None in one reader and NaN in another
+                frame_["model_revision"] = frame_["model_revision"].astype(object).where(
+                    frame_["model_revision"].notna(), None)
+            pd.testing.assert_frame_equal(df, ref, check_dtype=False, obj=f"{table} via {name}")
+            assert df["model"].iloc[0] == tiny  # the model id, not a folder slug
