@@ -25,6 +25,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from actors.cluster import Slots, actor_slots, connect
 from actors.model_actor import ModelActor
 from study.config import ExecutionConfig
+from study.errors import UsageError
 from study.executor import Executor, WorkerOptions
 from study.shards import ModelRef, Shard
 
@@ -42,7 +43,6 @@ class _Member:
     handle: Any
     ready_ref: Any | None  # None once the model is loaded
     busy: set = field(default_factory=set)  # refs of shards in flight
-    index: int = 0
 
 
 @dataclass
@@ -50,7 +50,6 @@ class _Pool:
     model: ModelRef
     options: WorkerOptions
     members: list[_Member] = field(default_factory=list)
-    created: int = 0
 
 
 class RayExecutor(Executor):
@@ -91,15 +90,11 @@ class RayExecutor(Executor):
         return targets
 
     def _new_member(self, pool: _Pool) -> _Member:
-        device = pool.options.device
-        if device in ("cpu", "auto"):
-            device = "auto" if self.slots.num_gpus else "cpu"
         handle = ModelActor.options(num_cpus=self.slots.num_cpus, num_gpus=self.slots.num_gpus,
                                     max_restarts=ACTOR_RESTARTS, max_task_retries=0).remote(
-            pool.model, device, pool.options.token_budget, self.slots.num_cpus, **self.actor_options)
-        pool.created += 1
+            pool.model, pool.options.device, pool.options.token_budget, self.slots.num_cpus, **self.actor_options)
         self.stats_for(pool.model).actors = max(self.stats_for(pool.model).actors, len(pool.members) + 1)
-        return _Member(handle, handle.ready.remote(), index=pool.created)
+        return _Member(handle, handle.ready.remote())
 
     def _grow(self, pool: _Pool, target: int) -> None:
         while len(pool.members) < target:
@@ -119,6 +114,11 @@ class RayExecutor(Executor):
         queues: dict[ModelRef, deque[Shard]] = {}
         for s in shards:
             queues.setdefault(s.model, deque()).append(s)
+        for m in queues:
+            device = options.get(m, WorkerOptions()).device
+            if device.startswith("cuda") and not self.slots.num_gpus:
+                raise UsageError(f"device {device!r} asked for {m.name!r}, but the Ray cluster has no GPU: "
+                                 f"use --device auto or cpu")
         # models that already hold a pool keep it (their model is loaded); the others share what is left
         models = sorted(queues, key=lambda m: m not in self.pools)
         targets = self._targets(models)

@@ -26,7 +26,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpus-per-actor", type=int, default=None, help="CPUs (and torch threads) per actor (default 1)")
     g.add_argument("--gpus-per-actor", type=int, default=None, help="GPUs per actor where the cluster has GPUs "
                                                                     "(default 1; more spreads a model's weights)")
-    g.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default cpu)")
+    g.add_argument("--device", default=None,
+                   help="auto (default: cuda where the worker holds a GPU, else cpu), cpu, cuda or cuda:N")
     g.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or float64")
     g.add_argument("--data-dir", default=None, help="folder with known datasets (default $HEADSTUDY_DATA)")
     g.add_argument("--token-budget", type=int, default=None, help="rows x tokens per forward (memory bound)")
@@ -52,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="a full study from a YAML spec")
-    p.add_argument("config", nargs="?", default=None, help="study spec: a file, or a built-in name (default quickstart)")
+    p.add_argument("config", nargs="?", default=None,
+                   help="study spec: a file, or a built-in name (default quickstart)")
     p.add_argument("--out", default=None, help="output folder (default: the spec's 'out')")
     _common(p)
 

@@ -58,7 +58,7 @@ class ScanConfig(_Frozen):
     system_prompt: str | None = None
     op: Op = DEFAULT_OP
     eps: float = SCORING_EPS
-    device: str = "cpu"
+    device: str = "auto"  # cuda where the worker holds a GPU, else cpu
     dtype: str = "float32"
     data_dir: str | None = None
     token_budget: int | None = Field(default=None, ge=1)  # None: the engine's default for the device

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class WorkerOptions:
     """How a model's workers run it (not part of a shard's identity: it never changes a value)."""
 
-    device: str = "cpu"  # cpu | cuda | cuda:N | auto (cuda where the worker has one)
+    device: str = "auto"  # cpu | cuda | cuda:N | auto (cuda where the worker has one)
     token_budget: int | None = None
 
 

@@ -75,7 +75,8 @@ class Worker:
         if threads:
             torch.set_num_threads(threads)
         self.ref = model
-        self.lm = lm or load_model(model.name, device=resolve_device(device), dtype=model.dtype, revision=model.revision)
+        self.lm = lm or load_model(model.name, device=resolve_device(device), dtype=model.dtype,
+                                   revision=model.revision)
         self.engine = ScanEngine(self.lm.model, self.lm.tokenizer.pad_token_id, token_budget=token_budget)
         self._tokens: dict[tuple[str, str, str | None], list[int]] = {}
         self._normal: dict[str, torch.Tensor] = {}  # prompt block key -> (prompts, d_model) normal hidden
