@@ -143,10 +143,11 @@ def materialize_alias(name: str) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():  # a concurrent conversion finished first: keep theirs
-            shutil.rmtree(staging)
-        else:
+        try:
             os.replace(staging, target)
+        except OSError:  # a concurrent conversion (another actor) finished first: keep theirs
+            if not (target / "config.json").is_file():
+                raise
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
