@@ -93,14 +93,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-gain", type=float, default=None, help="stop when a step gains less (degrees)")
 
     p = sub.add_parser("surgery", help="write an ablation into the weights and save a checkpoint")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--model", default=None, help=f"alias, local folder or HF id (default {DEFAULT_MODEL})")
     p.add_argument("--revision", default=None)
-    p.add_argument("--heads", required=True, help="e.g. L2H6,L18H8")
-    p.add_argument("--op", default=DEFAULT_OP.value)
-    p.add_argument("--eps", type=float, default=SURGERY_EPS)
+    p.add_argument("--heads", required=True, help="e.g. L18H8,L7H2")
+    p.add_argument("--op", default=None, help=f"operator (default {DEFAULT_OP.value})")
+    p.add_argument("--eps", type=float, default=None, help=f"scale (default {SURGERY_EPS:g}, the paper's)")
     p.add_argument("--out", required=True, help="checkpoint folder (new or empty)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16 or float64")
+    p.add_argument("--force", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     return top
 
@@ -137,6 +138,10 @@ def _run(study, args: argparse.Namespace) -> None:
             print_ships(tables["ships"], job.cfg.top if args.command == "ships" else 3)
         elif job.experiment == "sahara":
             print_sahara(job)
+        elif job.experiment == "surgery":
+            saved = job.summary()
+            print(f"saved {saved['checkpoint']}: {saved['label']} ({saved['edited_parameters']:,} of "
+                  f"{saved['total_parameters']:,} parameters edited)")
     print("\n".join(summary_lines(result)))
     print(f"wrote {result.out} (run {result.run_id})")
 
@@ -187,21 +192,10 @@ def _cmd_configs(args: argparse.Namespace) -> None:
 
 
 def _cmd_surgery(args: argparse.Namespace) -> None:
-    from study.ablation import Ablation, parse_op
-    from study.heads import parse_heads
-    from study.models import check_dtype, check_device, load_model, model_shape
-    from study.runner import check_out
-    from study.surgery import save_ablated
+    from study.config import one_experiment
 
-    ablation = Ablation(heads=parse_heads(args.heads), op=parse_op(args.op), eps=args.eps)
-    check_device(args.device), check_dtype(args.dtype)
-    ablation.check(model_shape(args.model, args.revision))  # heads against the config, before the weights load
-    out = check_out(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"checkpoint folder {args.out!r} exists and is not empty: choose a new --out")
-    lm = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
-    save_ablated(lm, ablation, args.out)
-    print(f"wrote {args.out}: {ablation.label}")
+    values = _values(args, ("model", "revision", "heads", "op", "eps", "device", "dtype"))
+    _run(one_experiment("surgery", {**values, "checkpoint": args.out}, {}, args.out), args)
 
 
 def print_ships(table, top: int) -> None:

@@ -15,8 +15,9 @@ from typing import Any, Iterator, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from study.ablation import DEFAULT_OP, SCORING_EPS, Op, check_eps, parse_op
+from study.ablation import DEFAULT_OP, SCORING_EPS, SURGERY_EPS, Ablation, Op, check_eps, parse_op
 from study.errors import UsageError
+from study.heads import parse_heads
 from study.models import DEFAULT_MODEL, check_device, check_dtype
 from study.prompts import PromptFormat, check_system_prompt, parse_format
 
@@ -47,33 +48,13 @@ class SubspaceSpec(_Frozen):
         return cls(rank=1, side="left", center=False)
 
 
-class ScanConfig(_Frozen):
-    """What every attribution shares: the model, the prompts, how they are formatted, the operator."""
+class ModelConfig(_Frozen):
+    """Which model, and how a worker loads it."""
 
     model: str = DEFAULT_MODEL
     revision: str | None = None
-    prompts: str = "builtin:harmful"
-    limit: int | None = Field(default=None, ge=1)
-    format: PromptFormat = PromptFormat.PAPER
-    system_prompt: str | None = None
-    op: Op = DEFAULT_OP
-    eps: float = SCORING_EPS
     device: str = "auto"  # cuda where the worker holds a GPU, else cpu
     dtype: str = "float32"
-    data_dir: str | None = None
-    token_budget: int | None = Field(default=None, ge=1)  # None: the engine's default for the device
-    shard_heads: int = Field(default=32, ge=1)  # ablations per shard (the unit of work, retry and resume)
-    shard_prompts: int = Field(default=16, ge=1)  # prompts per Ships shard
-
-    @field_validator("format", mode="before")
-    @classmethod
-    def _format(cls, v: Any) -> PromptFormat:
-        return parse_format(v)
-
-    @field_validator("op", mode="before")
-    @classmethod
-    def _op(cls, v: Any) -> Op:
-        return v if isinstance(v, Op) else parse_op(str(v))
 
     @field_validator("dtype")
     @classmethod
@@ -85,11 +66,62 @@ class ScanConfig(_Frozen):
     def _device(cls, v: str) -> str:
         return check_device(v)
 
+
+class AblatingConfig(ModelConfig):
+    """A model and one operator with its eps (checked together)."""
+
+    op: Op = DEFAULT_OP
+    eps: float = SCORING_EPS
+
+    @field_validator("op", mode="before")
+    @classmethod
+    def _op(cls, v: Any) -> Op:
+        return v if isinstance(v, Op) else parse_op(str(v))
+
     @model_validator(mode="after")
-    def _checks(self) -> "ScanConfig":
+    def _eps(self) -> "AblatingConfig":
         check_eps(self.op, self.eps)
+        return self
+
+
+class ScanConfig(AblatingConfig):
+    """What every attribution shares: the model, the prompts, how they are formatted, the operator."""
+
+    prompts: str = "builtin:harmful"
+    limit: int | None = Field(default=None, ge=1)
+    format: PromptFormat = PromptFormat.PAPER
+    system_prompt: str | None = None
+    data_dir: str | None = None
+    token_budget: int | None = Field(default=None, ge=1)  # None: the engine's default for the device
+    shard_heads: int = Field(default=32, ge=1)  # ablations per shard (the unit of work, retry and resume)
+    shard_prompts: int = Field(default=16, ge=1)  # prompts per Ships shard
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _format(cls, v: Any) -> PromptFormat:
+        return parse_format(v)
+
+    @model_validator(mode="after")
+    def _system(self) -> "ScanConfig":
         check_system_prompt(self.format, self.system_prompt)
         return self
+
+
+class SurgeryConfig(AblatingConfig):
+    """Write an ablation into the weights once and save a normal checkpoint (the paper: eps 1e-10)."""
+
+    heads: str  # labels, e.g. "L18H8,L7H2"
+    eps: float = SURGERY_EPS
+    checkpoint: str | None = None  # default: OUT/checkpoints/<model>
+
+    @field_validator("heads")
+    @classmethod
+    def _heads(cls, v: str) -> str:
+        return ",".join(h.label for h in parse_heads(v))
+
+    @property
+    def ablation(self) -> Ablation:
+        return Ablation(heads=parse_heads(self.heads), op=self.op, eps=self.eps)
 
 
 class ShipsConfig(ScanConfig):
@@ -137,7 +169,8 @@ class ExecutionConfig(_Frozen):
         return self
 
 
-EXPERIMENTS: dict[str, type[ScanConfig]] = {"ships": ShipsConfig, "sahara": SaharaConfig}
+EXPERIMENTS: dict[str, type[ModelConfig]] = {"ships": ShipsConfig, "sahara": SaharaConfig,
+                                             "surgery": SurgeryConfig}
 
 
 class StudyConfig(_Frozen):
@@ -153,6 +186,7 @@ class StudyConfig(_Frozen):
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     ships: dict[str, Any] | None = None
     sahara: dict[str, Any] | None = None
+    surgery: dict[str, Any] | None = None
 
     @field_validator("execution", mode="before")
     @classmethod
@@ -167,17 +201,22 @@ class StudyConfig(_Frozen):
             raise UsageError("'models' is empty: list at least one model, or drop the key")
         if self.models and any("model" in (getattr(self, n) or {}) for n in EXPERIMENTS):
             raise UsageError("a section sets 'model' while the study lists 'models': use one or the other")
+        known = {k for cls in EXPERIMENTS.values() for k in cls.model_fields}
+        for key in self.defaults:
+            if key not in known:
+                raise UsageError(f"defaults: unknown config key {key!r}: valid keys are {', '.join(sorted(known))}")
         list(self.jobs())  # validate every section for every model before anything runs
         return self
 
-    def jobs(self) -> Iterator[tuple[str, ScanConfig]]:
-        """(experiment, config) for every experiment section and every model, in spec order."""
+    def jobs(self) -> Iterator[tuple[str, ModelConfig]]:
+        """(experiment, config) for every experiment section and every model, in spec order. A section takes
+        the defaults it has fields for (a surgery section has no prompts)."""
         for name, cls in EXPERIMENTS.items():
             section = getattr(self, name)
             if section is None:
                 continue
             for model in self.models or [None]:
-                values = {**self.defaults, **section}
+                values = {**{k: v for k, v in self.defaults.items() if k in cls.model_fields}, **section}
                 if model is not None:
                     values["model"] = model
                 yield name, build(cls, values, name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,8 @@ import pyarrow as pa
 
 from study import __version__
 from study.ablation import Ablation
-from study.config import SaharaConfig, ScanConfig, ShipsConfig
+from study.config import ModelConfig, SaharaConfig, ScanConfig, ShipsConfig, SurgeryConfig
+from study.errors import UsageError
 from study.executor import Outcome, WorkerOptions
 from study.heads import Head, all_heads
 from study.models import ModelShape, check_model_name, model_id, model_shape
@@ -26,6 +28,7 @@ from study.ranking import rank_desc
 from study.schema import make_table
 from study.search import GreedySearch, Step
 from study.shards import ModelRef, PromptBlock, Shard, blocks
+from study.store import model_slug
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +38,12 @@ class Job(ABC):
 
     experiment: str
 
-    def __init__(self, cfg: ScanConfig) -> None:
+    def __init__(self, cfg: ModelConfig, out: Path) -> None:
         check_model_name(cfg.model)
         self.cfg = cfg
-        self.prompts: PromptSet = load_prompts(cfg.prompts, data_dir=cfg.data_dir, limit=cfg.limit)
+        self.out = out
         self.shape: ModelShape = model_shape(cfg.model, cfg.revision)
         self.model = ModelRef(name=cfg.model, revision=cfg.revision, dtype=cfg.dtype)
-        self.options = WorkerOptions(device=cfg.device, token_budget=cfg.token_budget)
-        self.heads: list[Head] = all_heads(self.shape.n_layers, self.shape.n_heads)
 
     @property
     def label(self) -> str:
@@ -50,21 +51,36 @@ class Job(ABC):
 
     @property
     @abstractmethod
-    def done(self) -> bool: ...
+    def done(self) -> bool:
+        """True when no shard round is left."""
 
-    @abstractmethod
     def pending(self) -> list[Shard]:
         """The shards of the next round (empty when done)."""
+        return []
 
-    @abstractmethod
     def absorb(self, outcome: Outcome) -> None:
         """Take the results of this round's shards."""
 
-    @abstractmethod
-    def tables(self, run_id: str) -> dict[str, pa.Table]: ...
+    def finish(self) -> None:
+        """Work done after the rounds, in the driver (a checkpoint to save)."""
+
+    def tables(self, run_id: str) -> dict[str, pa.Table]:
+        return {}
 
     def summary(self) -> dict[str, Any]:
         return {}
+
+
+class ScanJob(Job):
+    """A job that scores ablations on a prompt set, in shards."""
+
+    cfg: ScanConfig
+
+    def __init__(self, cfg: ScanConfig, out: Path) -> None:
+        super().__init__(cfg, out)
+        self.prompts: PromptSet = load_prompts(cfg.prompts, data_dir=cfg.data_dir, limit=cfg.limit)
+        self.options = WorkerOptions(device=cfg.device, token_budget=cfg.token_budget)
+        self.heads: list[Head] = all_heads(self.shape.n_layers, self.shape.n_heads)
 
     def block(self, index: slice = slice(None)) -> PromptBlock:
         return PromptBlock.of(self.prompts, self.cfg.format, self.cfg.system_prompt, index)
@@ -79,14 +95,14 @@ class Job(ABC):
         return Ablation(heads=heads, op=self.cfg.op, eps=self.cfg.eps)
 
 
-class ShipsJob(Job):
+class ShipsJob(ScanJob):
     """Query-level Ships: every head on every prompt, in shards of heads x prompts."""
 
     experiment = "ships"
     cfg: ShipsConfig
 
-    def __init__(self, cfg: ShipsConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: ShipsConfig, out: Path) -> None:
+        super().__init__(cfg, out)
         self.results: Outcome | None = None
         n = len(self.prompts)
         ablations = [self.ablation((h,)) for h in self.heads]
@@ -131,17 +147,15 @@ class ShipsJob(Job):
         return {"ships": make_table("ships", cols)}
 
 
-class SaharaJob(Job):
+class SaharaJob(ScanJob):
     """Generalized Ships per head (step 1) and the greedy Sahara search, one round per step."""
 
     experiment = "sahara"
     cfg: SaharaConfig
 
-    def __init__(self, cfg: SaharaConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: SaharaConfig, out: Path) -> None:
+        super().__init__(cfg, out)
         if cfg.rank > len(self.prompts) and cfg.subspace == "left":
-            from study.errors import UsageError
-
             raise UsageError(f"sahara: subspace rank {cfg.rank} needs at least {cfg.rank} prompts, "
                              f"got {len(self.prompts)} from {self.prompts.name!r}")
         self.search = GreedySearch(self.heads, cfg.steps, min_gain=cfg.min_gain)
@@ -210,4 +224,38 @@ class SaharaJob(Job):
                 "sahara_scores": [round(s.best, 6) for s in self.steps]}
 
 
-JOBS: dict[str, type[Job]] = {"ships": ShipsJob, "sahara": SaharaJob}
+class SurgeryJob(Job):
+    """Save the model with an ablation written into its weights (no shards: a load, an edit, a save)."""
+
+    experiment = "surgery"
+    cfg: SurgeryConfig
+
+    def __init__(self, cfg: SurgeryConfig, out: Path) -> None:
+        super().__init__(cfg, out)
+        cfg.ablation.check(self.shape)  # heads against the config, before any weight loads
+        self.checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else out / "checkpoints" / model_slug(
+            model_id(cfg.model))
+        if self.checkpoint.exists() and (not self.checkpoint.is_dir() or any(
+                p.name not in _RUN_FILES for p in self.checkpoint.iterdir())):
+            raise UsageError(f"checkpoint folder {str(self.checkpoint)!r} exists and is not empty: "
+                             f"choose a new --out")
+        self.saved: dict[str, Any] = {}
+
+    @property
+    def done(self) -> bool:
+        return True  # no shard rounds
+
+    def finish(self) -> None:
+        from study.models import load_model
+        from study.surgery import save_ablated
+
+        lm = load_model(self.cfg.model, device=self.cfg.device, dtype=self.cfg.dtype, revision=self.cfg.revision)
+        self.saved = save_ablated(lm, self.cfg.ablation, self.checkpoint)
+
+    def summary(self) -> dict[str, Any]:
+        return {"checkpoint": str(self.checkpoint), **self.saved}
+
+
+_RUN_FILES = ("manifest.json", "manifests")  # a run folder's own files may already sit in the checkpoint folder
+
+JOBS: dict[str, type[Job]] = {"ships": ShipsJob, "sahara": SaharaJob, "surgery": SurgeryJob}

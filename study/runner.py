@@ -22,8 +22,8 @@ import pyarrow as pa
 
 from study.config import StudyConfig
 from study.errors import UsageError
-from study.executor import Executor, ModelStats, execute, make_executor
-from study.jobs import JOBS, Job
+from study.executor import Executor, LocalExecutor, ModelStats, execute, make_executor
+from study.jobs import JOBS, Job, ScanJob
 from study.store import RunWriter, ShardStore, config_hash, new_run_id, package_versions
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def check_out(out: str | os.PathLike[str]) -> Path:
 def plan_study(study: StudyConfig, out: str | os.PathLike[str] | None = None) -> Plan:
     """Everything that can be checked and planned without loading a model."""
     out_dir = check_out(out or study.out)
-    jobs = [JOBS[name](cfg) for name, cfg in study.jobs()]
+    jobs = [JOBS[name](cfg, out_dir) for name, cfg in study.jobs()]
     return Plan(study, out_dir, jobs)
 
 
@@ -78,24 +78,27 @@ def run_study(study: StudyConfig, out: str | os.PathLike[str] | None = None, *, 
     store = ShardStore(plan.out)
     result = RunOutput(run_id, plan.out, plan.jobs)
     t0 = time.perf_counter()
-    options = {j.model: j.options for j in plan.jobs}
-    own = executor is None
-    ex = executor or make_executor(study.execution)
+    options = {j.model: j.options for j in plan.jobs if isinstance(j, ScanJob)}
+    ex = executor
     try:
-        round_no = 0
         while active := [j for j in plan.jobs if not j.done]:
-            round_no += 1
             shards = [s for j in active for s in j.pending()]
             desc = " | ".join(sorted({_round_label(j) for j in active}))
+            if ex is None:  # Ray starts only when a round has shards that are not in the run folder yet
+                needed = force or any(not store.has(sh.id) for sh in shards)
+                ex = make_executor(study.execution) if needed else LocalExecutor()
             outcome = execute(ex, store, shards, options, force=force, desc=desc)
             result.computed += outcome.computed
             result.reused += outcome.reused
             for j in active:
                 j.absorb(outcome)
-        result.stats = dict(ex.stats)
+        if ex is not None:
+            result.stats = dict(ex.stats)
     finally:
-        if own:
+        if ex is not None and executor is None:
             ex.close()
+    for job in plan.jobs:
+        job.finish()
     result.seconds = time.perf_counter() - t0
     _write(plan, result, command)
     return result
@@ -136,6 +139,10 @@ def describe_plan(plan: Plan, force: bool = False) -> list[str]:
     done = set() if force else store.ids()
     lines = [f"study -> {plan.out} ({plan.study.execution.executor} executor)"]
     for job in plan.jobs:
+        if not isinstance(job, ScanJob):
+            target = job.summary()["checkpoint"]
+            lines.append(f"  {job.experiment:<7} {job.cfg.model}: {job.cfg.ablation.label} -> {target}")
+            continue
         shards = job.pending()
         have = sum(s.id in done for s in shards)
         rows = sum(s.rows for s in shards)
@@ -149,6 +156,8 @@ def describe_plan(plan: Plan, force: bool = False) -> list[str]:
 
 def summary_lines(result: RunOutput) -> list[str]:
     """The closing summary: actors, shards, retries and time per model."""
+    if not (result.computed or result.reused):
+        return [f"{result.seconds:.1f} s in all"]
     lines = [f"shards: {result.computed} computed, {result.reused} reused from {result.out}, "
              f"{result.seconds:.1f} s in all"]
     for name, s in result.stats.items():

@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from study.ablation import Ablation
 from study.interventions import edit_weights_inplace
@@ -18,8 +19,11 @@ from study.models import LoadedModel
 log = logging.getLogger(__name__)
 
 
-def save_ablated(lm: LoadedModel, ablation: Ablation, out: str | Path) -> Path:
-    """Edit `lm.model` in place with `ablation` and save it (with its tokenizer) to `out`, atomically."""
+def save_ablated(lm: LoadedModel, ablation: Ablation, out: str | Path) -> dict[str, Any]:
+    """Edit `lm.model` in place with `ablation` and save it (with its tokenizer) to `out`, atomically.
+
+    Returns what was saved (source, ablation, edited and total parameter counts), as also written to
+    `out/headstudy_surgery.json`."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"checkpoint folder {str(out)!r} exists and is not empty: choose a new --out")
@@ -45,4 +49,4 @@ def save_ablated(lm: LoadedModel, ablation: Ablation, out: str | Path) -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     log.info("saved %s with %s (%d of %d parameters edited)", out, ablation.label, n_params, total)
-    return out
+    return info

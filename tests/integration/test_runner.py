@@ -146,3 +146,26 @@ def test_tables_read_back_with_pandas_pyarrow_and_duckdb(tiny, tmp_path):
                     frame_["model_revision"].notna(), None)
             pd.testing.assert_frame_equal(df, ref, check_dtype=False, obj=f"{table} via {name}")
             assert df["model"].iloc[0] == tiny  # the model id, not a folder slug
+
+
+def test_surgery_through_the_runner_saves_a_checkpoint_equal_to_hook_ablation(tiny, tmp_path, capsys):
+    from study.cli import main
+    from study.heads import parse_heads
+    from study.interventions import ablated
+
+    ckpt = tmp_path / "ckpt"
+    assert main(["surgery", "--model", tiny, "--heads", "L2H1,L0H3", "--dtype", "float64", "--out", str(ckpt)]) == 0
+    assert "parameters edited" in capsys.readouterr().out
+    assert (ckpt / "manifest.json").is_file() and (ckpt / "headstudy_surgery.json").is_file()
+    ids = torch.tensor([[1, 5, 9, 200, 3000, 17]])
+    edited = load_model(str(ckpt), dtype="float64").model
+    original = load_model(tiny, dtype="float64").model
+    with ablated(original, Ablation(heads=parse_heads("L2H1,L0H3"), eps=1e-10)):
+        expect = original(input_ids=ids).logits
+    got = edited(input_ids=ids).logits
+    torch.testing.assert_close(got, expect, atol=1e-10, rtol=0)
+    assert (got - original(input_ids=ids).logits).abs().max() > 1e-4  # the edit changed the model
+
+    assert main(["surgery", "--model", tiny, "--heads", "L0H1", "--out", str(ckpt)]) == 2  # not empty
+    assert main(["surgery", "--model", tiny, "--heads", "L3H0", "--out", str(tmp_path / "c2")]) == 2
+    assert "out of range" in capsys.readouterr().err and not (tmp_path / "c2").exists()

@@ -40,9 +40,16 @@ def test_plan_and_validation_import_no_heavy_module(tmp_path):
         assert main(["ships", "--eps", "2", "--out", "o"]) == 2
         assert main(["sahara", "--actors", "0", "--out", "o"]) == 2
         study = build(StudyConfig, dict(out="o", defaults=dict(model={str(folder)!r}, limit=3, shard_heads=4),
-                                        ships={{}}, sahara={{}}))
+                                        ships={{}}, sahara={{}}, surgery=dict(heads="L1H2")))
         plan = plan_study(study)
-        ships, sahara = plan.jobs
+        ships, sahara, surgery = plan.jobs
+        assert surgery.checkpoint.parts[-2:] == ("checkpoints", "tiny-" + surgery.checkpoint.name.split("-")[-1])
+        bad = build(StudyConfig, dict(out="o", defaults=dict(model={str(folder)!r}), surgery=dict(heads="L2H0")))
+        try:
+            plan_study(bad)
+            raise AssertionError("an out-of-range head was planned")
+        except Exception as err:
+            assert "out of range" in str(err)
         assert (ships.shape.n_layers, ships.shape.n_heads) == (2, 3)
         assert len(ships.pending()) == 2 and len(sahara.pending()) == 2   # 6 heads in blocks of 4
         ids = {{s.id for s in ships.pending()}}
