@@ -16,6 +16,16 @@ from study.store import read_table
 pytestmark = pytest.mark.slow
 
 
+def test_alias_shape_is_the_models_own(smollm):
+    """Plans use the alias's recorded shape; it must be the converted model's, from the object and the file."""
+    from study.models import ALIASES, ModelShape, materialize_alias
+
+    recorded = ALIASES["smollm2-135m-instruct"].shape
+    assert ModelShape.from_config(smollm.model.config) == recorded
+    config = json.loads((materialize_alias("smollm2-135m-instruct") / "config.json").read_text())
+    assert ModelShape.from_config(config) == recorded
+
+
 def test_engine_matches_naive_on_smollm_fp32(smollm):
     ids = encode_all(load_prompts("builtin:harmful", limit=3), PromptFormat.PAPER, smollm.tokenizer)
     heads = all_heads(30, 9)[::15]  # 18 heads spread over every layer band
