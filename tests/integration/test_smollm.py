@@ -97,3 +97,38 @@ def test_study_on_ray_equals_local_executor(tmp_path, capsys):
     assert manifest["executor"]["executor"] == "ray" and manifest["versions"]["torch"].startswith("2.13")
     files = list((tmp_path / "ray" / "ships").rglob("*.parquet"))
     assert len(files) == 1 and pq.read_schema(files[0]).field("kl").type == "double"
+
+
+def test_driver_killed_mid_sahara_resumes_with_only_the_missing_shards(tmp_path):
+    """A real SIGKILL of the driver inside Sahara's second step; started again, the run computes exactly the
+    shards that are not on disk and writes the tables a clean run writes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "study.cli", "sahara", "--limit", "2", "--steps", "2", "--executor", "local",
+            "--cpus-per-actor", "1", "--out", str(out)]
+    shards = out / "shards"
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while len(list(shards.glob("*.arrow"))) < 11:  # step 1 is 9 shards: stop inside step 2
+            assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    on_disk = len(list(shards.glob("*.arrow")))
+    assert 11 <= on_disk < 18  # a shard being written when the kill came is a temp file, never a torn .arrow
+    assert not (out / "sahara").exists()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"shards: {18 - on_disk} computed, {on_disk} reused" in done.stdout
+    search = read_table(out, "sahara").to_pandas()
+    assert len(search) == 270 + 269 and search["chosen"].sum() == 2
+    assert os.path.isfile(out / "manifest.json")
