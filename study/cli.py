@@ -12,9 +12,20 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from study import __version__
 from study.ablation import DEFAULT_OP, SCORING_EPS, SURGERY_EPS
 from study.errors import UsageError
 from study.models import DEFAULT_MODEL
+
+
+EXAMPLES = """examples:
+  headstudy run                                   the built-in quickstart on a local Ray cluster
+  headstudy plan quickstart --out runs/q          what a study will compute, and what runs/q already holds
+  headstudy ships --limit 8 --out runs/ships      Ships of every head on 8 built-in harmful prompts
+  headstudy sahara --prompts advbench --data-dir DATA --limit 100 --steps 3 --out runs/sahara
+  headstudy surgery --heads L18H8,L7H2 --out ckpt/smollm2-ablated
+  headstudy submit quickstart --address http://HEAD:8265 --out /shared/runs/q
+"""
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -28,28 +39,34 @@ def _common(p: argparse.ArgumentParser) -> None:
                                                                     "(default 1; more spreads a model's weights)")
     g.add_argument("--device", default=None,
                    help="auto (default: cuda where the worker holds a GPU, else cpu), cpu, cuda or cuda:N")
-    g.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or float64")
+    g.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16 or float64")
     g.add_argument("--data-dir", default=None, help="folder with known datasets (default $HEADSTUDY_DATA)")
-    g.add_argument("--token-budget", type=int, default=None, help="rows x tokens per forward (memory bound)")
+    g.add_argument("--token-budget", type=int, default=None,
+                   help="rows x tokens per forward (default 2048 on CPU, 16384 on GPU)")
     g.add_argument("--force", action="store_true", help="recompute every shard, even those already in --out")
     g.add_argument("-v", "--verbose", action="store_true")
 
 
 def _scan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="alias, local folder or HF id (default smollm2-135m-instruct)")
-    p.add_argument("--revision", default=None)
-    p.add_argument("--prompts", default=None, help="builtin:harmful, a file[:column] or a known name (advbench...)")
+    p.add_argument("--revision", default=None, help="model revision (default: the latest)")
+    p.add_argument("--prompts", default=None,
+                   help="builtin:harmful (default), builtin:benign, a file[:column] or a known name (advbench...)")
     p.add_argument("--format", default=None, help="paper (default), direct or chat")
     p.add_argument("--system-prompt", default=None, help="system prompt for --format chat")
     p.add_argument("--op", default=None, help="undiff_q (default), undiff_k, scale_v or mean")
     p.add_argument("--eps", type=float, default=None, help=f"operator scale, 0 < eps < 1 (default {SCORING_EPS:g})")
-    p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts (default all)")
     p.add_argument("--out", required=True, help="output folder (tables + manifest.json)")
     _common(p)
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="headstudy", description="Attention heads that LLM safety depends on.")
+    top = argparse.ArgumentParser(
+        prog="headstudy", description="Find the attention heads an LLM's safety depends on (Ships, generalized "
+                                      "Ships, Sahara) and measure what removing them does.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("--version", action="version", version=f"headstudy {__version__}")
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="a full study from a YAML spec")
