@@ -23,7 +23,7 @@ from study.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-PACKAGES = ("study", "actors", "analysis", "configs")
+PACKAGES = ("study", "actors", "analysis")  # study/configs carries the built-in specs
 SPEC_NAME = "headstudy-job.yaml"
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc")
 

@@ -152,7 +152,7 @@ def _run(study, args: argparse.Namespace) -> None:
     result = run_study(study, args.out, force=args.force, command=args.command)
     for job, tables in zip(result.jobs, result.job_tables):
         if job.experiment == "ships":
-            print_ships(tables["ships"], job.cfg.top if args.command == "ships" else 3)
+            print_ships(tables["ships"], job.cfg.top)
         elif job.experiment == "sahara":
             print_sahara(job)
         elif job.experiment == "surgery":
@@ -226,7 +226,8 @@ def print_ships(table, top: int) -> None:
     overall = overall.sort_values(["top1", "mean_kl"], ascending=False).head(10)
     print("overall (prompts where the head is top-1, mean KL):")
     for label, r in overall.iterrows():
-        print(f"  {label:<8} top-1 on {int(r.top1):>3} prompts   mean KL {r.mean_kl:.4g}")
+        n = int(r.top1)
+        print(f"  {label:<8} top-1 on {n:>3} prompt{'s' if n != 1 else ' '}   mean KL {r.mean_kl:.4g}")
 
 
 def print_sahara(job) -> None:

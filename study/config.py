@@ -252,8 +252,8 @@ def build(cls: type[_Frozen], values: dict[str, Any], where: str = "") -> Any:
 
 
 def packaged_configs() -> Path:
-    """The built-in study specs: the project's `configs/` folder (beside the `study` package)."""
-    return Path(__file__).resolve().parents[1] / "configs"
+    """The built-in study specs (`study/configs`, a link to the project's `configs/` that the wheel copies)."""
+    return Path(__file__).parent / "configs"
 
 
 def find_config(name: str | os.PathLike[str] | None) -> Path:

@@ -31,7 +31,7 @@ class Head:
     def parse(cls, text: str) -> "Head":
         m = _LABEL.match(text.strip())
         if not m:
-            raise UsageError(f"bad head label {text!r}: expected L<layer>H<head>, e.g. L2H26")
+            raise UsageError(f"bad head label {text!r}: expected L<layer>H<head> (zero-based), e.g. L18H8")
         return cls(int(m.group(1)), int(m.group(2)))
 
     def check(self, n_layers: int, n_heads: int) -> "Head":
@@ -48,7 +48,7 @@ def parse_heads(text: str) -> tuple[Head, ...]:
     """Parse `L2H26,L3H8` (commas and/or spaces) into sorted unique heads."""
     parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
     if not parts:
-        raise UsageError("empty head list: expected labels like L2H26,L3H8")
+        raise UsageError("empty head list: expected labels like L18H8,L7H2")
     return tuple(sorted({Head.parse(p) for p in parts}))
 
 

@@ -22,7 +22,7 @@ from study.config import ModelConfig, SaharaConfig, ScanConfig, ShipsConfig, Sur
 from study.errors import UsageError
 from study.executor import Outcome, WorkerOptions
 from study.heads import Head, all_heads
-from study.models import ModelShape, check_model_name, model_id, model_shape
+from study.models import ModelShape, check_model_name, model_fingerprint, model_id, model_shape
 from study.prompts import PromptSet, load_prompts
 from study.ranking import rank_desc
 from study.schema import make_table
@@ -70,6 +70,10 @@ class Job(ABC):
     def summary(self) -> dict[str, Any]:
         return {}
 
+    def record(self) -> dict[str, Any]:
+        """What the manifest says about this job's inputs."""
+        return {"model_fingerprint": model_fingerprint(self.cfg.model, self.cfg.revision)}
+
 
 class ScanJob(Job):
     """A job that scores ablations on a prompt set, in shards."""
@@ -93,6 +97,10 @@ class ScanJob(Job):
 
     def ablation(self, heads: tuple[Head, ...] = ()) -> Ablation:
         return Ablation(heads=heads, op=self.cfg.op, eps=self.cfg.eps)
+
+    def record(self) -> dict[str, Any]:
+        return {**super().record(), "prompts": {"set": self.prompts.name, "limit": self.cfg.limit,
+                                                "count": len(self.prompts), "sha256": self.prompts.digest}}
 
 
 class ShipsJob(ScanJob):

@@ -8,12 +8,12 @@ alias or a local folder.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,6 +127,8 @@ def materialize_alias(name: str) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from study.store import staging_dir
+
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=alias.gguf_file, dtype=torch.float32)
     config = AutoConfig.from_pretrained(folder, gguf_file=alias.gguf_file)
     if hasattr(config, "quantization_config"):
@@ -139,7 +141,7 @@ def materialize_alias(name: str) -> Path:
         raise RuntimeError(f"GGUF conversion of {name} lost tensors: missing={missing} unexpected={unexpected}")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=alias.gguf_file)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    staging = staging_dir(target.parent, f".{name}-")
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -159,6 +161,37 @@ def model_id(name: str) -> str:
     return ALIASES[name].hub_id if name in ALIASES else name
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_config(name: str, revision: str | None) -> Path:
+    """A hub model's config.json: from the local hub cache, else fetched (a few KB); one clear line when
+    neither can work, instead of the hub client's retries."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return Path(cached)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if offline or not _hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached from here"
+        raise UsageError(f"model {name!r} is not in the local Hugging Face cache and {why}: download it where "
+                         f"there is a network (huggingface-cli download {name}) or pass a local model folder")
+    try:
+        return Path(hf_hub_download(name, "config.json", revision=revision))
+    except Exception as err:  # unknown repo, gated, revision not found: one line, no traceback
+        raise UsageError(f"could not read the config of model {name!r}: {str(err).splitlines()[0]}") from None
+
+
 def model_shape(name: str, revision: str | None = None) -> ModelShape:
     """The model's shape from its config alone (no torch, no weights): for planning and early head checks."""
     check_model_name(name)
@@ -168,16 +201,43 @@ def model_shape(name: str, revision: str | None = None) -> ModelShape:
     if path.exists():
         config = path / "config.json"
     else:
-        try:
-            from huggingface_hub import hf_hub_download
-
-            config = Path(hf_hub_download(name, "config.json", revision=revision))
-        except Exception as err:  # offline, unknown repo, gated: one line, no traceback
-            raise UsageError(f"could not read the config of model {name!r}: {str(err).splitlines()[0]}") from None
+        config = _hub_config(name, revision)
     try:
         return ModelShape.from_config(json.loads(config.read_text(encoding="utf-8")))
     except (OSError, ValueError) as err:
         raise UsageError(f"could not read {config}: {err}") from None
+
+
+def model_fingerprint(name: str, revision: str | None = None) -> str:
+    """What exactly a model name stood for when a run used it: a hub commit where one is known (a 40-hex
+    revision, or the snapshot in the local hub cache), else a hash of the config and the weight files' names
+    and sizes (a local folder, or the package file behind an alias). Never downloads anything."""
+    if revision and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
+        return f"commit:{revision}"
+    if name in ALIASES:
+        alias = ALIASES[name]
+        folder = _package_folder(alias.package)
+        files = [folder / alias.gguf_file] if folder else []
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            try:
+                from huggingface_hub import try_to_load_from_cache
+
+                cached = try_to_load_from_cache(name, "config.json", revision=revision)
+            except Exception:
+                cached = None
+            if isinstance(cached, str) and "/snapshots/" in cached:
+                return "commit:" + cached.split("/snapshots/")[1].split("/")[0]
+            return "unknown"
+        files = sorted(f for f in path.iterdir() if f.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        if f.name == "config.json":
+            h.update(f.read_bytes())
+    return f"files:{h.hexdigest()[:16]}"
 
 
 @dataclass

@@ -75,6 +75,11 @@ class PromptSet:
     def texts(self) -> list[str]:
         return [p.text for p in self.prompts]
 
+    @property
+    def digest(self) -> str:
+        """sha256 of the prompt ids in order: exactly which texts a run used, after dedupe and limit."""
+        return hashlib.sha256("\n".join(p.id for p in self.prompts).encode("ascii")).hexdigest()
+
 
 @dataclass(frozen=True)
 class KnownSet:

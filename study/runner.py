@@ -24,7 +24,7 @@ from study.config import StudyConfig
 from study.errors import UsageError
 from study.executor import Executor, LocalExecutor, ModelStats, execute, make_executor
 from study.jobs import JOBS, Job, ScanJob
-from study.store import RunWriter, ShardStore, config_hash, new_run_id, package_versions
+from study.store import RunWriter, ShardStore, code_version, config_hash, new_run_id, package_versions
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +123,10 @@ def _write(plan: Plan, result: RunOutput, command: str) -> None:
             jobs_meta.append(dict(experiment=job.experiment, model=job.cfg.model,
                                   config=job.cfg.model_dump(mode="json"),
                                   config_hash=config_hash(job.cfg.model_dump(mode="json")),
-                                  tables=sorted(tables), **job.summary()))
+                                  tables=sorted(tables), **job.record(), **job.summary()))
         writer.set_manifest(dict(
             run_id=result.run_id, command=command, argv=sys.argv, config=resolved, config_hash=config_hash(resolved),
-            versions=package_versions(), executor=plan.study.execution.model_dump(mode="json"), jobs=jobs_meta,
+            versions=package_versions(), code=code_version(), executor=plan.study.execution.model_dump(mode="json"), jobs=jobs_meta,
             shards=dict(computed=result.computed, reused=result.reused),
             models={name: s.as_dict() for name, s in result.stats.items()},
             timings_s=dict(total=round(result.seconds, 3)),

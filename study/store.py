@@ -95,6 +95,27 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def code_version() -> dict[str, Any]:
+    """The package version and, when running from a git checkout, its commit and whether it has changes."""
+    from study import __version__
+
+    out: dict[str, Any] = {"version": __version__}
+    root = Path(__file__).resolve().parents[1]
+    if (root / ".git").exists():
+        import subprocess
+
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+
+        try:
+            out["commit"] = git("rev-parse", "HEAD") or None
+            out["dirty"] = bool(git("status", "--porcelain", "--untracked-files=no"))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return out
+
+
 def config_hash(cfg: dict[str, Any]) -> str:
     """First 16 hex of sha256 over canonical JSON (sorted keys, no spaces): equal configs, equal hash."""
     text = json.dumps(cfg, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
@@ -106,6 +127,18 @@ def _schema_of(name: str) -> pa.Schema:
         return TABLES[name]
     except KeyError:
         raise UsageError(f"unknown table {name!r}: known tables are {', '.join(TABLES)}") from None
+
+
+def staging_dir(parent: Path, prefix: str) -> Path:
+    """A fresh hidden folder in `parent` to build something in before an atomic rename into place, with the
+    user's usual permissions (mkdtemp's 0700 would make a shared checkpoint or cache unreadable to colleagues)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)
+    return path
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from study.interventions import edit_weights_inplace
 from study.architectures import Arch
 from study.errors import UsageError
 from study.models import LoadedModel
+from study.store import staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def save_ablated(lm: LoadedModel, ablation: Ablation, out: str | Path) -> dict[s
     n_params = len(ablation.heads) * arch.shape.d_head * (arch.shape.d_model + int(has_bias))
     total = sum(p.numel() for p in lm.model.parameters())
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    staging = staging_dir(out.parent, f".{out.name}-")
     try:
         lm.model.save_pretrained(staging)
         lm.tokenizer.save_pretrained(staging)

@@ -3,6 +3,9 @@ an interrupted run resumes computing only the missing shards, and a rerun never 
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -119,6 +122,13 @@ def test_interrupted_run_resumes_with_only_missing_shards(tiny, tmp_path):
     forced = run_study(spec(tiny, out, heads=2), force=True)
     assert forced.computed == total
 
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shards"] == {"computed": total, "reused": 0}
+    assert manifest["code"]["version"] and "commit" in manifest["code"]
+    job = manifest["jobs"][0]
+    assert job["prompts"]["count"] == 4 and job["prompts"]["limit"] == 4 and len(job["prompts"]["sha256"]) == 64
+    assert job["model_fingerprint"].startswith("files:")
+
 
 def test_tables_read_back_with_pandas_pyarrow_and_duckdb(tiny, tmp_path):
     import duckdb
@@ -157,6 +167,9 @@ def test_surgery_through_the_runner_saves_a_checkpoint_equal_to_hook_ablation(ti
     assert main(["surgery", "--model", tiny, "--heads", "L2H1,L0H3", "--dtype", "float64", "--out", str(ckpt)]) == 0
     assert "parameters edited" in capsys.readouterr().out
     assert (ckpt / "manifest.json").is_file() and (ckpt / "headstudy_surgery.json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert ckpt.stat().st_mode & 0o777 == 0o777 & ~umask  # readable by colleagues as the user's files are
     ids = torch.tensor([[1, 5, 9, 200, 3000, 17]])
     edited = load_model(str(ckpt), dtype="float64").model
     original = load_model(tiny, dtype="float64").model

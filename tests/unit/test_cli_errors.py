@@ -29,6 +29,8 @@ CASES = [
     (["sahara", "--subspace", "middle"], "middle"),
     (["sahara", "--steps", "0"], "steps"),
     (["surgery", "--heads", "L2X26"], "L2X26"),
+    (["surgery", "--heads", "L30H0"], "out of range"),  # checked against the config: no weights load
+    (["ships", "--model", "no-org/no-model"], "not in the local Hugging Face cache"),  # offline: at once
 ]
 
 
@@ -69,3 +71,20 @@ def test_console_script_exit_code(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("headstudy: error:") and "bogus" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_out_that_is_a_file_fails_before_any_work(tmp_path, capsys):
+    target = tmp_path / "a-file"
+    target.write_text("x")
+    code, err = _run(capsys, "ships", "--out", str(target))
+    assert code == 2 and "not a folder" in err and target.read_text() == "x"
+
+
+def test_version_and_help_examples(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("headstudy ")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "examples:" in text and "headstudy run" in text
