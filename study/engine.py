@@ -220,13 +220,19 @@ class ScanEngine:
     @torch.no_grad()
     def scan(self, prompts: Sequence[Sequence[int]], ablations: Sequence[Ablation], *,
              base: Ablation | None = None, kl: bool = True, hidden: bool = True,
-             progress: Callable[[int], None] | None = None) -> ScanResult:
+             progress: Callable[[int], None] | bool | None = None) -> ScanResult:
         """Score every ablation on every prompt (rows = ablations x prompts).
 
         `base`: an ablation whose residuals are cached and shared (default: the normal model). KL is always
         against the NORMAL model. `kl`/`hidden` choose the outputs (the (ablations, prompts, d_model) hidden
-        block is large: ask for it only when it is used). `progress(n)` is called with rows finished.
+        block is large: ask for it only when it is used). `progress(n)` is called with rows finished;
+        `progress=True` shows a bar on stderr.
         """
+        if progress is True:
+            from study.executor import progress_bar
+
+            with progress_bar(len(ablations) * len(prompts), "scan") as bar:
+                return self.scan(prompts, ablations, base=base, kl=kl, hidden=hidden, progress=bar.update)
         if not (kl or hidden):
             raise ValueError("scan needs kl=True or hidden=True")
         if not prompts or any(len(p) == 0 for p in prompts):

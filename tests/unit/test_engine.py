@@ -102,7 +102,7 @@ def test_cache_budget_bounds_prompt_groups_and_outputs_on_request():
     one = ScanEngine(model, pad_id=0, token_budget=10_000, cache_bytes=wide.group_bytes(1, 6))
     assert len(wide._groups(prompts)) == 1 and len(one._groups(prompts)) == 4
     assert wide.group_bytes(2, 6) == 2 * wide.group_bytes(1, 6) > 4 * 6 * 32 * 8  # (layers + 1) x width x d
-    a = wide.scan(prompts, ablations, hidden=False)
+    a = wide.scan(prompts, ablations, hidden=False, progress=True)  # a bar on stderr, same values
     b = one.scan(prompts, ablations, hidden=False)
     assert a.hidden is None and b.hidden is None
     torch.testing.assert_close(a.kl, b.kl, atol=1e-12, rtol=0)
