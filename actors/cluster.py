@@ -63,10 +63,6 @@ class Slots:
     num_cpus: int
     num_gpus: int  # 0 on a cluster without GPUs
 
-    @property
-    def device(self) -> str:
-        return "cuda" if self.num_gpus else "cpu"
-
 
 def actor_slots(cfg: ExecutionConfig) -> Slots:
     """One actor per `gpus_per_actor` GPUs where the cluster has GPUs, else per `cpus_per_actor` CPUs."""

@@ -192,7 +192,7 @@ class RayExecutor(Executor):
     def _member_ready(self, ref: Any) -> None:
         for pool in self.pools.values():
             for member in pool.members:
-                if member.ready_ref is ref or member.ready_ref == ref:
+                if member.ready_ref == ref:
                     try:
                         ray.get(ref)
                         member.ready_ref = None

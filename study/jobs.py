@@ -41,13 +41,13 @@ class Job(ABC):
     def __init__(self, cfg: ModelConfig, out: Path) -> None:
         check_model_name(cfg.model)
         self.cfg = cfg
-        self.out = out
         self.shape: ModelShape = model_shape(cfg.model, cfg.revision)
         self.model = ModelRef(name=cfg.model, revision=cfg.revision, dtype=cfg.dtype)
 
     @property
-    def label(self) -> str:
-        return f"{self.experiment} {self.cfg.model}"
+    def round_label(self) -> str:
+        """What the progress bar calls this job's current round."""
+        return self.experiment
 
     @property
     @abstractmethod
@@ -180,6 +180,10 @@ class SaharaJob(ScanJob):
     @property
     def group(self) -> tuple[Head, ...]:
         return self.search.group
+
+    @property
+    def round_label(self) -> str:
+        return f"sahara step {len(self.steps) + 1}"
 
     def pending(self) -> list[Shard]:
         if self.done:

@@ -83,7 +83,7 @@ def run_study(study: StudyConfig, out: str | os.PathLike[str] | None = None, *, 
     try:
         while active := [j for j in plan.jobs if not j.done]:
             shards = [s for j in active for s in j.pending()]
-            desc = " | ".join(sorted({_round_label(j) for j in active}))
+            desc = " | ".join(sorted({j.round_label for j in active}))
             if ex is None:  # Ray starts only when a round has shards that are not in the run folder yet
                 needed = force or any(not store.has(sh.id) for sh in shards)
                 ex = make_executor(study.execution) if needed else LocalExecutor()
@@ -102,11 +102,6 @@ def run_study(study: StudyConfig, out: str | os.PathLike[str] | None = None, *, 
     result.seconds = time.perf_counter() - t0
     _write(plan, result, command)
     return result
-
-
-def _round_label(job: Job) -> str:
-    step = f" step {len(job.steps) + 1}" if hasattr(job, "steps") else ""
-    return f"{job.experiment}{step}"
 
 
 def _write(plan: Plan, result: RunOutput, command: str) -> None:

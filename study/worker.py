@@ -80,7 +80,6 @@ class Worker:
         self.engine = ScanEngine(self.lm.model, self.lm.tokenizer.pad_token_id, token_budget=token_budget)
         self._tokens: dict[tuple[str, str, str | None], list[int]] = {}
         self._normal: dict[str, torch.Tensor] = {}  # prompt block key -> (prompts, d_model) normal hidden
-        self.shards_run = 0
         log.info("worker %d: %s on %s (%s), %d threads", os.getpid(), model.name, device, model.dtype,
                  torch.get_num_threads())
 
@@ -115,5 +114,4 @@ class Worker:
                                             progress=progress, normal=self._normal[key])
             columns = [pa.array(labels), pa.array(scorer.score_ablations(shard.base, list(shard.ablations)),
                                                   type=pa.float64())]
-        self.shards_run += 1
         return pa.RecordBatch.from_arrays(columns, schema=shard.schema)
