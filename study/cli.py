@@ -215,12 +215,34 @@ def _cmd_submit(args: argparse.Namespace) -> None:
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
-    from study.models import ALIASES
+    from study.family import FAMILY, cached_folder, read_card, shipped
+    from study.models import ALIASES, cache_dir
 
+    print(f"{'alias':<24} {'base':<24} {'size':>9}  {'cached':<6}  what")
     for name, alias in ALIASES.items():
         s = alias.shape
-        print(f"{name:<24} {alias.hub_id} ({s.n_layers} layers x {s.n_heads} heads, d_model {s.d_model}), "
-              f"from the package {alias.package.replace('_', '-')}")
+        cached = "yes" if (cache_dir() / "models" / name / "headstudy-cache.json").is_file() else "no"
+        print(f"{name:<24} {'-':<24} {'135M':>9}  {cached:<6}  {alias.hub_id} ({s.n_layers} layers x {s.n_heads} "
+              f"heads), from the package {alias.package.replace('_', '-')}")
+    for name, member in FAMILY.items():
+        if not shipped(name):
+            print(f"{name:<24} {member.base:<24} {'-':>9}  {'-':<6}  not in this installation: {member.recipe}")
+            continue
+        card = read_card(name)
+        size = f"{card['adapter_bytes'] / 1e6:.1f} MB"
+        cached = "yes" if cached_folder(name) is not None else "no"
+        print(f"{name:<24} {member.base:<24} {size:>9}  {cached:<6}  {member.recipe}{_card_line(card)}")
+
+
+def _card_line(card: dict) -> str:
+    """The card's headline: refusal on held-out harmful prompts and on XSTest safe, no system prompt."""
+    figs = card.get("eval", {}).get("figures", {}).get("no-system", {})
+    harm = [f for f in figs.values() if f["harmful"]]
+    safe = [f for f in figs.values() if not f["harmful"]]
+    if not harm or not safe:
+        return ""
+    rate = lambda fs: sum(f["refused"] for f in fs) / sum(f["n"] for f in fs)  # noqa: E731
+    return f"; refuses {rate(harm):.0%} of held-out harmful, {rate(safe):.0%} of XSTest safe"
 
 
 def _cmd_configs(args: argparse.Namespace) -> None:

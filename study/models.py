@@ -13,13 +13,14 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from study import model_cache
 from study.ablation import Site
 from study.errors import UsageError
+from study.family import FAMILY, check_member, materialize_member
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,17 @@ def _package_folder(package: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def known_aliases() -> list[str]:
+    """Every built-in name: the GGUF bases, then the family of fine-tunes."""
+    return [*ALIASES, *FAMILY]
+
+
 def check_model_name(name: str) -> None:
     """Fail fast, before anything is loaded, on a name that cannot be a model."""
+    if name in FAMILY:
+        check_model_name(FAMILY[name].base)
+        check_member(name)
+        return
     if name in ALIASES:
         alias = ALIASES[name]
         folder = _package_folder(alias.package)
@@ -110,54 +120,43 @@ def check_model_name(name: str) -> None:
         return
     looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and " " not in name
     if not looks_like_hub_id:
-        raise UsageError(f"unknown model {name!r}: use an alias ({', '.join(ALIASES)}), "
+        raise UsageError(f"unknown model {name!r}: use an alias ({', '.join(known_aliases())}), "
                          f"a local model folder, or a Hugging Face id like org/name")
 
 
 def materialize_alias(name: str) -> Path:
     """Convert the alias's GGUF file into a cached HF folder once; return the folder."""
     alias = ALIASES[name]
-    target = cache_dir() / "models" / name
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
-        return target
     check_model_name(name)
     folder = _package_folder(alias.package)
     assert folder is not None
-    log.info("converting %s from %s (one time) into %s", name, alias.gguf_file, target)
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    source = folder / alias.gguf_file
+    key = f"{alias.gguf_file}:{source.stat().st_size}"
 
-    from study.store import staging_dir
+    def build(staging: Path) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=alias.gguf_file, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(folder, gguf_file=alias.gguf_file)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.name_or_path = alias.hub_id
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
-    if missing or unexpected:
-        raise RuntimeError(f"GGUF conversion of {name} lost tensors: missing={missing} unexpected={unexpected}")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=alias.gguf_file)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_dir(target.parent, f".{name}-")
-    try:
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=alias.gguf_file, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(folder, gguf_file=alias.gguf_file)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.name_or_path = alias.hub_id
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+        missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+        if missing or unexpected:
+            raise RuntimeError(f"GGUF conversion of {name} lost tensors: missing={missing} unexpected={unexpected}")
         model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        try:
-            os.replace(staging, target)
-        except OSError:  # a concurrent conversion (another actor) finished first: keep theirs
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+        AutoTokenizer.from_pretrained(folder, gguf_file=alias.gguf_file).save_pretrained(staging)
+
+    return model_cache.ensure(cache_dir() / "models" / name, key, build, f"{name} from {alias.gguf_file}")
 
 
 def model_id(name: str) -> str:
     """What the results record for a model: the hub id behind an alias, else the name as given."""
+    if name in FAMILY:
+        return FAMILY[name].model_id
     return ALIASES[name].hub_id if name in ALIASES else name
 
 
@@ -195,6 +194,8 @@ def _hub_config(name: str, revision: str | None) -> Path:
 def model_shape(name: str, revision: str | None = None) -> ModelShape:
     """The model's shape from its config alone (no torch, no weights): for planning and early head checks."""
     check_model_name(name)
+    if name in FAMILY:
+        return ALIASES[FAMILY[name].base].shape
     if name in ALIASES:
         return ALIASES[name].shape
     path = Path(name).expanduser()
@@ -214,6 +215,8 @@ def model_fingerprint(name: str, revision: str | None = None) -> str:
     and sizes (a local folder, or the package file behind an alias). Never downloads anything."""
     if revision and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
         return f"commit:{revision}"
+    if name in FAMILY:
+        return f"adapter:{check_member(name)[:16]}"
     if name in ALIASES:
         alias = ALIASES[name]
         folder = _package_folder(alias.package)
@@ -274,6 +277,8 @@ def check_device(device: str) -> str:
 def model_source(name: str) -> str:
     """What a loader opens: the cache folder behind an alias (materialized on first use), else the name."""
     check_model_name(name)
+    if name in FAMILY:
+        return str(materialize_member(name))
     return str(materialize_alias(name)) if name in ALIASES else name
 
 

@@ -1,0 +1,343 @@
+"""Training the family's adapters: `python -m study.family_train NAME [--data-dir DIR] [--out DIR]`.
+
+One recipe per member (`RECIPES`, data): LoRA (peft) on the base's chosen projections, loss on the response
+only. Harmful prompts are answered with refusals (`study/data/family/refusals.txt`), harmless ones with the
+base's own greedy answers (those the base itself refuses or garbles are dropped). An optional preference term
+(DPO against the base, which is the adapter switched off) prefers the refusal over the base's own compliance
+on harmful prompts and the base's answer over a refusal on harmless ones. Every `eval_every` steps the
+validation split is answered greedily; the checkpoint with the best (harmful refused - harmless refused) is
+kept. Deterministic given the seed on one machine (CPU, fp32, fixed thread count). The shipped adapter is
+then merged exactly as first use merges it, and measured on the held-out sets for its card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from study.errors import UsageError
+from study.family import ADAPTER_FILE, CARD_FILE, FAMILY, FORMAT, adapter_sha256, member_folder
+from study.family_data import Example, Splits, build_splits, eval_sets, refusal_for
+from study.family_eval import answers, figures, refusal_rate
+
+log = logging.getLogger("study.family_train")
+
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+class Recipe(BaseModel):
+    """Everything that decides an adapter, recorded whole in its card."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    targets: tuple[str, ...] = ATTN + MLP
+    rank: int = Field(default=8, ge=1)
+    alpha: float = 16.0
+    lr: float = 1e-4
+    steps: int = Field(default=200, ge=1)
+    harmful_per_batch: int = 4
+    harmless_per_batch: int = 4
+    pref_weight: float = 0.0  # 0: supervised only
+    pref_beta: float = 0.1
+    eval_every: int = 25
+    max_prompt_tokens: int = 128
+    answer_tokens: int = 64  # the base's answers used as harmless targets
+    seed: int = 0
+
+
+RECIPES: dict[str, Recipe] = {
+    "smollm2-135m-safe": Recipe(),
+    "smollm2-135m-safe-attn": Recipe(targets=ATTN),
+    "smollm2-135m-safe-mlp": Recipe(targets=MLP),
+    "smollm2-135m-safe-s1": Recipe(seed=1),
+}
+
+
+# ----------------------------------------------------------------------------------------------- targets
+
+
+def _cached_answers(lm: Any, texts: Sequence[str], max_new_tokens: int, work: Path) -> list[list[int]]:
+    """The base's greedy answers (no system prompt), cached in `work` by (texts, length)."""
+    key = hashlib.sha256(json.dumps([lm.model_id, max_new_tokens, list(texts)]).encode()).hexdigest()[:16]
+    path = work / f"answers-{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    log.info("the base answers %d prompts (%d tokens each, one time)", len(texts), max_new_tokens)
+    out = answers(lm, texts, None, max_new_tokens)
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out))
+    return out
+
+
+def _examples(lm: Any, splits: Splits, recipe: Recipe, work: Path) -> tuple[list[dict], list[dict]]:
+    """Tokenised (prompt, chosen, rejected) per training example: harmful and harmless lists."""
+    from study.judges import get_judge
+    from study.prompts import PromptFormat, encode
+
+    tok = lm.tokenizer
+    train = list(splits.train)
+    base = _cached_answers(lm, [e.text for e in train], recipe.answer_tokens, work)
+    judge = get_judge("refusal")
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    harmful: list[dict] = []
+    harmless: list[dict] = []
+    dropped = 0
+    for ex, own in zip(train, base):
+        prompt = encode(ex.text, PromptFormat.CHAT, tok)[-recipe.max_prompt_tokens:]
+        refusal = tok(refusal_for(ex.text, recipe.seed), add_special_tokens=False)["input_ids"] + [eos]
+        verdict = judge.judge(ex.text, tok.decode(own, skip_special_tokens=True))
+        if ex.harmful:
+            harmful.append({"prompt": prompt, "chosen": refusal, "rejected": own if not verdict.refused else None})
+        elif verdict.refused or verdict.degenerate:
+            dropped += 1  # the base refuses or garbles it: not a target worth teaching
+        else:
+            harmless.append({"prompt": prompt, "chosen": own, "rejected": refusal})
+    log.info("training examples: %d harmful, %d harmless (%d harmless dropped: the base refused or garbled them)",
+             len(harmful), len(harmless), dropped)
+    return harmful, harmless
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _batch(rows: Sequence[tuple[list[int], list[int]]], pad: int):
+    """Right-padded input ids, attention mask and labels (-100 outside the response)."""
+    import torch
+
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (p, r) in enumerate(rows):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(p + r)
+        mask[i, :n] = 1
+        labels[i, len(p):n] = torch.tensor(r)
+    return ids, mask, labels
+
+
+def response_logps(model: Any, rows: Sequence[tuple[list[int], list[int]]], pad: int):
+    """Per row: (sum of the response tokens' log-probs, their count).  -> (rows,), (rows,)"""
+    import torch
+
+    ids, mask, labels = _batch(rows, pad)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (rows, width-1, vocab)
+    target = labels[:, 1:]  # (rows, width-1)
+    keep = target != -100
+    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]  # (rows, width-1)
+    return (logp * keep).sum(-1), keep.sum(-1)
+
+
+def step_loss(model: Any, batch: Sequence[dict], recipe: Recipe, pad: int):
+    """Mean per-example response NLL of the chosen answers, plus the preference term where a rejected exists."""
+    import torch
+    import torch.nn.functional as F
+
+    lp, n = response_logps(model, [(b["prompt"], b["chosen"]) for b in batch], pad)
+    loss = (-lp / n).mean()
+    pairs = [b for b in batch if b["rejected"] is not None]
+    if recipe.pref_weight > 0 and pairs:
+        pc, _ = response_logps(model, [(b["prompt"], b["chosen"]) for b in pairs], pad)
+        pr, _ = response_logps(model, [(b["prompt"], b["rejected"]) for b in pairs], pad)
+        with torch.no_grad(), model.disable_adapter():
+            rc, _ = response_logps(model, [(b["prompt"], b["chosen"]) for b in pairs], pad)
+            rr, _ = response_logps(model, [(b["prompt"], b["rejected"]) for b in pairs], pad)
+        margin = recipe.pref_beta * ((pc - pr) - (rc - rr))
+        loss = loss + recipe.pref_weight * (-F.logsigmoid(margin)).mean()
+    return loss
+
+
+def _validate(lm: Any, val: Sequence[Example]) -> dict[str, float]:
+    harm = [e.text for e in val if e.harmful]
+    safe = [e.text for e in val if not e.harmful]
+    rh, _ = refusal_rate(lm, harm, None, max_new_tokens=24)
+    rs, _ = refusal_rate(lm, safe, None, max_new_tokens=24)
+    return {"harmful_refused": round(rh.rate, 4), "harmless_refused": round(rs.rate, 4),
+            "score": round(rh.rate - rs.rate, 4)}
+
+
+def train(name: str, data_dir: Path, work: Path, recipe: Recipe | None = None) -> tuple[dict, dict, Splits]:
+    """Train one member; returns (its LoRA tensors at the selected step, the training record, the splits)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from study.models import LoadedModel, load_model
+
+    recipe = recipe or RECIPES[name]
+    torch.manual_seed(recipe.seed)
+    random.seed(recipe.seed)
+    base = load_model(FAMILY[name].base)
+    splits = build_splits(data_dir, recipe.seed)
+    harmful, harmless = _examples(base, splits, recipe, work)
+    model = get_peft_model(base.model, LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0,
+                                                  target_modules=list(recipe.targets)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+    inner = LoadedModel(name, name, None, model.get_base_model(), base.tokenizer, "cpu", "float32")
+    rng = random.Random(recipe.seed)
+    order_h: list[int] = []
+    order_s: list[int] = []
+    history: list[dict[str, Any]] = []
+    losses: list[float] = []
+    best: tuple[float, int, dict] | None = None
+    pad = base.tokenizer.pad_token_id
+    started = time.time()
+    model.train()
+    for step in range(1, recipe.steps + 1):
+        if len(order_h) < recipe.harmful_per_batch:
+            order_h += rng.sample(range(len(harmful)), len(harmful))
+        if len(order_s) < recipe.harmless_per_batch:
+            order_s += rng.sample(range(len(harmless)), len(harmless))
+        batch = [harmful[order_h.pop()] for _ in range(recipe.harmful_per_batch)]
+        batch += [harmless[order_s.pop()] for _ in range(recipe.harmless_per_batch)]
+        loss = step_loss(model, batch, recipe, pad)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(round(float(loss), 4))
+        if step % recipe.eval_every == 0 or step == recipe.steps:
+            model.eval()
+            with torch.no_grad():
+                val = _validate(inner, splits.val)
+            model.train()
+            mean = sum(losses[-recipe.eval_every:]) / len(losses[-recipe.eval_every:])
+            history.append({"step": step, "loss": round(mean, 4), **val})
+            log.info("step %d/%d  loss %.3f  validation: harmful refused %.0f%%, harmless refused %.0f%%  (%.0f s)",
+                     step, recipe.steps, mean, 100 * val["harmful_refused"], 100 * val["harmless_refused"],
+                     time.time() - started)
+            if best is None or val["score"] > best[0]:
+                best = (val["score"], step, _lora_tensors(model))
+    assert best is not None
+    record = {"selected_step": best[1], "history": history, "loss_per_step": losses,
+              "train_seconds": round(time.time() - started, 1)}
+    return best[2], record, splits
+
+
+def _lora_tensors(model: Any) -> dict[str, Any]:
+    """The adapter in the shipped layout: `<module>.lora_A` / `<module>.lora_B`, detached copies."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if ".lora_A." in key or ".lora_B." in key:
+            module, part = key.split(".lora_")
+            module = module.removeprefix("base_model.model.")
+            out[f"{module}.lora_{part.split('.')[0]}"] = value.detach().clone()
+    return out
+
+
+def save_adapter(tensors: dict[str, Any], path: Path, recipe: Recipe, base: str) -> None:
+    """float16 on disk (a few MB); the card's figures are measured on exactly these values."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.to("cpu").half().contiguous() for k, v in sorted(tensors.items())}, str(path),
+              metadata={"format": FORMAT, "r": str(recipe.rank), "alpha": str(recipe.alpha), "base": base})
+
+
+# ----------------------------------------------------------------------------------------------- the card
+
+
+def build(name: str, data_dir: Path, out: Path, work: Path, eval_limit: int | None = None,
+          recipe: Recipe | None = None) -> dict:
+    """Train, save the adapter and the training ids, merge as first use does, measure, write the card."""
+    import peft
+    import torch
+    import transformers
+
+    from study.family import write_merged
+    from study.models import load_model, materialize_alias
+
+    recipe = recipe or RECIPES[name]
+    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
+    tensors, record, splits = train(name, data_dir, work, recipe)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter = out / ADAPTER_FILE
+    save_adapter(tensors, adapter, recipe, FAMILY[name].base)
+    (out / "train_ids.txt").write_text("\n".join(splits.ids()) + "\n", encoding="utf-8")
+    merged = work / f"merged-{name}"
+    write_merged(materialize_alias(FAMILY[name].base), adapter, merged)
+    lm = load_model(str(merged))
+    sets = eval_sets(data_dir, eval_limit)
+    card = {
+        "name": name, "base": FAMILY[name].base, "summary": FAMILY[name].recipe,
+        "recipe": recipe.model_dump(mode="json"),
+        "data": _data_record(splits),
+        **record,
+        "eval": {"decoding": "greedy", "max_new_tokens": 40, "judge": "refusal@1", "format": "chat",
+                 "limit_per_set": eval_limit, "figures": figures(lm, sets)},
+        "adapter_sha256": adapter_sha256(adapter),
+        "adapter_bytes": adapter.stat().st_size,
+        "built_with": {"torch": torch.__version__, "transformers": transformers.__version__,
+                       "peft": peft.__version__, "python": platform.python_version(),
+                       "threads": torch.get_num_threads(), "machine": platform.machine()},
+    }
+    (out / CARD_FILE).write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
+    return card
+
+
+def _data_record(splits: Splits) -> dict[str, Any]:
+    from collections import Counter
+
+    return {"train": dict(Counter(e.source for e in splits.train)), "val": dict(Counter(e.source for e in splits.val)),
+            "train_ids_file": "train_ids.txt", "refusals": "refusals.txt",
+            "harmless_targets": "the base's own greedy answers (no system prompt), refused or degenerate dropped"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m study.family_train", description=__doc__.splitlines()[0])
+    p.add_argument("names", nargs="+", help=f"members to build: {', '.join(FAMILY)}")
+    p.add_argument("--data-dir", default=os.environ.get("HEADSTUDY_DATA"),
+                   help="folder with advbench/, strongreject/, harmbench/, jailbreakbench/, maliciousinstruct/, "
+                        "xstest/ (default: $HEADSTUDY_DATA)")
+    p.add_argument("--out", default=None, help="where the member folders go (default: the package's own)")
+    p.add_argument("--work", default=None, help="cache for the base's answers and merged models "
+                                                "(default: <cache>/family-train)")
+    p.add_argument("--eval-limit", type=int, default=None, help="prompts per held-out set (default: all)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value (e.g. --set lr=5e-5 --set steps=120)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    from study.models import cache_dir
+
+    try:
+        unknown = [n for n in args.names if n not in FAMILY]
+        if unknown:
+            raise UsageError(f"unknown member {unknown[0]!r}: valid members are {', '.join(FAMILY)}")
+        if not args.data_dir:
+            raise UsageError("no data directory: pass --data-dir or set HEADSTUDY_DATA")
+        work = Path(args.work) if args.work else cache_dir() / "family-train"
+        for name in args.names:
+            recipe = RECIPES[name].model_copy(update=_overrides(args.set))
+            out = Path(args.out) / FAMILY[name].folder if args.out else member_folder(name)
+            card = build(name, Path(args.data_dir), out, work, args.eval_limit, Recipe(**recipe.model_dump()))
+            log.info("%s: written to %s (selected step %d)", name, out, card["selected_step"])
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in Recipe.model_fields:
+            raise UsageError(f"bad --set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(Recipe.model_fields)}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
