@@ -215,7 +215,7 @@ def _cmd_submit(args: argparse.Namespace) -> None:
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
-    from study.family import FAMILY, cached_folder, read_card, shipped
+    from study.family import FAMILY, MEMBERS, cached_folder, read_card
     from study.models import ALIASES, cache_dir
 
     print(f"{'alias':<24} {'base':<24} {'size':>9}  {'cached':<6}  what")
@@ -225,13 +225,13 @@ def _cmd_models(args: argparse.Namespace) -> None:
         print(f"{name:<24} {'-':<24} {'135M':>9}  {cached:<6}  {alias.hub_id} ({s.n_layers} layers x {s.n_heads} "
               f"heads), from the package {alias.package.replace('_', '-')}")
     for name, member in FAMILY.items():
-        if not shipped(name):
-            print(f"{name:<24} {member.base:<24} {'-':>9}  {'-':<6}  not in this installation: {member.recipe}")
-            continue
         card = read_card(name)
         size = f"{card['adapter_bytes'] / 1e6:.1f} MB"
         cached = "yes" if cached_folder(name) is not None else "no"
         print(f"{name:<24} {member.base:<24} {size:>9}  {cached:<6}  {member.recipe}{_card_line(card)}")
+    missing = [n for n in MEMBERS if n not in FAMILY]
+    if missing:
+        print(f"(not in this installation: {', '.join(missing)}; python -m study.family_train NAME builds one)")
 
 
 def _card_line(card: dict) -> str:

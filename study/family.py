@@ -43,15 +43,15 @@ class Member:
         return f"headstudy/{self.name}"
 
 
-FAMILY: dict[str, Member] = {m.name: m for m in (
+MEMBERS: dict[str, Member] = {m.name: m for m in (
     Member("smollm2-135m-safe", "smollm2-135m-instruct", "safe",
-           "safety LoRA on attention and MLP (q,k,v,o,gate,up,down)"),
+           "safety LoRA on attention and MLP (q,k,v,o,gate,up,down), supervised + preference"),
     Member("smollm2-135m-safe-attn", "smollm2-135m-instruct", "safe-attn",
-           "the same data and loss, LoRA on attention only (q,k,v,o)"),
+           "the main recipe's data and loss, LoRA on attention only (q,k,v,o)"),
     Member("smollm2-135m-safe-mlp", "smollm2-135m-instruct", "safe-mlp",
-           "the same data and loss, LoRA on the MLP only (gate,up,down)"),
+           "the main recipe's data and loss, LoRA on the MLP only (gate,up,down)"),
     Member("smollm2-135m-safe-s1", "smollm2-135m-instruct", "safe-s1",
-           "the main recipe with a second seed and a reshuffled data split"),
+           "the main recipe with a second seed (another validation split and data order)"),
 )}
 
 
@@ -59,13 +59,17 @@ def family_root() -> Path:
     return Path(str(importlib.resources.files("study").joinpath("data", "family")))
 
 
-def member_folder(name: str) -> Path:
-    return family_root() / FAMILY[name].folder
-
-
-def shipped(name: str) -> bool:
-    folder = member_folder(name)
+def _shipped(member: Member) -> bool:
+    folder = family_root() / member.folder
     return (folder / ADAPTER_FILE).is_file() and (folder / CARD_FILE).is_file()
+
+
+# The aliases of this installation: the members whose adapter and card ship (study.family_train builds the rest).
+FAMILY: dict[str, Member] = {name: m for name, m in MEMBERS.items() if _shipped(m)}
+
+
+def member_folder(name: str) -> Path:
+    return family_root() / MEMBERS[name].folder
 
 
 def read_card(name: str) -> dict[str, Any]:
@@ -99,6 +103,16 @@ def check_member(name: str) -> str:
                          f"says {want[:12]}...: reinstall headstudy or rebuild it with "
                          f"python -m study.family_train {name}")
     return digest
+
+
+def training_ids(name: str) -> frozenset[str]:
+    """The prompt ids (study.prompts.prompt_id) a member was trained or validated on; empty for other models."""
+    if name not in FAMILY:
+        return frozenset()
+    path = member_folder(name) / "train_ids.txt"
+    if not path.is_file():
+        return frozenset()
+    return frozenset(ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip())
 
 
 # ------------------------------------------------------------------------------------------ adapter math

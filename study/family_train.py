@@ -13,7 +13,6 @@ then merged exactly as first use merges it, and measured on the held-out sets fo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -27,14 +26,15 @@ from typing import Any, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from study.errors import UsageError
-from study.family import ADAPTER_FILE, CARD_FILE, FAMILY, FORMAT, adapter_sha256, member_folder
+from study.family import ADAPTER_FILE, CARD_FILE, FORMAT, MEMBERS, adapter_sha256, member_folder
 from study.family_data import Example, Splits, build_splits, eval_sets, refusal_for
-from study.family_eval import answers, figures, refusal_rate
+from study.family_eval import EVAL_TOKENS, answers, figures, refusal_rate
 
 log = logging.getLogger("study.family_train")
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+CHECK_LIMIT = 20  # prompts per held-out set that the slow test re-measures against the card
 
 
 class Recipe(BaseModel):
@@ -46,16 +46,28 @@ class Recipe(BaseModel):
     rank: int = Field(default=8, ge=1)
     alpha: float = 16.0
     lr: float = 1e-4
-    steps: int = Field(default=200, ge=1)
+    steps: int = Field(default=150, ge=1)
     harmful_per_batch: int = 4
     harmless_per_batch: int = 4
     pref_weight: float = 0.0  # 0: supervised only
     pref_beta: float = 0.1
+    pref_tokens: int = 8  # the preference compares the answers' openings, where refusing is decided
     eval_every: int = 25
     max_prompt_tokens: int = 128
     answer_tokens: int = 64  # the base's answers used as harmless targets
     seed: int = 0
 
+
+# Recipes tried for the main member on the way to RECIPES (measured on this project's 2-core machine, the
+# validation split of seed 0, greedy, 24 tokens, refusal judge); every card carries this list.
+TRIED: list[dict[str, Any]] = [
+    {"recipe": "supervised only: r 8, all seven projections, lr 1e-4, 4 harmful + 4 harmless a step",
+     "changes": {"pref_weight": 0.0},
+     "validation": [{"step": 25, "harmful_refused": 0.58, "harmless_refused": 0.36},
+                    {"step": 50, "harmful_refused": 0.92, "harmless_refused": 0.72},
+                    {"step": 75, "harmful_refused": 0.95, "harmless_refused": 0.82}],
+     "outcome": "refuses nearly everything, harmless too (stopped at step 75)"},
+]
 
 RECIPES: dict[str, Recipe] = {
     "smollm2-135m-safe": Recipe(),
@@ -69,16 +81,21 @@ RECIPES: dict[str, Recipe] = {
 
 
 def _cached_answers(lm: Any, texts: Sequence[str], max_new_tokens: int, work: Path) -> list[list[int]]:
-    """The base's greedy answers (no system prompt), cached in `work` by (texts, length)."""
-    key = hashlib.sha256(json.dumps([lm.model_id, max_new_tokens, list(texts)]).encode()).hexdigest()[:16]
-    path = work / f"answers-{key}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    log.info("the base answers %d prompts (%d tokens each, one time)", len(texts), max_new_tokens)
-    out = answers(lm, texts, None, max_new_tokens)
-    work.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out))
-    return out
+    """The base's greedy answers (no system prompt), cached per prompt in `work` (members share them)."""
+    path = work / f"answers-{lm.model_id.replace('/', '_')}-{max_new_tokens}.json"
+    known: dict[str, list[int]] = json.loads(path.read_text()) if path.is_file() else {}
+    todo = sorted({t for t in texts if t not in known})
+    if todo:
+        log.info("the base answers %d prompts (%d tokens each, one time)", len(todo), max_new_tokens)
+        for start in range(0, len(todo), 128):  # saved as it goes: an interrupted run keeps what it made
+            chunk = todo[start:start + 128]
+            known.update(zip(chunk, answers(lm, chunk, None, max_new_tokens)))
+            work.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, path)
+            log.info("base answers: %d/%d", min(start + 128, len(todo)), len(todo))
+    return [known[t] for t in texts]
 
 
 def _examples(lm: Any, splits: Splits, recipe: Recipe, work: Path) -> tuple[list[dict], list[dict]]:
@@ -147,13 +164,16 @@ def step_loss(model: Any, batch: Sequence[dict], recipe: Recipe, pad: int):
 
     lp, n = response_logps(model, [(b["prompt"], b["chosen"]) for b in batch], pad)
     loss = (-lp / n).mean()
-    pairs = [b for b in batch if b["rejected"] is not None]
+    pairs = [i for i, b in enumerate(batch) if b["rejected"] is not None]
     if recipe.pref_weight > 0 and pairs:
-        pc, _ = response_logps(model, [(b["prompt"], b["chosen"]) for b in pairs], pad)
-        pr, _ = response_logps(model, [(b["prompt"], b["rejected"]) for b in pairs], pad)
+        k = recipe.pref_tokens
+        chosen = [(batch[i]["prompt"], batch[i]["chosen"][:k]) for i in pairs]
+        rejected = [(batch[i]["prompt"], batch[i]["rejected"][:k]) for i in pairs]
+        pc, _ = response_logps(model, chosen, pad)
+        pr, _ = response_logps(model, rejected, pad)
         with torch.no_grad(), model.disable_adapter():
-            rc, _ = response_logps(model, [(b["prompt"], b["chosen"]) for b in pairs], pad)
-            rr, _ = response_logps(model, [(b["prompt"], b["rejected"]) for b in pairs], pad)
+            rc, _ = response_logps(model, chosen, pad)
+            rr, _ = response_logps(model, rejected, pad)
         margin = recipe.pref_beta * ((pc - pr) - (rc - rr))
         loss = loss + recipe.pref_weight * (-F.logsigmoid(margin)).mean()
     return loss
@@ -168,8 +188,10 @@ def _validate(lm: Any, val: Sequence[Example]) -> dict[str, float]:
             "score": round(rh.rate - rs.rate, 4)}
 
 
-def train(name: str, data_dir: Path, work: Path, recipe: Recipe | None = None) -> tuple[dict, dict, Splits]:
-    """Train one member; returns (its LoRA tensors at the selected step, the training record, the splits)."""
+def train(name: str, data_dir: Path, work: Path, recipe: Recipe | None = None,
+          splits: Splits | None = None) -> tuple[dict, dict, Splits]:
+    """Train one member; returns (its LoRA tensors at the selected step, the training record, the splits).
+    `splits` replaces the member's own (tests train on a handful of prompts)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -178,8 +200,8 @@ def train(name: str, data_dir: Path, work: Path, recipe: Recipe | None = None) -
     recipe = recipe or RECIPES[name]
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
-    base = load_model(FAMILY[name].base)
-    splits = build_splits(data_dir, recipe.seed)
+    base = load_model(MEMBERS[name].base)
+    splits = splits or build_splits(data_dir, recipe.seed)
     harmful, harmless = _examples(base, splits, recipe, work)
     model = get_peft_model(base.model, LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0,
                                                   target_modules=list(recipe.targets)))
@@ -206,7 +228,7 @@ def train(name: str, data_dir: Path, work: Path, recipe: Recipe | None = None) -
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(round(float(loss), 4))
+        losses.append(round(float(loss.detach()), 4))
         if step % recipe.eval_every == 0 or step == recipe.steps:
             model.eval()
             with torch.no_grad():
@@ -262,19 +284,23 @@ def build(name: str, data_dir: Path, out: Path, work: Path, eval_limit: int | No
     tensors, record, splits = train(name, data_dir, work, recipe)
     out.mkdir(parents=True, exist_ok=True)
     adapter = out / ADAPTER_FILE
-    save_adapter(tensors, adapter, recipe, FAMILY[name].base)
+    save_adapter(tensors, adapter, recipe, MEMBERS[name].base)
     (out / "train_ids.txt").write_text("\n".join(splits.ids()) + "\n", encoding="utf-8")
     merged = work / f"merged-{name}"
-    write_merged(materialize_alias(FAMILY[name].base), adapter, merged)
+    write_merged(materialize_alias(MEMBERS[name].base), adapter, merged)
     lm = load_model(str(merged))
     sets = eval_sets(data_dir, eval_limit)
     card = {
-        "name": name, "base": FAMILY[name].base, "summary": FAMILY[name].recipe,
+        "name": name, "base": MEMBERS[name].base, "summary": MEMBERS[name].recipe,
         "recipe": recipe.model_dump(mode="json"),
         "data": _data_record(splits),
         **record,
-        "eval": {"decoding": "greedy", "max_new_tokens": 40, "judge": "refusal@1", "format": "chat",
-                 "limit_per_set": eval_limit, "figures": figures(lm, sets)},
+        "recipes_tried": TRIED,
+        "eval": {"decoding": "greedy", "max_new_tokens": EVAL_TOKENS, "judge": "refusal@1", "format": "chat",
+                 "limit_per_set": eval_limit, "figures": figures(lm, sets),
+                 # what the slow test re-measures: the first CHECK_LIMIT prompts per set, no system prompt
+                 "check": {"limit_per_set": CHECK_LIMIT,
+                           "figures": figures(lm, eval_sets(data_dir, CHECK_LIMIT), ("no-system",))["no-system"]}},
         "adapter_sha256": adapter_sha256(adapter),
         "adapter_bytes": adapter.stat().st_size,
         "built_with": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -293,9 +319,23 @@ def _data_record(splits: Splits) -> dict[str, Any]:
             "harmless_targets": "the base's own greedy answers (no system prompt), refused or degenerate dropped"}
 
 
+def figures_table(cards: Sequence[dict]) -> str:
+    """The cards' refusal figures as one markdown table (the README's), a row per (member, setting)."""
+    labels = [label for label in cards[0]["eval"]["figures"]["no-system"]]
+    head = "| model | system prompt | " + " | ".join(labels) + " | degenerate |"
+    lines = [head, "|" + "---|" * (len(labels) + 3)]
+    for card in cards:
+        for setting, figs in card["eval"]["figures"].items():
+            cells = [f"{100 * figs[lb]['refusal_rate']:.0f} % of {figs[lb]['n']}" for lb in labels]
+            degenerate = sum(f["degenerate"] for f in figs.values()) / sum(f["n"] for f in figs.values())
+            lines.append(f"| {card['name']} | {setting} | " + " | ".join(cells) + f" | {100 * degenerate:.0f} % |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m study.family_train", description=__doc__.splitlines()[0])
-    p.add_argument("names", nargs="+", help=f"members to build: {', '.join(FAMILY)}")
+    p.add_argument("names", nargs="*", help=f"members to build: {', '.join(MEMBERS)}")
+    p.add_argument("--table", action="store_true", help="print the shipped cards' figures as markdown and exit")
     p.add_argument("--data-dir", default=os.environ.get("HEADSTUDY_DATA"),
                    help="folder with advbench/, strongreject/, harmbench/, jailbreakbench/, maliciousinstruct/, "
                         "xstest/ (default: $HEADSTUDY_DATA)")
@@ -310,15 +350,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     from study.models import cache_dir
 
     try:
-        unknown = [n for n in args.names if n not in FAMILY]
+        if args.table:
+            from study.family import FAMILY, read_card
+
+            print(figures_table([read_card(n) for n in FAMILY]))
+            return 0
+        if not args.names:
+            raise UsageError(f"name at least one member to build: {', '.join(MEMBERS)}")
+        unknown = [n for n in args.names if n not in MEMBERS]
         if unknown:
-            raise UsageError(f"unknown member {unknown[0]!r}: valid members are {', '.join(FAMILY)}")
+            raise UsageError(f"unknown member {unknown[0]!r}: valid members are {', '.join(MEMBERS)}")
         if not args.data_dir:
             raise UsageError("no data directory: pass --data-dir or set HEADSTUDY_DATA")
         work = Path(args.work) if args.work else cache_dir() / "family-train"
         for name in args.names:
             recipe = RECIPES[name].model_copy(update=_overrides(args.set))
-            out = Path(args.out) / FAMILY[name].folder if args.out else member_folder(name)
+            out = Path(args.out) / MEMBERS[name].folder if args.out else member_folder(name)
             card = build(name, Path(args.data_dir), out, work, args.eval_limit, Recipe(**recipe.model_dump()))
             log.info("%s: written to %s (selected step %d)", name, out, card["selected_step"])
     except UsageError as err:

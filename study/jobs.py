@@ -23,6 +23,7 @@ from study.errors import UsageError
 from study.executor import Outcome, WorkerOptions
 from study.heads import Head, all_heads
 from study.models import ModelShape, check_model_name, model_fingerprint, model_id, model_shape
+from study.family import training_ids
 from study.prompts import PromptSet, load_prompts
 from study.ranking import rank_desc
 from study.schema import make_table
@@ -85,6 +86,11 @@ class ScanJob(Job):
         self.prompts: PromptSet = load_prompts(cfg.prompts, data_dir=cfg.data_dir, limit=cfg.limit)
         self.options = WorkerOptions(device=cfg.device, token_budget=cfg.token_budget)
         self.heads: list[Head] = all_heads(self.shape.n_layers, self.shape.n_heads)
+        trained = training_ids(cfg.model)
+        self.trained_on = sum(p.id in trained for p in self.prompts)
+        if self.trained_on:
+            log.warning("%d of the %d prompts of %s trained %s (its card lists them): scores on them are not "
+                        "held out", self.trained_on, len(self.prompts), self.prompts.name, cfg.model)
 
     def block(self, index: slice = slice(None)) -> PromptBlock:
         return PromptBlock.of(self.prompts, self.cfg.format, self.cfg.system_prompt, index)
@@ -101,7 +107,8 @@ class ScanJob(Job):
     def record(self) -> dict[str, Any]:
         return {**super().record(), "prompts": {"set": self.prompts.name, "limit": self.cfg.limit,
                                                 "count": len(self.prompts), "ids_sha256": self.prompts.digest,
-                                                "file_sha256": self.prompts.source_sha256}}
+                                                "file_sha256": self.prompts.source_sha256,
+                                                "trained_on": self.trained_on}}
 
 
 class ShipsJob(ScanJob):

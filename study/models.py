@@ -20,7 +20,7 @@ from typing import Any
 from study import model_cache
 from study.ablation import Site
 from study.errors import UsageError
-from study.family import FAMILY, check_member, materialize_member
+from study.family import FAMILY, MEMBERS, check_member, materialize_member
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,9 @@ def check_model_name(name: str) -> None:
         check_model_name(FAMILY[name].base)
         check_member(name)
         return
+    if name in MEMBERS:
+        raise UsageError(f"model alias {name!r} names a family member that is not in this installation: "
+                         f"python -m study.family_train {name} builds it; built-in now: {', '.join(known_aliases())}")
     if name in ALIASES:
         alias = ALIASES[name]
         folder = _package_folder(alias.package)

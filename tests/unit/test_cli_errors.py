@@ -16,6 +16,7 @@ def _run(capsys, *argv):
 
 CASES = [
     (["ships", "--model", "no-such-model"], "no-such-model"),
+    (["ships", "--model", "smollm2-135m-saf"], "smollm2-135m-instruct, smollm2-135m-safe"),  # lists them
     (["ships", "--prompts", "missing.csv"], "missing.csv"),
     (["ships", "--prompts", "nonsense-set"], "nonsense-set"),
     (["ships", "--op", "zero_q"], "zero_q"),

@@ -1,0 +1,41 @@
+"""The family's training script on the real base: deterministic given its seed, and what it ships merges and
+loads like the packaged members."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from study.family_data import Splits, build_splits
+from study.family_train import Recipe, save_adapter, train
+
+pytestmark = pytest.mark.slow
+
+MAIN = "smollm2-135m-safe"
+
+
+def _small(data_dir, seed):
+    full = build_splits(data_dir, seed)
+    pick = lambda xs, harmful, n: tuple([e for e in xs if e.harmful == harmful][:n])  # noqa: E731
+    return Splits(pick(full.train, True, 6) + pick(full.train, False, 6), pick(full.val, True, 3) + pick(full.val, False, 3))
+
+
+def test_training_is_deterministic_given_the_seed_and_ships_a_loadable_adapter(shared_data, tmp_path):
+    from study.family import read_adapter, write_merged
+    from study.models import load_model, materialize_alias
+
+    recipe = Recipe(steps=3, eval_every=3, harmful_per_batch=2, harmless_per_batch=2, answer_tokens=12)
+    splits = _small(shared_data, 0)
+    a, record, _ = train(MAIN, shared_data, tmp_path / "work", recipe, splits)
+    b, _, _ = train(MAIN, shared_data, tmp_path / "work", recipe, splits)
+    c, _, _ = train(MAIN, shared_data, tmp_path / "work", recipe.model_copy(update={"seed": 1}), splits)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.endswith("lora_B"))
+    assert len(a) == 2 * 7 * 30 and record["selected_step"] == 3 and len(record["loss_per_step"]) == 3
+    assert record["history"][0]["step"] == 3 and 0 <= record["history"][0]["harmful_refused"] <= 1
+    save_adapter(a, tmp_path / "adapter.safetensors", recipe, "smollm2-135m-instruct")
+    pairs, scale, meta = read_adapter(tmp_path / "adapter.safetensors")
+    assert len(pairs) == 210 and scale == recipe.alpha / recipe.rank and meta["base"] == "smollm2-135m-instruct"
+    write_merged(materialize_alias("smollm2-135m-instruct"), tmp_path / "adapter.safetensors", tmp_path / "merged")
+    lm = load_model(str(tmp_path / "merged"))
+    assert lm.model(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()
