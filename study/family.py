@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 ADAPTER_FILE = "adapter.safetensors"
 CARD_FILE = "card.json"
 FORMAT = "headstudy-lora/1"
+BASE_FIGURES = "smollm2-*-instruct.json"  # the bases' refusal figures, measured as the cards' are
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ class Recipe(BaseModel):
     steps: int = Field(default=150, ge=1)
     harmful_per_batch: int = 4
     harmless_per_batch: int = 4
-    pref_weight: float = 0.0  # 0: supervised only
+    pref_weight: float = 1.0  # 0: supervised only
     pref_beta: float = 0.1
     pref_tokens: int = 8  # the preference compares the answers' openings, where refusing is decided
     eval_every: int = 25
@@ -336,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m study.family_train", description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", help=f"members to build: {', '.join(MEMBERS)}")
     p.add_argument("--table", action="store_true", help="print the shipped cards' figures as markdown and exit")
+    p.add_argument("--measure", metavar="MODEL", default=None,
+                   help="measure a model's refusal figures as the cards do (the base: smollm2-135m-instruct), "
+                        "write them to study/data/family/<MODEL>.json and exit")
     p.add_argument("--data-dir", default=os.environ.get("HEADSTUDY_DATA"),
                    help="folder with advbench/, strongreject/, harmbench/, jailbreakbench/, maliciousinstruct/, "
                         "xstest/ (default: $HEADSTUDY_DATA)")
@@ -351,9 +354,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.table:
-            from study.family import FAMILY, read_card
+            from study.family import BASE_FIGURES, FAMILY, family_root, read_card
 
-            print(figures_table([read_card(n) for n in FAMILY]))
+            bases = [json.loads(p.read_text()) for p in sorted(family_root().glob(BASE_FIGURES))]
+            print(figures_table(bases + [read_card(n) for n in FAMILY]))
+            return 0
+        if args.measure:
+            from study.family import family_root
+            from study.models import load_model
+
+            if not args.data_dir:
+                raise UsageError("no data directory: pass --data-dir or set HEADSTUDY_DATA")
+            figs = figures(load_model(args.measure), eval_sets(Path(args.data_dir), args.eval_limit))
+            record = {"name": args.measure, "eval": {"decoding": "greedy", "max_new_tokens": EVAL_TOKENS,
+                                                     "judge": "refusal@1", "format": "chat",
+                                                     "limit_per_set": args.eval_limit, "figures": figs}}
+            (family_root() / f"{args.measure}.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
             return 0
         if not args.names:
             raise UsageError(f"name at least one member to build: {', '.join(MEMBERS)}")
