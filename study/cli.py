@@ -242,7 +242,8 @@ def _card_line(card: dict) -> str:
     if not harm or not safe:
         return ""
     rate = lambda fs: sum(f["refused"] for f in fs) / sum(f["n"] for f in fs)  # noqa: E731
-    return f"; refuses {rate(harm):.0%} of held-out harmful, {rate(safe):.0%} of XSTest safe"
+    n = sum(f["n"] for f in harm)
+    return f"; refuses {rate(harm):.0%} of {n} held-out harmful ({len(harm)} sets), {rate(safe):.0%} of XSTest safe"
 
 
 def _cmd_configs(args: argparse.Namespace) -> None:
