@@ -171,10 +171,10 @@ def write_merged(base: Path, adapter: Path, out: Path) -> None:
     """A Hugging Face folder in `out`: the base folder's files with the adapter merged into its weights."""
     from safetensors.torch import load_file, save_file
 
-    pairs, scale, _ = read_adapter(adapter)
-    out.mkdir(parents=True, exist_ok=True)
     from study.model_cache import MARKER
 
+    pairs, scale, _ = read_adapter(adapter)
+    out.mkdir(parents=True, exist_ok=True)
     for src in base.iterdir():
         if src.is_file() and src.suffix != ".safetensors" and src.name != MARKER:
             shutil.copy2(src, out / src.name)
@@ -190,31 +190,31 @@ def write_merged(base: Path, adapter: Path, out: Path) -> None:
         raise UsageError(f"adapter {adapter} targets modules its base lacks: {', '.join(sorted(remaining)[:3])}")
 
 
+def _cache_entry(name: str, digest: str) -> tuple[Path, str]:
+    """Where a member's merged folder lives, and the key it is built from (its base and its adapter's hash)."""
+    from study.models import cache_dir
+
+    return cache_dir() / "models" / f"{name}-{digest[:12]}", f"{MEMBERS[name].base}+{digest}"
+
+
 def materialize_member(name: str) -> Path:
     """The member merged into its base, as a cached HF folder keyed by the adapter's hash (built once)."""
     from study import model_cache
-    from study.models import cache_dir, materialize_alias
+    from study.models import materialize_alias
 
-    member = FAMILY[name]
-    digest = check_member(name)
-    base = materialize_alias(member.base)
+    base = materialize_alias(FAMILY[name].base)
     adapter = member_folder(name) / ADAPTER_FILE
-
-    def build(staging: Path) -> None:
-        write_merged(base, adapter, staging)
-
-    return model_cache.ensure(cache_dir() / "models" / f"{name}-{digest[:12]}", f"{member.base}+{digest}", build,
-                              f"{name} ({member.base} + its adapter)")
+    folder, key = _cache_entry(name, check_member(name))
+    return model_cache.ensure(folder, key, lambda staging: write_merged(base, adapter, staging),
+                              f"{name} ({FAMILY[name].base} + its adapter)")
 
 
 def cached_folder(name: str) -> Path | None:
-    """The member's intact cache entry, or None (nothing is built or verified beyond sizes)."""
+    """The member's intact cache entry, or None (nothing is built)."""
     from study import model_cache
-    from study.models import cache_dir
 
     path = member_folder(name) / ADAPTER_FILE
     if not path.is_file():
         return None
-    digest = adapter_sha256(path)
-    folder = cache_dir() / "models" / f"{name}-{digest[:12]}"
-    return folder if model_cache.problem(folder, f"{FAMILY[name].base}+{digest}") is None else None
+    folder, key = _cache_entry(name, adapter_sha256(path))
+    return folder if model_cache.problem(folder, key) is None else None
