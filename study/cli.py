@@ -216,12 +216,12 @@ def _cmd_submit(args: argparse.Namespace) -> None:
 
 def _cmd_models(args: argparse.Namespace) -> None:
     from study.family import FAMILY, MEMBERS, cached_folder, read_card
-    from study.models import ALIASES, cache_dir
+    from study.models import ALIASES, alias_cached
 
     print(f"{'alias':<24} {'base':<24} {'size':>9}  {'cached':<6}  what")
     for name, alias in ALIASES.items():
         s = alias.shape
-        cached = "yes" if (cache_dir() / "models" / name / "headstudy-cache.json").is_file() else "no"
+        cached = "yes" if alias_cached(name) else "no"
         print(f"{name:<24} {'-':<24} {'135M':>9}  {cached:<6}  {alias.hub_id} ({s.n_layers} layers x {s.n_heads} "
               f"heads), from the package {alias.package.replace('_', '-')}")
     for name, member in FAMILY.items():

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter.safetensors"
 CARD_FILE = "card.json"
+TRAIN_IDS_FILE = "train_ids.txt"  # the prompt ids a member was trained or validated on, one per line
 FORMAT = "headstudy-lora/1"
 BASE_FIGURES = "smollm2-*-instruct.json"  # the bases' refusal figures, measured as the cards' are
 
@@ -110,7 +111,7 @@ def training_ids(name: str) -> frozenset[str]:
     """The prompt ids (study.prompts.prompt_id) a member was trained or validated on; empty for other models."""
     if name not in FAMILY:
         return frozenset()
-    path = member_folder(name) / "train_ids.txt"
+    path = member_folder(name) / TRAIN_IDS_FILE
     if not path.is_file():
         return frozenset()
     return frozenset(ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip())

@@ -26,9 +26,10 @@ from typing import Any, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from study.errors import UsageError
-from study.family import ADAPTER_FILE, CARD_FILE, FORMAT, MEMBERS, adapter_sha256, member_folder
+from study.family import ADAPTER_FILE, CARD_FILE, FORMAT, MEMBERS, TRAIN_IDS_FILE, adapter_sha256, member_folder
 from study.family_data import Example, Splits, build_splits, eval_sets, refusal_for
 from study.family_eval import EVAL_TOKENS, answers, figures, refusal_rate
+from study.store import write_json_atomic
 
 log = logging.getLogger("study.family_train")
 
@@ -91,9 +92,7 @@ def _cached_answers(lm: Any, texts: Sequence[str], max_new_tokens: int, work: Pa
             chunk = todo[start:start + 128]
             known.update(zip(chunk, answers(lm, chunk, None, max_new_tokens)))
             work.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(known))
-            os.replace(tmp, path)
+            write_json_atomic(path, known)
             log.info("base answers: %d/%d", min(start + 128, len(todo)), len(todo))
     return [known[t] for t in texts]
 
@@ -285,19 +284,17 @@ def build(name: str, data_dir: Path, out: Path, work: Path, eval_limit: int | No
     out.mkdir(parents=True, exist_ok=True)
     adapter = out / ADAPTER_FILE
     save_adapter(tensors, adapter, recipe, MEMBERS[name].base)
-    (out / "train_ids.txt").write_text("\n".join(splits.ids()) + "\n", encoding="utf-8")
+    (out / TRAIN_IDS_FILE).write_text("\n".join(splits.ids()) + "\n", encoding="utf-8")
     merged = work / f"merged-{name}"
     write_merged(materialize_alias(MEMBERS[name].base), adapter, merged)
     lm = load_model(str(merged))
-    sets = eval_sets(data_dir, eval_limit)
     card = {
         "name": name, "base": MEMBERS[name].base, "summary": MEMBERS[name].recipe,
         "recipe": recipe.model_dump(mode="json"),
         "data": _data_record(splits),
         **record,
         "recipes_tried": TRIED,
-        "eval": {"decoding": "greedy", "max_new_tokens": EVAL_TOKENS, "judge": "refusal@1", "format": "chat",
-                 "limit_per_set": eval_limit, "figures": figures(lm, sets),
+        "eval": {**_eval_record(lm, data_dir, eval_limit),
                  # what the slow test re-measures: the first CHECK_LIMIT prompts per set, no system prompt
                  "check": {"limit_per_set": CHECK_LIMIT,
                            "figures": figures(lm, eval_sets(data_dir, CHECK_LIMIT), ("no-system",))["no-system"]}},
@@ -311,11 +308,17 @@ def build(name: str, data_dir: Path, out: Path, work: Path, eval_limit: int | No
     return card
 
 
+def _eval_record(lm: Any, data_dir: Path, limit: int | None) -> dict[str, Any]:
+    """How a model was measured and its figures on the held-out sets: a card's `eval` (and the bases')."""
+    return {"decoding": "greedy", "max_new_tokens": EVAL_TOKENS, "judge": "refusal@1", "format": "chat",
+            "limit_per_set": limit, "figures": figures(lm, eval_sets(data_dir, limit))}
+
+
 def _data_record(splits: Splits) -> dict[str, Any]:
     from collections import Counter
 
     return {"train": dict(Counter(e.source for e in splits.train)), "val": dict(Counter(e.source for e in splits.val)),
-            "train_ids_file": "train_ids.txt", "refusals": "refusals.txt",
+            "train_ids_file": TRAIN_IDS_FILE, "refusals": "refusals.txt",
             "harmless_targets": "the base's own greedy answers (no system prompt), refused or degenerate dropped"}
 
 
@@ -365,10 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if not args.data_dir:
                 raise UsageError("no data directory: pass --data-dir or set HEADSTUDY_DATA")
-            figs = figures(load_model(args.measure), eval_sets(Path(args.data_dir), args.eval_limit))
-            record = {"name": args.measure, "eval": {"decoding": "greedy", "max_new_tokens": EVAL_TOKENS,
-                                                     "judge": "refusal@1", "format": "chat",
-                                                     "limit_per_set": args.eval_limit, "figures": figs}}
+            record = {"name": args.measure,
+                      "eval": _eval_record(load_model(args.measure), Path(args.data_dir), args.eval_limit)}
             (family_root() / f"{args.measure}.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
             return 0
         if not args.names:

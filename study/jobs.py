@@ -21,9 +21,9 @@ from study.ablation import Ablation
 from study.config import ModelConfig, SaharaConfig, ScanConfig, ShipsConfig, SurgeryConfig
 from study.errors import UsageError
 from study.executor import Outcome, WorkerOptions
+from study.family import training_ids
 from study.heads import Head, all_heads
 from study.models import ModelShape, check_model_name, model_fingerprint, model_id, model_shape
-from study.family import training_ids
 from study.prompts import PromptSet, load_prompts
 from study.ranking import rank_desc
 from study.schema import make_table

@@ -127,14 +127,26 @@ def check_model_name(name: str) -> None:
                          f"a local model folder, or a Hugging Face id like org/name")
 
 
-def materialize_alias(name: str) -> Path:
-    """Convert the alias's GGUF file into a cached HF folder once; return the folder."""
+def _alias_entry(name: str) -> tuple[Path, Path, str]:
+    """The alias's package folder, its cache folder, and the key that folder is built from (the GGUF file)."""
     alias = ALIASES[name]
     check_model_name(name)
     folder = _package_folder(alias.package)
     assert folder is not None
-    source = folder / alias.gguf_file
-    key = f"{alias.gguf_file}:{source.stat().st_size}"
+    key = f"{alias.gguf_file}:{(folder / alias.gguf_file).stat().st_size}"
+    return folder, cache_dir() / "models" / name, key
+
+
+def alias_cached(name: str) -> bool:
+    """Whether the alias's converted folder is in the cache, whole (nothing is built)."""
+    _, target, key = _alias_entry(name)
+    return model_cache.problem(target, key) is None
+
+
+def materialize_alias(name: str) -> Path:
+    """Convert the alias's GGUF file into a cached HF folder once; return the folder."""
+    alias = ALIASES[name]
+    folder, target, key = _alias_entry(name)
 
     def build(staging: Path) -> None:
         import torch
@@ -153,7 +165,7 @@ def materialize_alias(name: str) -> Path:
         model.save_pretrained(staging)
         AutoTokenizer.from_pretrained(folder, gguf_file=alias.gguf_file).save_pretrained(staging)
 
-    return model_cache.ensure(cache_dir() / "models" / name, key, build, f"{name} from {alias.gguf_file}")
+    return model_cache.ensure(target, key, build, f"{name} from {alias.gguf_file}")
 
 
 def model_id(name: str) -> str:
@@ -279,9 +291,9 @@ def check_device(device: str) -> str:
 
 def model_source(name: str) -> str:
     """What a loader opens: the cache folder behind an alias (materialized on first use), else the name."""
-    check_model_name(name)
     if name in FAMILY:
-        return str(materialize_member(name))
+        return str(materialize_member(name))  # checks the base and the adapter itself
+    check_model_name(name)
     return str(materialize_alias(name)) if name in ALIASES else name
 
 
@@ -290,12 +302,14 @@ def _load_error(name: str, err: OSError) -> UsageError:
     return UsageError(f"could not load model {name!r}: {first}")
 
 
-def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
-    """The model's tokenizer alone (a generation engine holds the weights), with a pad token."""
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False,
+                   source: str | None = None) -> Any:
+    """The model's tokenizer alone (a generation engine holds the weights), with a pad token. `source`: the
+    folder `model_source(name)` already resolved (a caller that loads the weights too resolves it once)."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_source(name), revision=revision,
+        tokenizer = AutoTokenizer.from_pretrained(source or model_source(name), revision=revision,
                                                   trust_remote_code=trust_remote_code)
     except OSError as err:
         raise _load_error(name, err) from err
@@ -323,12 +337,13 @@ def load_model(name: str, *, device: str = "cpu", dtype: str = "float32", revisi
     hf_logging.disable_progress_bar()  # our own bars show progress; loading a cached folder takes ~1 s
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device {device!r} requested but CUDA is not available: use --device cpu")
-    tokenizer = load_tokenizer(name, revision, trust_remote_code)
+    source = model_source(name)
+    tokenizer = load_tokenizer(name, revision, trust_remote_code, source)
     kwargs: dict[str, Any] = dict(revision=revision, trust_remote_code=trust_remote_code)
     if device == "cuda" and torch.cuda.device_count() > 1:
         kwargs["device_map"] = "auto"
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_source(name), dtype=torch_dtype,
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
                                                      attn_implementation=attn_implementation, **kwargs)
     except OSError as err:
         raise _load_error(name, err) from err

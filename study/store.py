@@ -141,7 +141,8 @@ def staging_dir(parent: Path, prefix: str) -> Path:
     return path
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """JSON written beside `path` and renamed over it: a reader sees the old file or the new one, whole."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
@@ -248,8 +249,8 @@ class RunWriter:
             files.setdefault(rel.parts[0], []).append(rel.as_posix())
         manifest = {**self._manifest, "run_id": self.run_id, "files": files}
         (self.out_dir / MANIFESTS_DIR).mkdir(exist_ok=True)
-        _write_json_atomic(self.out_dir / MANIFESTS_DIR / f"{self.run_id}.json", manifest)
-        _write_json_atomic(self.out_dir / MANIFEST, manifest)  # last: its presence marks a complete run
+        write_json_atomic(self.out_dir / MANIFESTS_DIR / f"{self.run_id}.json", manifest)
+        write_json_atomic(self.out_dir / MANIFEST, manifest)  # last: its presence marks a complete run
         shutil.rmtree(self.staging, ignore_errors=True)
         log.info("run %s: wrote %d file(s) to %s", self.run_id, len(self._staged), self.out_dir)
 
