@@ -152,13 +152,19 @@ ASR = _schema(
 )
 
 SWAPS = _schema(
-    _META,
+    _META,  # `model`: the aligned model the mixed one is built from; `dataset`: the prompt set measured
     [
         _f("aligned", pa.string()),
         _f("base", pa.string()),
-        _f("recipe", pa.string()),
-        _f("metric", pa.string()),
+        _f("recipe", pa.string()),  # aligned | base | attn-from-base | mlp-from-base | heads-from-base | heads-into-base
+        _f("heads", pa.list_(pa.string())),  # the safety heads a head recipe moves (empty for whole-module ones)
+        _f("kind", pa.string()),  # harmful | benign | ships
+        _f("metric", pa.string()),  # asr | refusal_rate | degenerate_frac | ships:<head label> (mean KL)
+        _f("judge", pa.string(), nullable=True),  # name@version for generation metrics
+        _f("n", pa.int64()),  # generations judged, or prompts averaged for ships
         _f("value", pa.float64()),
+        _f("ci_low", pa.float64(), nullable=True),  # Wilson 95% for rates
+        _f("ci_high", pa.float64(), nullable=True),
     ],
 )
 

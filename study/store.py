@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 SHARDS_DIR = "shards"
 MANIFESTS_DIR = "manifests"
+ACROSS_MODELS = "_all"  # the folder of a table whose rows span models (no `model` column)
 _HF_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -207,7 +208,9 @@ class RunWriter:
         self._tables.add(name)
         (self.staging / name).mkdir(parents=True, exist_ok=True)
         by_slug: dict[str, list[str]] = {}
-        for m in pc.unique(table["model"]).to_pylist():
+        if "model" not in schema.names:  # a table across models (overlap): one folder for all of it
+            by_slug[ACROSS_MODELS] = []
+        for m in pc.unique(table["model"]).to_pylist() if "model" in schema.names else []:
             by_slug.setdefault(model_slug(m), []).append(m)
         for slug, models in sorted(by_slug.items()):
             part = table if len(by_slug) == 1 else table.filter(pc.is_in(table["model"], pa.array(models)))
@@ -301,7 +304,7 @@ def read_table(out_dir: str | os.PathLike[str], name: str, model: str | None = N
     if not files:
         return schema.empty_table()
     table = ds.dataset(files, schema=schema, format="parquet").to_table()
-    if model is not None:
+    if model is not None and "model" in schema.names:
         table = table.filter(pc.equal(table["model"], model))
     if run_id is not None:
         table = table.filter(pc.equal(table["run_id"], run_id))
