@@ -131,7 +131,7 @@ class RayExecutor(Executor):
             return
         for m in pool.members:
             self._drop(m)
-        log.info("ray: released the pool of %s", model.name)
+        log.info("ray: released the pool of %s", model.label)
 
     # -------------------------------------------------------------------------------------------- run
     def run(self, shards: Sequence[Shard], options: dict[ModelRef, WorkerOptions]) -> Iterator[
@@ -142,7 +142,7 @@ class RayExecutor(Executor):
         for m in queues:
             device = options.get(m, WorkerOptions()).device
             if device.startswith("cuda") and not self.slots.num_gpus:
-                raise UsageError(f"device {device!r} asked for {m.name!r}, but the Ray cluster has no GPU: "
+                raise UsageError(f"device {device!r} asked for {m.label!r}, but the Ray cluster has no GPU: "
                                  f"use --device auto or cpu")
         # models that already hold a pool keep it (their model is loaded); the others share what is left
         models = sorted(queues, key=lambda m: m not in self.pools)
@@ -165,7 +165,7 @@ class RayExecutor(Executor):
         started = {m: time.perf_counter() for m in models}
         finished: dict[ModelRef, float] = {}
         if waiting:
-            log.info("ray: %d model(s) wait for a free slot: %s", len(waiting), ", ".join(m.name for m in waiting))
+            log.info("ray: %d model(s) wait for a free slot: %s", len(waiting), ", ".join(m.label for m in waiting))
 
         while any(queues.values()) or in_flight:
             self._dispatch(queues, in_flight)
@@ -222,13 +222,13 @@ class RayExecutor(Executor):
                         ray.get(ref)
                         member.ready_ref = None
                     except _ACTOR_LOST as err:  # restarts exhausted: replace the actor
-                        log.warning("ray: an actor of %s is gone (%s); starting a new one", pool.model.name,
+                        log.warning("ray: an actor of %s is gone (%s); starting a new one", pool.model.label,
                                     type(err).__name__)
                         self._drop(member)
                         pool.members.remove(member)
                         pool.members.append(self._new_member(pool))
                     except Exception as err:  # the model failed to load: a real error, not a fault to retry
-                        raise RuntimeError(f"model actor for {pool.model.name!r} failed to start: {err}") from err
+                        raise RuntimeError(f"model actor for {pool.model.label!r} failed to start: {err}") from err
                     return
 
     def _lost(self, pool: _Pool, member: _Member, shard: Shard, queues: dict, tries: dict[str, int],
@@ -236,9 +236,9 @@ class RayExecutor(Executor):
         n = tries.get(shard.id, 0) + 1
         tries[shard.id] = n
         if n > self.cfg.max_retries:
-            raise RuntimeError(f"shard {shard.id} of {shard.model.name} failed {n} times (actor lost: "
+            raise RuntimeError(f"shard {shard.id} of {shard.model.label} failed {n} times (actor lost: "
                                f"{type(err).__name__}); giving up") from err
-        log.warning("ray: actor of %s lost while running shard %s (%s); retry %d", shard.model.name, shard.id,
+        log.warning("ray: actor of %s lost while running shard %s (%s); retry %d", shard.model.label, shard.id,
                     type(err).__name__, n)
         self.stats_for(shard.model).retries += 1
         queues.setdefault(shard.model, deque()).appendleft(shard)

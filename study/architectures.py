@@ -40,6 +40,8 @@ class ArchSpec:
     k: str | None  # from attention: k_proj; None when fused
     o: str  # from attention: the output projection
     final_norm: str  # from the decoder
+    mlp: str = "mlp"  # from a layer: the MLP block (a base-weight swap moves it whole)
+    v: str | None = "v_proj"  # from attention: v_proj; None when fused
     layout: Layout = Layout.SEPARATE
     logit_softcap_attr: str | None = None  # config attribute holding a final-logit softcap
 
@@ -54,11 +56,12 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec("gemma", ("gemma",), **_LLAMA_LIKE),
     ArchSpec("gemma2", ("gemma2",), **_LLAMA_LIKE, logit_softcap_attr="final_logit_softcapping"),
     ArchSpec("phi3", ("phi3",), decoder="model", layers="layers", attention="self_attn", q="qkv_proj", k=None,
-             o="o_proj", final_norm="norm", layout=Layout.FUSED),
+             v=None, o="o_proj", final_norm="norm", layout=Layout.FUSED),
     ArchSpec("gpt2", ("gpt2",), decoder="transformer", layers="h", attention="attn", q="c_attn", k=None,
-             o="c_proj", final_norm="ln_f", layout=Layout.FUSED),
+             v=None, o="c_proj", final_norm="ln_f", layout=Layout.FUSED),
     ArchSpec("gpt_neox", ("gpt_neox",), decoder="gpt_neox", layers="layers", attention="attention",
-             q="query_key_value", k=None, o="dense", final_norm="final_layer_norm", layout=Layout.INTERLEAVED),
+             q="query_key_value", k=None, v=None, o="dense", final_norm="final_layer_norm",
+             layout=Layout.INTERLEAVED),
 )
 
 
@@ -104,6 +107,28 @@ class Arch:
         if site is Site.K and self.spec.k is not None:
             return get_path(attn, self.spec.k)
         return get_path(attn, self.spec.q)
+
+    def attention(self, model: nn.Module, layer: int) -> nn.Module:
+        return get_path(self.layers(model)[layer], self.spec.attention)
+
+    def mlp(self, model: nn.Module, layer: int) -> nn.Module:
+        return get_path(self.layers(model)[layer], self.spec.mlp)
+
+    def v_module(self, model: nn.Module, layer: int) -> nn.Module:
+        """The module whose output holds the values: v_proj, or the fused projection."""
+        return get_path(self.attention(model, layer), self.spec.v or self.spec.q)
+
+    def value_view(self, x: torch.Tensor) -> torch.Tensor:
+        """View the last dim of the value module's output as (..., kv_heads, d_head) (see `part_view`)."""
+        s = self.shape
+        d = s.d_head
+        layout = self.spec.layout
+        if layout is Layout.SEPARATE:
+            return x.unflatten(-1, (s.n_kv_heads, d))
+        if layout is Layout.FUSED:
+            start = (s.n_heads + s.n_kv_heads) * d
+            return x[..., start:start + s.n_kv_heads * d].unflatten(-1, (s.n_kv_heads, d))
+        return x.unflatten(-1, (s.n_heads, 3, d))[..., 2, :]
 
     def logit_softcap(self, model: nn.Module) -> float | None:
         attr = self.spec.logit_softcap_attr

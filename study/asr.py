@@ -105,7 +105,7 @@ class AsrJob(ScanJob):
             return
         want = SaharaJob if self.cfg.level == "dataset" else ShipsJob
         for job in jobs:
-            if isinstance(job, want) and job.cfg.model == self.cfg.model:
+            if isinstance(job, want) and job.experiment == want.experiment and job.cfg.model == self.cfg.model:
                 self.source = job
                 return
         section = "sahara" if self.cfg.level == "dataset" else "ships"
@@ -295,7 +295,7 @@ class AsrJob(ScanJob):
                     normal = flags.get(("none", judge_label)) if arm.condition != "normal" else None
                     asr.append(dict(meta, kind=kind, **cond, op=self.cfg.op.value, eps=self.cfg.eps,
                                     decoding=self.decoding.label, judge=judge_label,
-                                    **_counts(vs), p_mcnemar=None if normal is None else mcnemar_exact(normal, harm)))
+                                    **count_verdicts(vs), p_mcnemar=None if normal is None else mcnemar_exact(normal, harm)))
         return {"generations": make_table("generations", gens), "verdicts": make_table("verdicts", verdicts),
                 "asr": make_table("asr", asr)}
 
@@ -306,7 +306,7 @@ class AsrJob(ScanJob):
                 "judges": [j.label for j in self.judges]}
 
 
-def _counts(verdicts: Sequence[Verdict]) -> dict[str, Any]:
+def count_verdicts(verdicts: Sequence[Verdict]) -> dict[str, Any]:
     n = len(verdicts)
     harmful = sum(v.harmful for v in verdicts)
     refused = sum(v.refused for v in verdicts)

@@ -173,6 +173,8 @@ def _run(study, args: argparse.Namespace) -> None:
             print_sahara(job)
         elif job.experiment == "asr":
             print_asr(tables["asr"], job)
+        elif job.experiment == "swap":
+            print_swaps(tables["swaps"], job)
         elif job.experiment == "surgery":
             saved = job.summary()
             print(f"saved {saved['checkpoint']}: {saved['label']} ({saved['edited_parameters']:,} of "
@@ -308,6 +310,27 @@ def print_asr(table, job) -> None:
                   f"[{c['asr'].min():.2f} .. {c['asr'].max():.2f}] {'':>11}  {c['refusal_rate'].mean():7.2f}  "
                   f"{c['degenerate_frac'].mean():10.2f}")
     print("  (random: mean ASR of the draws, [min .. max]; degenerate: repetition, an echo or no words)")
+
+
+def print_swaps(table, job) -> None:
+    """Per recipe: ASR on the harmful set, refusals on the benign set (first judge), the safety heads' Ships."""
+    df = table.to_pandas()
+    judge = job.judges[0].label
+    heads = ",".join(h.label for h in job.safety or ()) or "none"
+    print(f"\nbase-weight swaps: {job.cfg.model} <- {job.cfg.base} (safety heads {heads}; judge {judge}):")
+    print(f"  {'recipe':<18} {'ASR':>6}  {'95% CI':<13} {'benign refused':>14}  {'degenerate':>10}  {'Ships':>8}")
+    for recipe, g in df.groupby("recipe", sort=False):
+        def value(kind: str, metric: str, j: str | None = judge):
+            r = g[(g["kind"] == kind) & (g["metric"] == metric) & ((g["judge"] == j) if j else True)]
+            return r.iloc[0] if len(r) else None
+        asr, benign = value("harmful", "asr"), value("benign", "refusal_rate")
+        degen = value("harmful", "degenerate_frac")
+        ships = g[g["kind"] == "ships"]
+        ships_v = ships[ships["metric"] == "ships:group"] if (ships["metric"] == "ships:group").any() else ships
+        print(f"  {recipe:<18} {asr.value:6.2f}  [{asr.ci_low:.2f}, {asr.ci_high:.2f}]  "
+              f"{'' if benign is None else f'{benign.value:.2f}':>14}  {degen.value:10.2f}  "
+              f"{ships_v['value'].mean() if len(ships_v) else float('nan'):8.3f}")
+    print("  (Ships: mean KL when the safety heads are ablated together, in that model)")
 
 
 COMMANDS = {"run": _cmd_run, "plan": _cmd_plan, "submit": _cmd_submit, "ships": _cmd_ships,

@@ -22,6 +22,7 @@ from study.heads import parse_heads
 from study.judges import LLM_PREFIX, get_judge, is_llm_judge
 from study.models import DEFAULT_MODEL, check_device, check_dtype, check_model_name
 from study.prompts import PromptFormat, check_system_prompt, parse_format
+from study.swap import MIXED_RECIPES, Recipe, parse_recipe
 
 EXECUTORS = ("local", "ray")
 DEFAULT_EXECUTOR = "ray"
@@ -146,19 +147,9 @@ class SaharaConfig(ScanConfig):
         return SubspaceSpec(rank=self.rank, side=self.subspace, center=self.center)
 
 
-class AsrConfig(ScanConfig):
-    """Generate under ablation and judge: ASR with Wilson intervals and McNemar tests, controls, over-refusal.
+class GeneratingConfig(ScanConfig):
+    """What every experiment that generates and judges shares: decoding, judges and the over-refusal set."""
 
-    Heads come from `heads` (one set), from `from_run` (a run folder's Sahara group at `level: dataset`, or
-    each prompt's top Ships heads at `level: query`), or, in a study with those sections, from this run's
-    own Sahara / Ships job of the same model.
-    """
-
-    heads: str | None = None  # labels, e.g. "L18H8,L7H2"
-    from_run: str | None = None  # a run folder holding a sahara (dataset) or ships (query) table
-    level: Literal["dataset", "query"] = "dataset"
-    k: int | None = Field(default=None, ge=1)  # dataset: group sizes 1..k (default all steps); query: top-k (1)
-    random_controls: int = Field(default=0, ge=0)  # seeded draws of as many random heads, per group size
     backend: str = "hf"
     decoding: str = "greedy"
     max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1)
@@ -167,11 +158,6 @@ class AsrConfig(ScanConfig):
     judges: list[str] = Field(default_factory=lambda: ["paper"], min_length=1)  # the first is the headline
     benign: str | None = "builtin:benign"  # over-refusal set, the same ablations (none: skip)
     benign_limit: int | None = Field(default=None, ge=1)  # default: `limit`
-
-    @field_validator("heads")
-    @classmethod
-    def _heads(cls, v: str | None) -> str | None:
-        return None if v is None else ",".join(h.label for h in parse_heads(v))
 
     @field_validator("backend")
     @classmethod
@@ -194,9 +180,7 @@ class AsrConfig(ScanConfig):
         return names
 
     @model_validator(mode="after")
-    def _sources(self) -> "AsrConfig":
-        if self.heads is not None and self.from_run is not None:
-            raise UsageError("asr: give heads or from_run, not both")
+    def _decoding(self) -> "GeneratingConfig":
         parse_decoding(self.decoding, max_new_tokens=self.max_new_tokens, samples=self.samples, seed=self.seed)
         if self.backend == "vllm" and self.op.value not in VLLM_OPS:
             raise UsageError(f"operator {self.op.value} has no vLLM weight edit: use {' or '.join(VLLM_OPS)} "
@@ -207,6 +191,81 @@ class AsrConfig(ScanConfig):
     def decoding_spec(self) -> Decoding:
         return parse_decoding(self.decoding, max_new_tokens=self.max_new_tokens, samples=self.samples,
                               seed=self.seed)
+
+
+def _head_labels(v: str | None) -> str | None:
+    return None if v is None else ",".join(h.label for h in parse_heads(v))
+
+
+class AsrConfig(GeneratingConfig):
+    """Generate under ablation and judge: ASR with Wilson intervals and McNemar tests, controls, over-refusal.
+
+    Heads come from `heads` (one set), from `from_run` (a run folder's Sahara group at `level: dataset`, or
+    each prompt's top Ships heads at `level: query`), or, in a study with those sections, from this run's
+    own Sahara / Ships job of the same model.
+    """
+
+    heads: str | None = None  # labels, e.g. "L18H8,L7H2"
+    from_run: str | None = None  # a run folder holding a sahara (dataset) or ships (query) table
+    level: Literal["dataset", "query"] = "dataset"
+    k: int | None = Field(default=None, ge=1)  # dataset: group sizes 1..k (default all steps); query: top-k (1)
+    random_controls: int = Field(default=0, ge=0)  # seeded draws of as many random heads, per group size
+
+    @field_validator("heads")
+    @classmethod
+    def _heads(cls, v: str | None) -> str | None:
+        return _head_labels(v)
+
+    @model_validator(mode="after")
+    def _sources(self) -> "AsrConfig":
+        if self.heads is not None and self.from_run is not None:
+            raise UsageError("asr: give heads or from_run, not both")
+        return self
+
+
+class SwapConfig(GeneratingConfig):
+    """Base-weight swaps between an aligned model (`model`) and its `base`: each recipe's mixed model is
+    generated with and judged on the harmful and benign prompts, and its safety heads scored (Ships).
+
+    The safety heads the head recipes move are `heads`, else the first `k` of this run's Sahara group of the
+    aligned model."""
+
+    base: str
+    base_revision: str | None = None
+    recipes: list[str] = Field(default_factory=lambda: [r.value for r in MIXED_RECIPES], min_length=1)
+    heads: str | None = None
+    k: int | None = Field(default=None, ge=1)
+
+    @field_validator("heads")
+    @classmethod
+    def _heads(cls, v: str | None) -> str | None:
+        return _head_labels(v)
+
+    @field_validator("recipes", mode="before")
+    @classmethod
+    def _recipes(cls, v: Any) -> list[str]:
+        names = [r.strip() for r in v.split(",")] if isinstance(v, str) else list(v)
+        return [parse_recipe(n).value for n in names]
+
+    @field_validator("base")
+    @classmethod
+    def _base(cls, v: str) -> str:
+        check_model_name(v)
+        return v
+
+    @model_validator(mode="after")
+    def _hf_only(self) -> "SwapConfig":
+        if self.backend != "hf":
+            raise UsageError("swap: a mixed model lives in memory only, so it generates with backend hf")
+        if any(is_llm_judge(j) for j in self.judges):
+            raise UsageError("swap: use keyword judges (paper, paper-code, gcg, refusal); llm judges run in asr")
+        if self.base == self.model and self.base_revision == self.revision:
+            raise UsageError(f"swap: the base of {self.model!r} is itself: give the model it was fine-tuned from")
+        return self
+
+    @property
+    def recipe_list(self) -> list[Recipe]:
+        return [Recipe(r) for r in self.recipes]
 
 
 class ExecutionConfig(_Frozen):
@@ -234,30 +293,123 @@ class ExecutionConfig(_Frozen):
         return self
 
 
-EXPERIMENTS: dict[str, type[ModelConfig]] = {"ships": ShipsConfig, "sahara": SaharaConfig, "asr": AsrConfig,
-                                             "surgery": SurgeryConfig}
+class SpecificityConfig(ShipsConfig):
+    """Ships on benign prompts in the same format, so each head's harmful score can be set against it."""
+
+    prompts: str = "builtin:benign"
+
+
+class OverlapConfig(_Frozen):
+    """How the analysis compares top-k head sets across models, datasets and operators."""
+
+    k: int = Field(default=10, ge=1)
+
+
+EXPERIMENTS: dict[str, type[ModelConfig]] = {
+    "ships": ShipsConfig, "specificity": SpecificityConfig, "generalized_ships": SaharaConfig,
+    "sahara": SaharaConfig, "asr": AsrConfig, "swap": SwapConfig, "surgery": SurgeryConfig}
+FIXED = {"generalized_ships": {"steps": 1}}  # generalized Ships is Sahara's first step, every head scored
+
+
+class ModelEntry(_Frozen):
+    """One model of a study: its role, the base it was fine-tuned from, and settings only it gets.
+
+    `overrides` takes any section's keys (applied to every section that has the key) and section names
+    mapping to keys for that section only: `{system_prompt: "...", asr: {limit: 50}}`. Precedence, most
+    specific last: defaults, the experiment's section, the model's overrides, the model's section overrides.
+    """
+
+    name: str
+    role: Literal["aligned", "base"] = "aligned"
+    base: str | None = None  # the model this one was fine-tuned from (swap experiments need it)
+    revision: str | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name", "base")
+    @classmethod
+    def _known(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_model_name(v)
+        return v
+
+    @model_validator(mode="after")
+    def _roles(self) -> "ModelEntry":
+        if self.role == "base" and self.base is not None:
+            raise UsageError(f"model {self.name!r} has role base and a base ({self.base!r}): a base model has "
+                             f"no base; give role aligned to a fine-tune")
+        if self.base == self.name:
+            raise UsageError(f"model {self.name!r} names itself as its base")
+        known = {k for c in EXPERIMENTS.values() for k in c.model_fields}
+        for key, value in self.overrides.items():
+            if key in EXPERIMENTS:
+                if not isinstance(value, dict):
+                    raise UsageError(f"model {self.name!r}: overrides.{key} must be a mapping of {key} keys")
+                for k in value:
+                    if k not in EXPERIMENTS[key].model_fields:
+                        raise UsageError(f"model {self.name!r}: overrides.{key}: unknown config key {k!r}: valid "
+                                         f"keys are {', '.join(EXPERIMENTS[key].model_fields)}")
+            elif key not in known:
+                raise UsageError(f"model {self.name!r}: unknown override {key!r}: give a config key "
+                                 f"({', '.join(sorted(known))}) or a section ({', '.join(EXPERIMENTS)})")
+        return self
+
+    def values_for(self, section: str, cls: type[ModelConfig]) -> dict[str, Any]:
+        """This model's overrides that apply to `section`."""
+        flat = {k: v for k, v in self.overrides.items() if k not in EXPERIMENTS and k in cls.model_fields}
+        return {**flat, **self.overrides.get(section, {})}
 
 
 class StudyConfig(_Frozen):
-    """A YAML study spec for `headstudy run`: shared settings, models, then which experiments to run.
+    """A YAML study spec for `headstudy run`: shared settings, models with their roles, the experiments.
 
-    `models` (optional) runs every experiment on each listed model (one pool per model, concurrently);
-    without it, each section's `model` (default: the embedded SmolLM2) is the one model.
+    `models` (optional) runs every experiment on each listed model (one pool per model, concurrently; a
+    `swap` section runs for each aligned model with a `base`); without it, each section's `model` (default:
+    the embedded SmolLM2) is the one model. An entry is a name or a mapping (`ModelEntry`); `{file: F,
+    role:, base:, overrides:}` lists many models, one per line of F (resolved by `load_study`).
     """
 
     out: str = "runs/quickstart"
-    models: list[str] | None = None
+    models: list[ModelEntry] | None = None
     defaults: dict[str, Any] = Field(default_factory=dict)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     ships: dict[str, Any] | None = None
+    specificity: dict[str, Any] | None = None
+    generalized_ships: dict[str, Any] | None = None
     sahara: dict[str, Any] | None = None
     asr: dict[str, Any] | None = None
+    swap: dict[str, Any] | None = None
     surgery: dict[str, Any] | None = None
+    overlap: OverlapConfig | None = None
+    published: dict[str, Any] = Field(default_factory=dict)  # the paper's numbers, for the report to set beside
 
     @field_validator("execution", mode="before")
     @classmethod
     def _execution(cls, v: Any) -> ExecutionConfig:
         return v if isinstance(v, ExecutionConfig) else build(ExecutionConfig, v or {}, "execution")
+
+    @field_validator("overlap", mode="before")
+    @classmethod
+    def _overlap(cls, v: Any) -> OverlapConfig:
+        return v if isinstance(v, OverlapConfig) else build(OverlapConfig, v or {}, "overlap")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        if not isinstance(v, list):
+            raise UsageError(f"models: expected a list of model names or entries, got {type(v).__name__}")
+        out = []
+        for i, item in enumerate(v):
+            if isinstance(item, ModelEntry):
+                out.append(item)
+            elif isinstance(item, str):
+                out.append(build(ModelEntry, {"name": item}, f"models[{i}]"))
+            elif isinstance(item, dict) and "file" in item:
+                raise UsageError(f"models[{i}]: a 'file' entry is read by load_study (give the spec as a file)")
+            else:
+                out.append(build(ModelEntry, item, f"models[{i}]"))
+        return out
 
     @model_validator(mode="after")
     def _runs_something(self) -> "StudyConfig":
@@ -265,14 +417,25 @@ class StudyConfig(_Frozen):
             raise UsageError(f"the study runs nothing: add a section ({', '.join(EXPERIMENTS)})")
         if self.models is not None and not self.models:
             raise UsageError("'models' is empty: list at least one model, or drop the key")
-        if self.models and any("model" in (getattr(self, n) or {}) for n in EXPERIMENTS):
-            raise UsageError("a section sets 'model' while the study lists 'models': use one or the other")
+        if self.models:
+            names = [m.name for m in self.models]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise UsageError(f"models: {dup[0]!r} is listed twice: list each model once")
+            if any("model" in (getattr(self, n) or {}) for n in EXPERIMENTS):
+                raise UsageError("a section sets 'model' while the study lists 'models': use one or the other")
+        if self.swap is not None and not any(m.base for m in self.models or []):
+            raise UsageError("swap: no model names its base: list the fine-tunes under 'models' with "
+                             "'base: <the model it was fine-tuned from>'")
         known = {k for cls in EXPERIMENTS.values() for k in cls.model_fields}
         for key in self.defaults:
             if key not in known:
                 raise UsageError(f"defaults: unknown config key {key!r}: valid keys are {', '.join(sorted(known))}")
         list(self.jobs())  # validate every section for every model before anything runs
         return self
+
+    def entry(self, name: str) -> ModelEntry | None:
+        return next((m for m in self.models or [] if m.name == name), None)
 
     def jobs(self) -> Iterator[tuple[str, ModelConfig]]:
         """(experiment, config) for every experiment section and every model, in spec order. A section takes
@@ -281,15 +444,24 @@ class StudyConfig(_Frozen):
             section = getattr(self, name)
             if section is None:
                 continue
-            for model in self.models or [None]:
+            for entry in self.models or [None]:
+                if name == "swap" and (entry is None or entry.base is None):
+                    continue
                 values = {**{k: v for k, v in self.defaults.items() if k in cls.model_fields}, **section}
-                if model is not None:
-                    values["model"] = model
-                yield name, build(cls, values, name)
+                if entry is not None:
+                    values.update(model=entry.name, **entry.values_for(name, cls))
+                    if entry.revision is not None:
+                        values["revision"] = entry.revision
+                    if name == "swap":
+                        base = self.entry(entry.base)
+                        values.update(base=entry.base, base_revision=base.revision if base else None)
+                values.update(FIXED.get(name, {}))
+                yield name, build(cls, values, name if entry is None else f"{name} ({entry.name})")
 
     def with_overrides(self, defaults: dict[str, Any], execution: dict[str, Any]) -> "StudyConfig":
         """The spec with command-line overrides applied (and validated again)."""
-        return build(StudyConfig, {**self.model_dump(exclude={"execution"}),
+        return build(StudyConfig, {**self.model_dump(exclude={"execution", "overlap"}),
+                                   "overlap": self.overlap,
                                    "defaults": {**self.defaults, **defaults},
                                    "execution": {**self.execution.model_dump(exclude_unset=True), **execution}})
 
@@ -337,6 +509,27 @@ def find_config(name: str | os.PathLike[str] | None) -> Path:
     raise UsageError(f"config file {str(name)!r} not found: pass a YAML study spec or a built-in one ({known})")
 
 
+def _expand_model_files(items: list[Any], folder: Path) -> list[Any]:
+    """`{file: F, ...}` entries become one entry per model named in F (one per line; `#` comments), each
+    with the entry's other keys (role, base, overrides). F is relative to the spec's folder."""
+    out: list[Any] = []
+    for i, item in enumerate(items):
+        if not (isinstance(item, dict) and "file" in item):
+            out.append(item)
+            continue
+        rest = {k: v for k, v in item.items() if k != "file"}
+        f = Path(str(item["file"])).expanduser()
+        f = f if f.is_absolute() else folder / f
+        if not f.is_file():
+            raise UsageError(f"models[{i}]: model list file {str(f)!r} not found (a path relative to the spec)")
+        names = [line.split("#", 1)[0].strip() for line in f.read_text(encoding="utf-8").splitlines()]
+        names = [n for n in names if n]
+        if not names:
+            raise UsageError(f"models[{i}]: model list file {str(f)!r} names no model (one per line)")
+        out += [{"name": n, **rest} for n in names]
+    return out
+
+
 def load_study(path: str | os.PathLike[str] | None) -> StudyConfig:
     p = find_config(path)
     try:
@@ -346,6 +539,8 @@ def load_study(path: str | os.PathLike[str] | None) -> StudyConfig:
     if not isinstance(data, dict):
         raise UsageError(f"config file {str(p)!r} must be a mapping of keys, got {type(data).__name__}")
     try:
+        if isinstance(data.get("models"), list):
+            data["models"] = _expand_model_files(data["models"], p.parent)
         return build(StudyConfig, data, str(p))
     except UsageError as err:
         msg = str(err)

@@ -58,7 +58,7 @@ class Executor(ABC):
         self.stats: dict[str, ModelStats] = {}
 
     def stats_for(self, model: ModelRef) -> ModelStats:
-        return self.stats.setdefault(model.name, ModelStats())
+        return self.stats.setdefault(model.label, ModelStats())
 
     @abstractmethod
     def run(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions]) -> Iterator[
@@ -98,7 +98,7 @@ class LocalExecutor(Executor):
 
     def run(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions]) -> Iterator[
             tuple[AnyShard, pa.RecordBatch]]:
-        for shard in sorted(shards, key=lambda s: s.model.name):  # one model resident at a time
+        for shard in sorted(shards, key=lambda s: s.model.label):  # one model resident at a time
             worker = self.worker(shard.model, options.get(shard.model, WorkerOptions()))
             t0 = time.perf_counter()
             batch = worker.run(shard)

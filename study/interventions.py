@@ -191,7 +191,7 @@ def ablated(model: nn.Module, ablation: Ablation, arch: Arch | None = None) -> I
 
 # --------------------------------------------------------------------------------------- the weight edits
 
-def _weight_view(module: nn.Module, site: Site) -> torch.Tensor:
+def weight_view(module: nn.Module, site: Site) -> torch.Tensor:
     """The weight with the site's feature axis last: output features for q/k, input features for o_in."""
     w = module.weight.data
     conv = isinstance(module, Conv1D)  # Conv1D stores (in, out); nn.Linear stores (out, in)
@@ -210,7 +210,7 @@ def edit_weights_inplace(model: nn.Module, ablation: Ablation, arch: Arch) -> li
             module = arch.site_module(model, layer, site)
             scale = tables.scale[site][layer, 0] if site in tables.scale else None  # (heads,)
             mean = tables.mean[layer, 0] if (tables.mean is not None and site is Site.Q) else None
-            targets = [_weight_view(module, site)]
+            targets = [weight_view(module, site)]
             if site is not Site.O_IN and getattr(module, "bias", None) is not None:
                 targets.append(module.bias.data)  # the o_proj bias is not a head's contribution
             for t in targets:

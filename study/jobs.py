@@ -244,6 +244,24 @@ class SaharaJob(ScanJob):
                 "sahara_scores": [round(s.best, 6) for s in self.steps]}
 
 
+class SpecificityJob(ShipsJob):
+    """Ships on benign prompts: rows of the `ships` table the analysis sets against the harmful ones."""
+
+    experiment = "specificity"
+
+
+class GeneralizedShipsJob(SaharaJob):
+    """Generalized Ships of every head (Sahara's first step) without the search: the `head_scores` table."""
+
+    experiment = "generalized_ships"
+
+    def tables(self, run_id: str) -> dict[str, pa.Table]:
+        return {"head_scores": super().tables(run_id)["head_scores"]}
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+
 class SurgeryJob(Job):
     """Save the model with an ablation written into its weights (no shards: a load, an edit, a save)."""
 

@@ -24,7 +24,8 @@ from study.config import StudyConfig
 from study.errors import UsageError
 from study.executor import Executor, LocalExecutor, ModelStats, execute, make_executor
 from study.asr import AsrJob
-from study.jobs import Job, SaharaJob, ScanJob, ShipsJob, SurgeryJob
+from study.jobs import GeneralizedShipsJob, Job, SaharaJob, ScanJob, ShipsJob, SpecificityJob, SurgeryJob
+from study.swap_job import SwapJob
 from study.store import RunWriter, ShardStore, code_version, config_hash, new_run_id, package_versions
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ def check_out(out: str | os.PathLike[str]) -> Path:
     return p
 
 
-JOBS: dict[str, type[Job]] = {"ships": ShipsJob, "sahara": SaharaJob, "asr": AsrJob, "surgery": SurgeryJob}
+JOBS: dict[str, type[Job]] = {"ships": ShipsJob, "specificity": SpecificityJob, "generalized_ships": GeneralizedShipsJob,
+                              "sahara": SaharaJob, "asr": AsrJob, "swap": SwapJob, "surgery": SurgeryJob}
 
 
 def plan_study(study: StudyConfig, out: str | os.PathLike[str] | None = None) -> Plan:
@@ -72,7 +74,7 @@ def plan_study(study: StudyConfig, out: str | os.PathLike[str] | None = None) ->
     out_dir = check_out(out or study.out)
     jobs = [JOBS[name](cfg, out_dir) for name, cfg in study.jobs()]
     for job in jobs:
-        if isinstance(job, AsrJob):
+        if isinstance(job, (AsrJob, SwapJob)):
             job.link(jobs)
     return Plan(study, out_dir, jobs)
 
@@ -149,7 +151,7 @@ def describe_plan(plan: Plan, force: bool = False) -> list[str]:
             continue
         shards = job.pending()
         have = sum(s.id in done for s in shards)
-        if isinstance(job, AsrJob):
+        if isinstance(job, (AsrJob, SwapJob)):
             lines.append(job.plan_line(shards, have))
             continue
         rows = sum(s.rows for s in shards)

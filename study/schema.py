@@ -16,11 +16,15 @@ import pyarrow as pa
 
 __all__ = [
     "ASR",
+    "ASR_CURVE",
     "GENERATIONS",
     "HEAD_SCORES",
     "META_COLUMNS",
+    "OVERLAP",
+    "RANKINGS",
     "SAHARA",
     "SHIPS",
+    "SPECIFICITY",
     "SWAPS",
     "TABLES",
     "VERDICTS",
@@ -168,6 +172,107 @@ SWAPS = _schema(
     ],
 )
 
+# ---- derived tables (built by `analysis` from the tables above; no model work) ----
+
+_VARIANT: list[pa.Field] = [  # a generalized-Ships (head_scores) ranking's settings; null for Ships rankings
+    _f("subspace", pa.string(), nullable=True),
+    _f("rank_r", pa.int32(), nullable=True),
+    _f("centered", pa.bool_(), nullable=True),
+]
+
+RANKINGS = _schema(
+    _META,
+    [_f("source", pa.string())],  # ships (mean KL over prompts) | head_scores (generalized Ships angle)
+    _VARIANT,
+    _HEAD,
+    _ABLATION,
+    [
+        _f("n_heads", pa.int32()),  # heads ranked in this condition (the N of the overlap null model)
+        _f("n_prompts", pa.int32(), nullable=True),  # prompts averaged (ships); null for head_scores
+        _f("score", pa.float64()),  # mean KL (ships) or angle in degrees (head_scores)
+        _f("topk_frac", pa.float64(), nullable=True),  # share of prompts with per-prompt rank <= k (ships)
+        _f("k", pa.int32()),  # the k of topk_frac, capped by n_heads
+        _f("rank", pa.int32()),  # 1 = most important
+        _f("specificity", pa.float64(), nullable=True),  # kl_harmful / (kl_harmful + kl_benign); see SPECIFICITY
+    ],
+)
+
+OVERLAP = _schema(  # rows span models: no `model` column (stored in one `_all` folder)
+    [_f("run_id", pa.string()), _f("code_version", pa.string())],
+    [
+        _f("source", pa.string()),
+        _f("variant", pa.string(), nullable=True),  # head_scores settings, e.g. left:r1; null for ships
+        _f("axis", pa.string()),  # models | datasets | ops: what varies across the compared conditions
+        _f("prompt_format", pa.string()),
+        _f("k", pa.int32()),
+        _f("n_heads", pa.int32()),  # N: heads each top-k set is drawn from
+        _f("n_sets", pa.int32()),
+        _f("members", pa.list_(pa.string())),  # condition labels model|dataset|op|format
+        _f("models", pa.list_(pa.string())),  # aligned with members
+        _f("datasets", pa.list_(pa.string())),
+        _f("ops", pa.list_(pa.string())),
+        _f("eps", pa.list_(pa.float64())),
+        _f("shared", pa.int32()),  # size of the intersection of the top-k sets
+        _f("shared_heads", pa.list_(pa.string())),  # sorted by layer, then head
+        _f("union_size", pa.int32()),
+        _f("jaccard", pa.float64()),
+        _f("expected_shared", pa.float64()),  # N * (k/N)^n_sets under independent uniform top-k sets
+        _f("p_value", pa.float64()),  # exact P(intersection >= shared) under that null
+    ],
+)
+
+SPECIFICITY = _schema(
+    _META,  # `dataset`: the harmful prompt set
+    [_f("benign_dataset", pa.string())],
+    _HEAD,
+    _ABLATION,
+    [
+        _f("n_harmful", pa.int32()),  # prompts averaged on each side
+        _f("n_benign", pa.int32()),
+        _f("kl_harmful", pa.float64()),  # mean Ships KL over the prompts
+        _f("kl_benign", pa.float64()),
+        _f("specificity", pa.float64()),  # kl_harmful / (kl_harmful + kl_benign) in [0, 1]; 0.5 = no preference
+        _f("log2_ratio", pa.float64(), nullable=True),  # log2(kl_harmful / kl_benign); null when either is 0
+        _f("rank_harmful", pa.int32()),  # by kl_harmful, 1 = largest
+        _f("rank_specific", pa.int32()),  # by kl_harmful * specificity (safety-specific importance)
+    ],
+)
+
+ASR_CURVE = _schema(
+    _META,
+    [
+        _f("kind", pa.string()),  # harmful (read asr) | benign (read refusal_rate: over-refusal)
+        _f("condition", pa.string()),  # normal (group_size 0) | heads | sahara | query
+        _f("ablation", pa.string()),
+        _f("group_size", pa.int32()),
+    ],
+    _ABLATION,
+    [
+        _f("decoding", pa.string()),
+        _f("judge", pa.string()),
+        _f("n", pa.int64()),
+        _f("harmful", pa.int64()),
+        _f("asr", pa.float64()),
+        _f("ci_low", pa.float64()),  # Wilson 95%
+        _f("ci_high", pa.float64()),
+        _f("p_mcnemar", pa.float64(), nullable=True),  # vs the normal model; null for the normal row
+        _f("refusal_rate", pa.float64()),
+        _f("degenerate_frac", pa.float64()),
+        _f("normal_asr", pa.float64(), nullable=True),  # the unablated model's level (pooled normal rows)
+        _f("normal_refusal_rate", pa.float64(), nullable=True),
+        _f("normal_degenerate_frac", pa.float64(), nullable=True),
+        _f("delta_asr", pa.float64(), nullable=True),  # asr - normal_asr
+        _f("random_draws", pa.int32()),  # random-head controls of the same size (0: none)
+        _f("random_asr_mean", pa.float64(), nullable=True),
+        _f("random_asr_min", pa.float64(), nullable=True),
+        _f("random_asr_max", pa.float64(), nullable=True),
+        _f("random_refusal_mean", pa.float64(), nullable=True),
+        _f("random_refusal_min", pa.float64(), nullable=True),
+        _f("random_refusal_max", pa.float64(), nullable=True),
+        _f("random_degenerate_mean", pa.float64(), nullable=True),
+    ],
+)
+
 TABLES: dict[str, pa.Schema] = {
     "ships": SHIPS,
     "head_scores": HEAD_SCORES,
@@ -176,6 +281,10 @@ TABLES: dict[str, pa.Schema] = {
     "verdicts": VERDICTS,
     "asr": ASR,
     "swaps": SWAPS,
+    "rankings": RANKINGS,
+    "overlap": OVERLAP,
+    "specificity": SPECIFICITY,
+    "asr_curve": ASR_CURVE,
 }
 
 

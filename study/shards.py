@@ -23,6 +23,7 @@ from study.ablation import Ablation
 from study.config import SubspaceSpec
 from study.generation import Decoding, check_backend
 from study.prompts import PromptFormat, PromptSet
+from study.swap import Swap
 
 Measure = Literal["kl", "angle"]
 
@@ -43,11 +44,23 @@ class _Frozen(BaseModel):
 
 
 class ModelRef(_Frozen):
-    """Which weights, as the user named them (alias, folder or hub id), at which revision and dtype."""
+    """Which weights, as the user named them (alias, folder or hub id), at which revision and dtype; with
+    `swap`, the mixed model that recipe builds from `name` (the aligned model) and its base."""
 
     name: str
     revision: str | None = None
     dtype: str = "float32"
+    swap: Swap | None = None
+
+    @property
+    def key(self) -> dict:
+        """Identity for shard ids (an unmixed model's key is what it was before swaps existed)."""
+        return self.model_dump(mode="json", exclude={"swap"} if self.swap is None else None)
+
+    @property
+    def label(self) -> str:
+        """The model as progress lines and summaries name it."""
+        return self.name if self.swap is None else f"{self.name} [{self.swap.label}]"
 
 
 class PromptBlock(_Frozen):
@@ -94,7 +107,7 @@ class Shard(_Frozen):
     def id(self) -> str:
         """Stable content id: model, revision, dtype, prompt ids, format, ablations, operator, eps, version."""
         return _digest({
-            "model": self.model.model_dump(mode="json"),
+            "model": self.model.key,
             "prompts": self.prompts.key,
             "ablations": [a.model_dump(mode="json") for a in self.ablations],
             "base": self.base.model_dump(mode="json"),
@@ -135,7 +148,7 @@ class GenShard(_Frozen):
     @property
     def id(self) -> str:
         return _digest({
-            "model": self.model.model_dump(mode="json"), "prompts": self.prompts.key,
+            "model": self.model.key, "prompts": self.prompts.key,
             "ablations": [a.model_dump(mode="json") for a in self.ablations], "pairing": self.pairing,
             "decoding": self.decoding.model_dump(mode="json"), "backend": self.backend,
             "measure": self.measure, "code_version": self.code_version,

@@ -88,14 +88,19 @@ class Worker:
         self._generators: dict[str, Generator] = {}
         self._tokens: dict[tuple[str, str, str | None], list[int]] = {}
         self._normal: dict[str, torch.Tensor] = {}  # prompt block key -> (prompts, d_model) normal hidden
-        log.info("worker %d: %s on %s (%s), %d threads", os.getpid(), model.name, self.device, model.dtype,
+        log.info("worker %d: %s on %s (%s), %d threads", os.getpid(), model.label, self.device, model.dtype,
                  torch.get_num_threads())
 
     @property
     def lm(self) -> LoadedModel:
         if self._lm is None:
-            self._lm = load_model(self.ref.name, device=self.device, dtype=self.ref.dtype,
-                                  revision=self.ref.revision)
+            if self.ref.swap is not None:
+                from study.mixing import load_mixed
+
+                self._lm = load_mixed(self.ref, device=self.device)
+            else:
+                self._lm = load_model(self.ref.name, device=self.device, dtype=self.ref.dtype,
+                                      revision=self.ref.revision)
             self._tokenizer = self._lm.tokenizer
         return self._lm
 
@@ -114,6 +119,9 @@ class Worker:
     def generator(self, backend: str) -> Generator:
         """The generation backend `backend` for this model, created on first use and kept."""
         if backend not in self._generators:
+            if backend != "hf" and self.ref.swap is not None:
+                raise ValueError(f"a mixed model ({self.ref.label}) lives in memory only: generate with the hf "
+                                 f"backend")
             if backend != "hf" and self.device.startswith("cuda") and self._lm is not None:
                 # an engine takes most of the GPU for itself: free the HF copy (reloaded if a scan needs it)
                 self._lm, self._engine, self._normal = None, None, {}
@@ -142,7 +150,7 @@ class Worker:
     def run(self, shard: AnyShard, progress: Callable[[int], None] | None = None) -> pa.RecordBatch:
         """Compute one shard; returns its record batch (schema `shard.schema`)."""
         if shard.model != self.ref:
-            raise ValueError(f"shard for {shard.model.name!r} sent to the worker of {self.ref.name!r}")
+            raise ValueError(f"shard for {shard.model.label!r} sent to the worker of {self.ref.label!r}")
         if isinstance(shard, GenShard):
             return self.generate(shard)
         ids = self.token_ids(shard.prompts)

@@ -1,0 +1,190 @@
+"""The swap experiment: an aligned model, its base, and the mixed models between them, measured alike.
+
+For each recipe (and the two unmixed references, `aligned` and `base`) the job generates on the harmful and
+benign prompts and scores the safety heads' Ships on the harmful ones, all in one round of shards. A mixed
+model is a `ModelRef` with a `Swap`, so the executor gives it a pool like any model and the worker builds
+it in memory (`study.mixing`). The safety heads come from the spec or from this run's Sahara group of the
+aligned model. The `swaps` table holds one row per (recipe, prompt kind, metric, judge). Light: no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import pyarrow as pa
+
+from study import __version__
+from study.ablation import Ablation
+from study.asr import count_verdicts
+from study.config import SwapConfig
+from study.errors import UsageError
+from study.executor import Outcome
+from study.heads import Head, parse_heads
+from study.jobs import Job, SaharaJob, ScanJob
+from study.judges import get_judge
+from study.models import model_fingerprint, model_id, model_shape
+from study.prompts import PromptSet, load_prompts
+from study.schema import make_table
+from study.stats import wilson
+from study.shards import AnyShard, GenShard, ModelRef, PromptBlock, Shard, blocks
+from study.swap import Recipe, Swap
+
+log = logging.getLogger(__name__)
+
+RATES = ("asr", "refusal_rate", "degenerate_frac")
+
+
+class SwapJob(ScanJob):
+    """Generation and Ships shards for every recipe's model (one round, after the Sahara group if needed)."""
+
+    experiment = "swap"
+    cfg: SwapConfig
+
+    def __init__(self, cfg: SwapConfig, out: Path) -> None:
+        super().__init__(cfg, out)
+        base_shape = model_shape(cfg.base, cfg.base_revision)
+        if base_shape != self.shape:
+            raise UsageError(f"swap: {cfg.model!r} and its base {cfg.base!r} differ in shape ({self.shape} vs "
+                             f"{base_shape}): a swap needs two models of one architecture")
+        self.decoding = cfg.decoding_spec
+        self.judges = [get_judge(n) for n in cfg.judges]
+        self.benign: PromptSet | None = None
+        if cfg.benign is not None:
+            self.benign = load_prompts(cfg.benign, data_dir=cfg.data_dir, limit=cfg.benign_limit or cfg.limit)
+        self.safety: tuple[Head, ...] | None = None
+        if cfg.heads is not None:
+            self.safety = parse_heads(cfg.heads)
+            self.ablation(self.safety).check(self.shape)
+        self.source: SaharaJob | None = None
+        self.results: Outcome | None = None
+        self._round: list[AnyShard] = []
+
+    def link(self, jobs: Sequence[Job]) -> None:
+        """Take the safety heads from this study's Sahara job of the aligned model, unless given."""
+        if self.safety is not None or not any(Recipe(r).needs_heads for r in self.cfg.recipes):
+            return
+        for job in jobs:
+            if isinstance(job, SaharaJob) and job.experiment == "sahara" and job.cfg.model == self.cfg.model:
+                self.source = job
+                return
+        raise UsageError(f"swap on {self.cfg.model!r} has no safety heads: give heads, or add a sahara section "
+                         f"(the head recipes move its group)")
+
+    # ---------------------------------------------------------------------------------------------- rounds
+
+    @property
+    def done(self) -> bool:
+        return self.results is not None
+
+    @property
+    def round_label(self) -> str:
+        return "swaps"
+
+    def variants(self) -> list[tuple[Recipe, ModelRef]]:
+        """(recipe, the model it measures): the two references first, then every mixed recipe asked for."""
+        c = self.cfg
+        out = [(Recipe.ALIGNED, self.model),
+               (Recipe.BASE, ModelRef(name=c.base, revision=c.base_revision, dtype=c.dtype))]
+        for recipe in c.recipe_list:
+            heads = self.safety if recipe.needs_heads else ()
+            swap = Swap(recipe=recipe, aligned=c.model, base=c.base, base_revision=c.base_revision, heads=heads)
+            out.append((recipe, self.model.model_copy(update={"swap": swap})))
+        return out
+
+    def _ships_ablations(self) -> tuple[Ablation, ...]:
+        singles = [self.ablation((h,)) for h in self.safety or ()]
+        group = [self.ablation(self.safety)] if self.safety and len(self.safety) > 1 else []
+        return tuple(singles + group)
+
+    def _shards(self, ref: ModelRef) -> list[AnyShard]:
+        c = self.cfg
+        out: list[AnyShard] = []
+        for prompts in [self.prompts] + ([self.benign] if self.benign is not None else []):
+            for p0 in range(0, len(prompts), c.shard_prompts):
+                block = PromptBlock.of(prompts, c.format, c.system_prompt, slice(p0, p0 + c.shard_prompts))
+                out.append(GenShard(model=ref, prompts=block, ablations=(self.ablation(),), decoding=self.decoding,
+                                    backend=c.backend))
+        ablations = self._ships_ablations()
+        if ablations:
+            for p0 in range(0, len(self.prompts), c.shard_prompts):
+                block = self.block(slice(p0, p0 + c.shard_prompts))
+                out += [Shard(model=ref, prompts=block, ablations=tuple(abl), measure="kl")
+                        for abl in blocks(ablations, c.shard_heads)]
+        return out
+
+    def pending(self) -> list[AnyShard]:
+        if self.done:
+            return []
+        if self.safety is None and self.source is not None:
+            if not self.source.done:
+                return []  # waiting for this run's Sahara group
+            self.safety = tuple(self.source.group[:self.cfg.k or len(self.source.group)])
+        self._round = [s for _, ref in self.variants() for s in self._shards(ref)]
+        return self._round
+
+    def absorb(self, outcome: Outcome) -> None:
+        if self._round:
+            self.results = outcome
+
+    def plan_line(self, shards: Sequence[AnyShard], have: int) -> str:
+        c = self.cfg
+        head = (f"  swap    {c.model} <- base {c.base}: {len(c.recipes)} recipes + 2 references, "
+                f"{len(self.prompts)} prompts")
+        if self.benign is not None:
+            head += f" (+{len(self.benign)} benign)"
+        if self.safety is None and self.source is not None:
+            return f"{head}; safety heads from this run's Sahara group once it is done"
+        gens = sum(s.rows for s in shards if isinstance(s, GenShard))
+        return (f"{head}: {len(shards)} shards, {gens} generations of up to {self.decoding.max_new_tokens} tokens, "
+                f"{sum(s.rows for s in shards if isinstance(s, Shard))} Ships rows, {have} shards already done")
+
+    # ---------------------------------------------------------------------------------------------- tables
+
+    def tables(self, run_id: str) -> dict[str, pa.Table]:
+        c = self.cfg
+        rows: list[dict[str, Any]] = []
+        labels = [h.label for h in self.safety or ()]
+        sets = [("harmful", self.prompts)] + ([("benign", self.benign)] if self.benign is not None else [])
+        for recipe, ref in self.variants():
+            texts: dict[tuple[str, int], str] = {}  # (prompt id, sample) -> text
+            kl: dict[str, list[float]] = {}
+            for shard in self._shards(ref):
+                t = self.results.table(shard).to_pylist()
+                if isinstance(shard, GenShard):
+                    texts.update({(r["prompt_id"], r["sample"]): r["text"] for r in t})
+                else:
+                    for r in t:
+                        kl.setdefault(r["ablation"], []).append(r["kl"])
+            heads = labels if recipe.needs_heads else []
+
+            def row(dataset: str, kind: str, metric: str, judge: str | None, n: int, value: float,
+                    lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
+                return dict(run_id=run_id, model=model_id(c.model), model_revision=c.revision, dataset=dataset,
+                            prompt_format=c.format.value, code_version=__version__, aligned=model_id(c.model),
+                            base=model_id(c.base), recipe=recipe.value, heads=heads, kind=kind, metric=metric,
+                            judge=judge, n=n, value=value, ci_low=lo, ci_high=hi)
+
+            for kind, prompts in sets:
+                for judge in self.judges:
+                    verdicts = [judge.judge(p.text, texts[(p.id, k)]) for p in prompts.prompts
+                                for k in range(self.decoding.samples)]
+                    counts = count_verdicts(verdicts)
+                    for rate, count in zip(RATES, ("harmful", "refused", "degenerate")):
+                        lo, hi = wilson(counts[count], counts["n"])
+                        rows.append(row(prompts.name, kind, rate, judge.label, counts["n"], counts[rate], lo, hi))
+            for ab in self._ships_ablations():
+                metric = "ships:" + (ab.heads[0].label if len(ab.heads) == 1 else "group")
+                values = kl[ab.label]
+                rows.append(row(self.prompts.name, "ships", metric, None, len(values), sum(values) / len(values)))
+        return {"swaps": make_table("swaps", rows)}
+
+    def summary(self) -> dict[str, Any]:
+        return {"safety_heads": [h.label for h in self.safety or ()], "recipes": list(self.cfg.recipes)}
+
+    def record(self) -> dict[str, Any]:
+        extra = {} if self.benign is None else {"benign": {"set": self.benign.name, "count": len(self.benign)}}
+        return {**super().record(), **extra, "base": self.cfg.base,
+                "base_fingerprint": model_fingerprint(self.cfg.base, self.cfg.base_revision),
+                "decoding": self.decoding.model_dump(mode="json"), "judges": [j.label for j in self.judges]}
