@@ -114,4 +114,6 @@ def rankings_table(ships: pa.Table | pd.DataFrame | None = None,
     if "specificity" not in out.columns:
         out["specificity"] = None
     out["code_version"] = CODE_VERSION
+    out["_variant"] = [variant_label(*v) or "" for v in zip(out["subspace"], out["rank_r"], out["centered"])]
+    out = out.sort_values([*CONDITION, "source", "_variant", "rank"], kind="stable")
     return to_table("rankings", restore_missing(out, ["model_revision"]))

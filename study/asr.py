@@ -27,7 +27,7 @@ from study.config import AsrConfig
 from study.errors import UsageError
 from study.executor import Outcome
 from study.heads import Head, parse_heads
-from study.jobs import Job, ScanJob, SaharaJob, ShipsJob
+from study.jobs import Job, ScanJob, SaharaJob, ShipsJob, find_source
 from study.generation import Decoding
 from study.judges import Verdict, get_judge
 from study.llm_judge import ANSWER_TOKENS, LLMJudge, rubric
@@ -103,14 +103,16 @@ class AsrJob(ScanJob):
         """Take the heads from this study's own Sahara (dataset) or Ships (query) job of the same model."""
         if self.arms is not None:
             return
-        want = SaharaJob if self.cfg.level == "dataset" else ShipsJob
-        for job in jobs:
-            if isinstance(job, want) and job.experiment == want.experiment and job.cfg.model == self.cfg.model:
-                self.source = job
-                return
+        self.source = find_source(jobs, "sahara" if self.cfg.level == "dataset" else "ships", self.cfg)
+        if self.source is not None:
+            return
         section = "sahara" if self.cfg.level == "dataset" else "ships"
         raise UsageError(f"asr on {self.cfg.model!r} has no heads: give heads or from_run, or add a {section} "
                          f"section to the study (level {self.cfg.level} takes its heads from it)")
+
+    @property
+    def condition(self) -> dict[str, Any]:
+        return {**super().condition, "level": self.cfg.level, "decoding": self.decoding.label}
 
     def _arms_from_run(self, run: Path) -> list[Arm]:
         from study.store import read_table

@@ -456,7 +456,9 @@ class StudyConfig(_Frozen):
                         base = self.entry(entry.base)
                         values.update(base=entry.base, base_revision=base.revision if base else None)
                 values.update(FIXED.get(name, {}))
-                yield name, build(cls, values, name if entry is None else f"{name} ({entry.name})")
+                where = name if entry is None else f"{name} ({entry.name})"
+                for combo in _sweep(values):
+                    yield name, build(cls, combo, where)
 
     def with_overrides(self, defaults: dict[str, Any], execution: dict[str, Any]) -> "StudyConfig":
         """The spec with command-line overrides applied (and validated again)."""
@@ -464,6 +466,21 @@ class StudyConfig(_Frozen):
                                    "overlap": self.overlap,
                                    "defaults": {**self.defaults, **defaults},
                                    "execution": {**self.execution.model_dump(exclude_unset=True), **execution}})
+
+
+SWEEPS = ("prompts", "op", "decoding")  # keys a list may give: one job per value (per combination of values)
+
+
+def _sweep(values: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """`{prompts: [a, b], op: [x, y]}` -> four value sets, in spec order (the first key outermost)."""
+    combos = [dict(values)]
+    for key in SWEEPS:
+        v = values.get(key)
+        if isinstance(v, list):
+            if not v:
+                raise UsageError(f"{key}: an empty list: give at least one value")
+            combos = [{**c, key: item} for c in combos for item in dict.fromkeys(v)]
+    yield from combos
 
 
 def one_experiment(name: str, values: dict[str, Any], execution: dict[str, Any], out: str) -> StudyConfig:

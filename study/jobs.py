@@ -8,10 +8,12 @@ and a resumed run reads each round's finished shards back from the run folder. L
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -68,6 +70,12 @@ class Job(ABC):
     def tables(self, run_id: str) -> dict[str, pa.Table]:
         return {}
 
+    @property
+    def part(self) -> str:
+        """The file name stem of this job's rows in each table: a rerun of the same condition replaces them,
+        another condition (dataset, operator, format...) of the same experiment and model adds its own."""
+        return self.experiment
+
     def summary(self) -> dict[str, Any]:
         return {}
 
@@ -104,11 +112,32 @@ class ScanJob(Job):
     def ablation(self, heads: tuple[Head, ...] = ()) -> Ablation:
         return Ablation(heads=heads, op=self.cfg.op, eps=self.cfg.eps)
 
+    @property
+    def condition(self) -> dict[str, Any]:
+        """What makes two jobs of one experiment and model different results (not their sizes)."""
+        c = self.cfg
+        return dict(prompts=self.prompts.name, op=c.op.value, eps=c.eps, format=c.format.value,
+                    system_prompt=c.system_prompt)
+
+    @property
+    def part(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.condition, sort_keys=True).encode()).hexdigest()[:10]
+        return f"{self.experiment}-{digest}"
+
     def record(self) -> dict[str, Any]:
         return {**super().record(), "prompts": {"set": self.prompts.name, "limit": self.cfg.limit,
                                                 "count": len(self.prompts), "ids_sha256": self.prompts.digest,
                                                 "file_sha256": self.prompts.source_sha256,
                                                 "trained_on": self.trained_on}}
+
+
+def find_source(jobs: Sequence[Job], experiment: str, cfg: ScanConfig) -> Job | None:
+    """This run's `experiment` job of the same model whose heads another job uses: the one with the same
+    operator and prompts where the study sweeps them, else the closest."""
+    same = [j for j in jobs if j.experiment == experiment and j.cfg.model == cfg.model]
+    if not same:
+        return None
+    return max(same, key=lambda j: 2 * (j.cfg.op == cfg.op) + (j.cfg.prompts == cfg.prompts))
 
 
 class ShipsJob(ScanJob):

@@ -123,7 +123,7 @@ def _write(plan: Plan, result: RunOutput, command: str) -> None:
             tables = job.tables(result.run_id)
             result.job_tables.append(tables)
             for name, table in tables.items():
-                writer.write(name, table, part=job.experiment)
+                writer.write(name, table, part=job.part)
                 result.tables[name] = (table if name not in result.tables
                                        else pa.concat_tables([result.tables[name], table]))
             jobs_meta.append(dict(experiment=job.experiment, model=job.cfg.model,

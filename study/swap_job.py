@@ -22,7 +22,7 @@ from study.config import SwapConfig
 from study.errors import UsageError
 from study.executor import Outcome
 from study.heads import Head, parse_heads
-from study.jobs import Job, SaharaJob, ScanJob
+from study.jobs import Job, SaharaJob, ScanJob, find_source
 from study.judges import get_judge
 from study.models import model_fingerprint, model_id, model_shape
 from study.prompts import PromptSet, load_prompts
@@ -65,12 +65,14 @@ class SwapJob(ScanJob):
         """Take the safety heads from this study's Sahara job of the aligned model, unless given."""
         if self.safety is not None or not any(Recipe(r).needs_heads for r in self.cfg.recipes):
             return
-        for job in jobs:
-            if isinstance(job, SaharaJob) and job.experiment == "sahara" and job.cfg.model == self.cfg.model:
-                self.source = job
-                return
-        raise UsageError(f"swap on {self.cfg.model!r} has no safety heads: give heads, or add a sahara section "
+        self.source = find_source(jobs, "sahara", self.cfg)
+        if self.source is None:
+            raise UsageError(f"swap on {self.cfg.model!r} has no safety heads: give heads, or add a sahara section "
                          f"(the head recipes move its group)")
+
+    @property
+    def condition(self) -> dict[str, Any]:
+        return {**super().condition, "base": self.cfg.base, "base_revision": self.cfg.base_revision}
 
     # ---------------------------------------------------------------------------------------------- rounds
 

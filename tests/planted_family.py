@@ -106,16 +106,23 @@ NOISE0 = 32
 # Per-head dims (inside a head's 16): QA the default (ONE -> anchor), QT the planted match, V the value.
 QA, QT, V = 3, 5, 1
 
-# Strengths. Written by the heads (per unit value):
-SAFETY_WRITE = 1.1  # each safety head writes this x REFUSE
+# Embedding: every token holds ONE_SCALE x ONE (a big constant keeps the final norm nearly the same whatever the
+# heads write, so logits are close to linear in the written signals); a role token holds 1 x its role, a chain
+# token NEXT_SCALE x NEXT[next(t)].
+ONE_SCALE = 4.0
+NEXT_SCALE = 2.0
+# Written by the heads (per unit value):
+SAFETY_WRITE = 1.0  # each safety head writes this x REFUSE
 ALWAYS_WRITE = 1.0  # L0H1 writes this x ALWAYS
-# Read by the lm_head (per unit of the normalised residual):
-READ_REFUSE = 2.3  # "I" row: REFUSE
-READ_MARKER = 1.6  # "Sure" row: MARKER
-READ_ALWAYS = 1.2  # "I" and "Sure" rows: ALWAYS
-READ_NEXT = 3.0  # chain rows: their NEXT direction
+# Read by the lm_head (per unit of the normalised residual, where 1 written ~ 1.9 after the final norm):
+READ_REFUSE = 3.0  # "I" row: REFUSE
+READ_MARKER = 4.77  # "Sure" row: MARKER
+READ_ALWAYS = 2.65  # "I" and "Sure" rows: ALWAYS
+READ_NEXT = 5.0  # chain rows: their NEXT direction
 NOISE = 0.02  # std of every random weight (noise heads, MLPs, background lm_head rows)
-EMBED_NOISE = 0.15  # std of an ordinary token's embedding over the NOISE dims
+EMBED_NOISE = 0.3  # std of an ordinary token's embedding over the NOISE dims
+# Attention scores from the MARKER: to its match 16, to the anchors (the default) 8.
+MATCH_SCORE, DEFAULT_SCORE = 16.0, 8.0
 SEED = 0
 VERSION = "1"  # bump when anything above changes: family_folders rebuilds folders of another version
 
@@ -212,7 +219,7 @@ def _base_state() -> dict[str, torch.Tensor]:
             w.copy_(noise(*w.shape))
 
     emb = torch.zeros(VOCAB, HIDDEN)
-    emb[:, ONE] = 1.0
+    emb[:, ONE] = ONE_SCALE
     emb[:, NOISE0:] = noise(VOCAB, HIDDEN - NOISE0, std=EMBED_NOISE)
     special = [ANCHOR_ID, MARKER_ID, *TRIGGER_IDS, *chains()]
     emb[special, NOISE0:] = 0.0
@@ -221,7 +228,7 @@ def _base_state() -> dict[str, torch.Tensor]:
     emb[list(TRIGGER_IDS), TRIGGER] = 1.0
     next_dims = _next_dims()
     for t, nxt in chains().items():
-        emb[t, next_dims[nxt]] = 1.0
+        emb[t, next_dims[nxt]] = NEXT_SCALE
     state["model.embed_tokens.weight"] = emb
 
     head = noise(VOCAB, HIDDEN)
@@ -256,20 +263,25 @@ def _plant(state: dict[str, torch.Tensor], head: Head, *, query: int, key: int, 
     """Make `head` attend from `query` tokens to `key` tokens (elsewhere, with `default_key`, to those) and
     write `strength` x `write` per unit of `value` it reads.
 
-    The normalised input of a role token holds 8/sqrt(2) = 5.66 of its role and of ONE, so a query/key pair
-    of weight 2 scores 2 * 5.66 * 5.66 / sqrt(16) = 16 and the value weight 1/5.66 reads 1.
+    The normalised input of a role token holds `role` = sqrt(64 / (ONE_SCALE**2 + 1)) = 1.94 of its role and
+    4 x that of ONE: the weights below score MATCH_SCORE from a query token to a key token, DEFAULT_SCORE from
+    any token to a default-key token, and read a value of 1 from a value token (before the other heads'
+    writes make the norms a little larger).
     """
+    role = (HIDDEN / (ONE_SCALE ** 2 + 1)) ** 0.5
+    match = (MATCH_SCORE * D_HEAD ** 0.5) ** 0.5 / role
+    default = DEFAULT_SCORE * D_HEAD ** 0.5 / (ONE_SCALE * role * role)
     _clear(state, head)
     prefix = f"model.layers.{head.layer}.self_attn."
     base = head.head * D_HEAD
     q, k = state[prefix + "q_proj.weight"], state[prefix + "k_proj.weight"]
     v, o = state[prefix + "v_proj.weight"], state[prefix + "o_proj.weight"]
-    q[base + QT, query] = 2.0
-    k[base + QT, key] = 2.0
-    if default_key is not None:  # every token (ONE) looks at `default_key` with score ~8
+    q[base + QT, query] = match
+    k[base + QT, key] = match
+    if default_key is not None:  # every token (ONE) looks at `default_key`
         q[base + QA, ONE] = 1.0
-        k[base + QA, default_key] = 1.0
-    v[base + V, value] = 2 ** 0.5 / 8  # 1 / 5.66
+        k[base + QA, default_key] = default
+    v[base + V, value] = 1.0 / role
     o[write, base + V] = strength
 
 

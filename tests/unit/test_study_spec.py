@@ -1,0 +1,88 @@
+"""Study specs with model roles: bases, fine-tunes from a file, per-model and per-experiment overrides."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from study.config import load_study
+from study.errors import UsageError
+
+
+def _spec(tmp_path, text: str, name: str = "study.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_roles_file_and_overrides(tmp_path):
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "finetunes.txt").write_text("# one per line\norg/tune-a\n\norg/tune-b  # the second\n")
+    spec = _spec(tmp_path, """
+        models:
+          - name: org/base
+            role: base
+          - file: lists/finetunes.txt
+            base: org/base
+            overrides: {system_prompt: null, format: paper}
+          - name: org/chat
+            base: org/base
+            revision: abc123
+            overrides: {limit: 3, asr: {limit: 5, max_new_tokens: 7}}
+        defaults: {limit: 10, format: chat}
+        ships: {limit: 4}
+        asr: {heads: L0H1}
+        swap: {heads: L0H1, recipes: [attn-from-base]}
+    """)
+    study = load_study(spec)
+    jobs = list(study.jobs())
+    by = {(name, cfg.model): cfg for name, cfg in jobs}
+    models = ["org/base", "org/tune-a", "org/tune-b", "org/chat"]
+    assert [m.name for m in study.models] == models
+    assert [study.entry(m).base for m in models] == [None, "org/base", "org/base", "org/base"]
+    # a section beats the defaults; a model's overrides beat the section; its section overrides beat both
+    assert by[("ships", "org/base")].limit == 4
+    assert by[("ships", "org/chat")].limit == 3
+    assert by[("asr", "org/chat")].limit == 5 and by[("asr", "org/chat")].max_new_tokens == 7
+    assert by[("asr", "org/base")].limit == 10
+    assert by[("ships", "org/tune-a")].format.value == "paper"
+    assert by[("ships", "org/chat")].format.value == "chat"
+    assert by[("ships", "org/chat")].revision == "abc123"
+    # swaps run for the fine-tunes only, each against its base
+    swaps = [cfg for name, cfg in jobs if name == "swap"]
+    assert [(c.model, c.base) for c in swaps] == [(m, "org/base") for m in models[1:]]
+
+
+def test_plain_names_still_work_and_generalized_ships_is_one_step(tmp_path):
+    spec = _spec(tmp_path, """
+        models: [org/a, org/b]
+        generalized_ships: {limit: 2, steps: 4}
+        specificity: {limit: 2}
+    """)
+    jobs = list(load_study(spec).jobs())
+    assert [(n, c.model) for n, c in jobs] == [("specificity", "org/a"), ("specificity", "org/b"),
+                                               ("generalized_ships", "org/a"), ("generalized_ships", "org/b")]
+    assert all(c.steps == 1 for n, c in jobs if n == "generalized_ships")
+    assert all(c.prompts == "builtin:benign" for n, c in jobs if n == "specificity")
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("models: [{name: org/a, overrides: {lr: 1}}]\nships: {}", "unknown override 'lr'"),
+    ("models: [{name: org/a, overrides: {asr: {top: 3}}}]\nships: {}", "overrides.asr: unknown config key 'top'"),
+    ("models: [{name: org/a, role: base, base: org/b}]\nships: {}", "has role base and a base"),
+    ("models: [{name: org/a, role: teacher}]\nships: {}", "role"),
+    ("models: [org/a, org/a]\nships: {}", "listed twice"),
+    ("models: [org/a]\nswap: {heads: L0H1}", "no model names its base"),
+    ("models: [{file: missing.txt}]\nships: {}", "missing.txt' not found"),
+    ("models: [{name: org/a, base: org/b}]\nswap: {recipes: [attn-from-mlp]}", "unknown swap recipe 'attn-from-mlp'"),
+    ("models: [{name: org/a, base: org/b}]\nswap: {backend: vllm}", "backend hf"),
+    ("models: [org/a]\noverlap: {k: 0}\nships: {}", "overlap"),
+])
+def test_bad_specs_name_the_file_and_the_field(tmp_path, body, needle):
+    spec = _spec(tmp_path, body)
+    with pytest.raises(UsageError) as err:
+        load_study(spec)
+    msg = str(err.value)
+    assert needle in msg
+    assert str(spec) in msg and "\n" not in msg
