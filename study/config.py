@@ -323,7 +323,16 @@ class ModelEntry(_Frozen):
     role: Literal["aligned", "base"] = "aligned"
     base: str | None = None  # the model this one was fine-tuned from (swap experiments need it)
     revision: str | None = None
+    experiments: list[str] | None = None  # which sections run on this model (default: all)
     overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("experiments")
+    @classmethod
+    def _experiments(cls, v: list[str] | None) -> list[str] | None:
+        for name in v or []:
+            if name not in EXPERIMENTS:
+                raise UsageError(f"unknown experiment {name!r}: valid experiments are {', '.join(EXPERIMENTS)}")
+        return v
 
     @field_validator("name", "base")
     @classmethod
@@ -359,6 +368,32 @@ class ModelEntry(_Frozen):
         return {**flat, **self.overrides.get(section, {})}
 
 
+Section = dict[str, Any] | list[dict[str, Any]] | None  # one settings mapping, or several (one job set each)
+
+
+class Published(_Frozen):
+    """A number the paper reports, stated beside the experiment that measures it, so the report can set
+    the measured value against it (METHOD.md section 7)."""
+
+    experiment: str
+    model: str
+    claim: str
+    metric: str  # asr | delta_asr | top_head | group | note
+    value: float | str | list[float] | list[str]
+    baseline: float | None = None  # the normal model's value where the claim is a change
+    dataset: str | None = None
+    op: str | None = None
+    decoding: str | None = None
+    source: str = "Zhou et al., ICLR 2025"
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment(cls, v: str) -> str:
+        if v not in EXPERIMENTS:
+            raise UsageError(f"published: unknown experiment {v!r}: valid experiments are {', '.join(EXPERIMENTS)}")
+        return v
+
+
 class StudyConfig(_Frozen):
     """A YAML study spec for `headstudy run`: shared settings, models with their roles, the experiments.
 
@@ -372,15 +407,15 @@ class StudyConfig(_Frozen):
     models: list[ModelEntry] | None = None
     defaults: dict[str, Any] = Field(default_factory=dict)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
-    ships: dict[str, Any] | None = None
-    specificity: dict[str, Any] | None = None
-    generalized_ships: dict[str, Any] | None = None
-    sahara: dict[str, Any] | None = None
-    asr: dict[str, Any] | None = None
-    swap: dict[str, Any] | None = None
-    surgery: dict[str, Any] | None = None
+    ships: Section = None
+    specificity: Section = None
+    generalized_ships: Section = None
+    sahara: Section = None
+    asr: Section = None
+    swap: Section = None
+    surgery: Section = None
     overlap: OverlapConfig | None = None
-    published: dict[str, Any] = Field(default_factory=dict)  # the paper's numbers, for the report to set beside
+    published: list[Published] = Field(default_factory=list)  # the paper's numbers, for the report to set beside
 
     @field_validator("execution", mode="before")
     @classmethod
@@ -422,7 +457,9 @@ class StudyConfig(_Frozen):
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
                 raise UsageError(f"models: {dup[0]!r} is listed twice: list each model once")
-            if any("model" in (getattr(self, n) or {}) for n in EXPERIMENTS):
+            sections = [getattr(self, n) for n in EXPERIMENTS]
+            if any("model" in part for sec in sections if sec for part in (sec if isinstance(sec, list) else [sec])
+                   if isinstance(part, dict)):
                 raise UsageError("a section sets 'model' while the study lists 'models': use one or the other")
         if self.swap is not None and not any(m.base for m in self.models or []):
             raise UsageError("swap: no model names its base: list the fine-tunes under 'models' with "
@@ -447,18 +484,28 @@ class StudyConfig(_Frozen):
             for entry in self.models or [None]:
                 if name == "swap" and (entry is None or entry.base is None):
                     continue
-                values = {**{k: v for k, v in self.defaults.items() if k in cls.model_fields}, **section}
-                if entry is not None:
-                    values.update(model=entry.name, **entry.values_for(name, cls))
-                    if entry.revision is not None:
-                        values["revision"] = entry.revision
-                    if name == "swap":
-                        base = self.entry(entry.base)
-                        values.update(base=entry.base, base_revision=base.revision if base else None)
-                values.update(FIXED.get(name, {}))
-                where = name if entry is None else f"{name} ({entry.name})"
-                for combo in _sweep(values):
-                    yield name, build(cls, combo, where)
+                if entry is not None and entry.experiments is not None and name not in entry.experiments:
+                    continue
+                for settings in section if isinstance(section, list) else [section]:
+                    yield from self._jobs(name, cls, entry, settings)
+
+    def _jobs(self, name: str, cls: type[ModelConfig], entry: ModelEntry | None,
+              section: Any) -> Iterator[tuple[str, ModelConfig]]:
+        """One settings mapping of a section on one model (or the section's own model): its jobs."""
+        if not isinstance(section, dict):
+            raise UsageError(f"{name}: expected a mapping of keys (or a list of them), got {type(section).__name__}")
+        values = {**{k: v for k, v in self.defaults.items() if k in cls.model_fields}, **section}
+        if entry is not None:
+            values.update(model=entry.name, **entry.values_for(name, cls))
+            if entry.revision is not None:
+                values["revision"] = entry.revision
+            if name == "swap":
+                base = self.entry(entry.base)
+                values.update(base=entry.base, base_revision=base.revision if base else None)
+        values.update(FIXED.get(name, {}))
+        where = name if entry is None else f"{name} ({entry.name})"
+        for combo in _sweep(values):
+            yield name, build(cls, combo, where)
 
     def with_overrides(self, defaults: dict[str, Any], execution: dict[str, Any]) -> "StudyConfig":
         """The spec with command-line overrides applied (and validated again)."""

@@ -119,7 +119,8 @@ READ_REFUSE = 3.0  # "I" row: REFUSE
 READ_MARKER = 4.77  # "Sure" row: MARKER
 READ_ALWAYS = 2.65  # "I" and "Sure" rows: ALWAYS
 READ_NEXT = 5.0  # chain rows: their NEXT direction
-NOISE = 0.02  # std of every random weight (noise heads, MLPs, background lm_head rows)
+NOISE = 0.02  # std of the random MLP and background lm_head weights
+ATTN_NOISE = 0.05  # std of the random attention weights (every head but the planted ones)
 EMBED_NOISE = 0.3  # std of an ordinary token's embedding over the NOISE dims
 # Attention scores from the MARKER: to its match 16, to the anchors (the default) 8.
 MATCH_SCORE, DEFAULT_SCORE = 16.0, 8.0
@@ -216,7 +217,11 @@ def _base_state() -> dict[str, torch.Tensor]:
         if name.endswith("norm.weight"):
             w.fill_(1.0)
         else:
-            w.copy_(noise(*w.shape))
+            w.copy_(noise(*w.shape, std=ATTN_NOISE if "self_attn" in name else NOISE))
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            w[:NOISE0] = 0.0  # noise heads and MLPs read everything but write only the noise dims
+        if name.endswith("v_proj.weight"):
+            w[:, ONE] = 0.0  # noise heads move token content, not the constant (which would only swell the norm)
 
     emb = torch.zeros(VOCAB, HIDDEN)
     emb[:, ONE] = ONE_SCALE

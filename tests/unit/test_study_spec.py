@@ -86,3 +86,30 @@ def test_bad_specs_name_the_file_and_the_field(tmp_path, body, needle):
     msg = str(err.value)
     assert needle in msg
     assert str(spec) in msg and "\n" not in msg
+
+
+def test_every_builtin_spec_validates():
+    from study.config import packaged_configs
+
+    names = sorted(p.stem for p in packaged_configs().glob("*.yaml"))
+    assert {"paper", "quickstart"} <= set(names)
+    for name in names:
+        assert list(load_study(name).jobs()), name
+
+
+def test_the_paper_spec_states_its_setting_and_numbers():
+    study = load_study("paper")
+    chat, vicuna, base = "meta-llama/Llama-2-7b-chat-hf", "lmsys/vicuna-7b-v1.5", "meta-llama/Llama-2-7b-hf"
+    assert study.entry(chat).base == base and study.entry(vicuna).base == base and study.entry(base).role == "base"
+    jobs = list(study.jobs())
+    assert all(cfg.model != base for _, cfg in jobs)  # the base is measured through the swaps only
+    gships = {(c.model, c.prompts, c.op.value) for n, c in jobs if n == "generalized_ships"}
+    assert len(gships) == 2 * 3 * 2  # models x datasets x operators (Fig. 5)
+    assert {c.steps for n, c in jobs if n == "sahara"} == {5}
+    assert {c.decoding for n, c in jobs if n == "asr"} == {"greedy", "topk"}
+    assert {c.format.value for _, c in jobs} == {"paper"}
+    numbers = {(p.model, p.metric, p.dataset): p for p in study.published}
+    assert numbers[(chat, "asr", "advbench")].baseline == 0.04 and numbers[(chat, "asr", "advbench")].value == 0.64
+    assert numbers[(vicuna, "asr", "advbench")].value == 0.55
+    assert numbers[(chat, "delta_asr", "maliciousinstruct")].value == [0.63, 0.68, 0.72, 0.70, 0.66]
+    assert numbers[(chat, "top_head", None)].value == "L2H26"

@@ -1,0 +1,81 @@
+"""Specificity: harmful vs benign mean Ships KL per head, the bounded score, the log ratio and the ranks."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from analysis.specificity import specificity_score, specificity_table
+from study.schema import SPECIFICITY, make_table
+
+HEADS = ["L0H0", "L0H1", "L1H0", "L1H1"]
+# per prompt, KL of HEADS in that order (exact binary fractions: means compare exactly)
+HARM = {"p1": [0.875, 0.125, 0.5, 0.25], "p2": [0.125, 0.75, 0.625, 0.375]}
+# mean KL: L0H0 .5, L0H1 .4375, L1H0 .5625, L1H1 .3125 -> ranks L1H0, L0H0, L0H1, L1H1
+
+
+def ships_rows(kls: dict[str, list[float]], *, model: str = "m", dataset: str = "harm", op: str = "undiff_q",
+               run_id: str = "r1", revision: str | None = None) -> list[dict[str, Any]]:
+    rows = []
+    for pid, values in kls.items():
+        order = sorted(range(len(values)), key=lambda i: (-values[i], i))
+        rank = {i: r for r, i in enumerate(order, start=1)}
+        for i, kl in enumerate(values):
+            label = HEADS[i]
+            rows.append(dict(run_id=run_id, model=model, model_revision=revision, dataset=dataset,
+                             prompt_format="paper", code_version="0", prompt_id=pid, prompt=f"q {pid}",
+                             layer=int(label[1]), head=int(label[3]), head_label=label, op=op, eps=1e-5, kl=kl,
+                             rank=rank[i]))
+    return rows
+
+
+BEN = {"b1": [0.125, 0.0, 0.5625, 0.0], "b2": [0.125, 0.0, 0.5625, 0.0]}
+# harmful means: L0H0 .5, L0H1 .4375, L1H0 .5625, L1H1 .3125; benign means: .125, 0, .5625, 0
+
+
+def test_scores_log_ratio_and_ranks() -> None:
+    t = specificity_table(make_table("ships", ships_rows(HARM) + ships_rows(BEN, dataset="ben")), {"ben"})
+    assert t.schema.equals(SPECIFICITY)
+    r = {x["head_label"]: x for x in t.to_pylist()}
+    assert set(r) == set(HEADS)
+    assert r["L0H0"]["kl_harmful"] == 0.5 and r["L0H0"]["kl_benign"] == 0.125
+    assert r["L0H0"]["specificity"] == pytest.approx(0.8)
+    assert r["L0H0"]["log2_ratio"] == pytest.approx(2.0)
+    assert r["L1H0"]["specificity"] == pytest.approx(0.5) and r["L1H0"]["log2_ratio"] == pytest.approx(0.0)
+    assert r["L0H1"]["specificity"] == 1.0 and r["L0H1"]["log2_ratio"] is None  # benign KL 0: ratio undefined
+    assert (r["L0H0"]["n_harmful"], r["L0H0"]["n_benign"]) == (2, 2)
+    assert {h: r[h]["rank_harmful"] for h in HEADS} == {"L1H0": 1, "L0H0": 2, "L0H1": 3, "L1H1": 4}
+    # importance h*s: L0H0 .4, L0H1 .4375, L1H0 .28125, L1H1 .3125
+    assert {h: r[h]["rank_specific"] for h in HEADS} == {"L0H1": 1, "L0H0": 2, "L1H1": 3, "L1H0": 4}
+    assert all(x["dataset"] == "harm" and x["benign_dataset"] == "ben" and x["model_revision"] is None
+               for x in t.to_pylist())
+
+
+def test_score_properties() -> None:
+    assert specificity_score(0.0, 0.0) == 0.5
+    assert specificity_score(3.0, 1.0) == pytest.approx(0.75)
+    assert specificity_score(1.0, 3.0) == pytest.approx(1 - specificity_score(3.0, 1.0))  # symmetric
+    assert specificity_score(300.0, 100.0) == pytest.approx(specificity_score(3.0, 1.0))  # scale-free
+    assert specificity_score(-1e-9, 0.5) == 0.0  # float noise below 0 reads as no effect
+
+
+def test_pairs_every_harmful_with_every_benign_of_the_same_condition() -> None:
+    rows = (ships_rows(HARM) + ships_rows(HARM, dataset="harm2") + ships_rows(BEN, dataset="ben")
+            + ships_rows(BEN, dataset="ben2") + ships_rows(BEN, dataset="ben", op="scale_v")
+            + ships_rows(BEN, dataset="ben", model="other"))
+    t = specificity_table(make_table("ships", rows), ["ben", "ben2", "absent"], run_id="d1").to_pylist()
+    pairs = {(x["dataset"], x["benign_dataset"]) for x in t}
+    assert pairs == {("harm", "ben"), ("harm", "ben2"), ("harm2", "ben"), ("harm2", "ben2")}
+    assert len(t) == 16 and {x["op"] for x in t} == {"undiff_q"} and {x["model"] for x in t} == {"m"}
+    assert {x["run_id"] for x in t} == {"d1"}
+    none = specificity_table(make_table("ships", ships_rows(HARM)), ["ben"])
+    assert none.num_rows == 0 and none.schema.equals(SPECIFICITY)
+
+
+def test_bad_benign_datasets() -> None:
+    ships = make_table("ships", ships_rows(HARM))
+    with pytest.raises(ValueError, match="collection of dataset names"):
+        specificity_table(ships, "ben")
+    assert not math.isnan(specificity_score(1.0, 0.0))
