@@ -120,7 +120,8 @@ def top_heads(rankings: pa.Table | pd.DataFrame, condition: Condition | Mapping[
     k = check_k(k)
     rows = _select(_frame(rankings), condition)
     if rows.empty:
-        raise ValueError(f"no ranking matches {dict(condition.__dict__ if isinstance(condition, Condition) else condition)}")
+        given = condition.__dict__ if isinstance(condition, Condition) else dict(condition)
+        raise ValueError(f"no ranking matches {given}: see the rankings table's model, dataset, op, ... columns")
     for key in _KEY:
         if rows[key].nunique() > 1:
             raise ValueError(f"condition matches several rankings: add {key!r} (one of "

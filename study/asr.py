@@ -67,6 +67,16 @@ def random_heads(heads: Sequence[Head], k: int, seed: int, *key: object) -> tupl
     return tuple(sorted(rng.sample(list(heads), k)))
 
 
+def dataset_arms(found: list[tuple[str, tuple[Head, ...]]], job: ScanJob, controls: int, seed: int) -> list[Arm]:
+    """The normal model, each found head set, and `controls` seeded random sets of each size found."""
+    arms = [Arm("normal", 0, ablation=job.ablation())]
+    arms += [Arm(cond, len(hs), ablation=job.ablation(hs)) for cond, hs in found]
+    for size in sorted({len(hs) for _, hs in found}):
+        arms += [Arm("random", size, d, ablation=job.ablation(random_heads(job.heads, size, seed, size, d)))
+                 for d in range(controls)]
+    return arms
+
+
 class AsrJob(ScanJob):
     """Generation shards for every arm (one round), then verdicts and the `asr` table in the driver."""
 
@@ -145,13 +155,7 @@ class AsrJob(ScanJob):
         return self._dataset_arms([("sahara", tuple(group[:s])) for s in range(1, size + 1)])
 
     def _dataset_arms(self, found: list[tuple[str, tuple[Head, ...]]]) -> list[Arm]:
-        arms = [Arm("normal", 0, ablation=self.ablation())]
-        arms += [Arm(cond, len(hs), ablation=self.ablation(hs)) for cond, hs in found]
-        for size in sorted({len(hs) for _, hs in found}):
-            arms += [Arm("random", size, d, ablation=self.ablation(random_heads(self.heads, size, self.cfg.seed,
-                                                                                size, d)))
-                     for d in range(self.cfg.random_controls)]
-        return arms
+        return dataset_arms(found, self, self.cfg.random_controls, self.cfg.seed)
 
     def _query_arms(self, ranked: dict[str, list[Head]], where: str) -> list[Arm]:
         k = self.cfg.k or 1

@@ -293,6 +293,25 @@ class ExecutionConfig(_Frozen):
         return self
 
 
+class UtilityConfig(ScanConfig):
+    """What the ablations studied cost: perplexity on benign text (default: the paragraphs shipped with the
+    project; `prompts: FILE.txt` for your own, one passage per line) for the normal model, `heads` or this
+    run's Sahara prefixes, and random controls; optionally the paper's lm-eval zero-shot tasks."""
+
+    prompts: str = "builtin:text"
+    heads: str | None = None
+    k: int | None = Field(default=None, ge=1)  # Sahara prefixes of size 1..k (default all steps)
+    random_controls: int = Field(default=0, ge=0)
+    seed: int = 0
+    lm_eval_tasks: list[str] = Field(default_factory=list)  # e.g. boolq, rte, winogrande, arc_challenge, openbookqa
+    lm_eval_limit: int | None = Field(default=None, ge=1)
+
+    @field_validator("heads")
+    @classmethod
+    def _heads(cls, v: str | None) -> str | None:
+        return _head_labels(v)
+
+
 class SpecificityConfig(ShipsConfig):
     """Ships on benign prompts in the same format, so each head's harmful score can be set against it."""
 
@@ -307,8 +326,10 @@ class OverlapConfig(_Frozen):
 
 EXPERIMENTS: dict[str, type[ModelConfig]] = {
     "ships": ShipsConfig, "specificity": SpecificityConfig, "generalized_ships": SaharaConfig,
-    "sahara": SaharaConfig, "asr": AsrConfig, "swap": SwapConfig, "surgery": SurgeryConfig}
-FIXED = {"generalized_ships": {"steps": 1}}  # generalized Ships is Sahara's first step, every head scored
+    "sahara": SaharaConfig, "asr": AsrConfig, "swap": SwapConfig, "utility": UtilityConfig,
+    "surgery": SurgeryConfig}
+# generalized Ships is Sahara's first step, every head scored; perplexity reads raw text, not a prompt
+FIXED = {"generalized_ships": {"steps": 1}, "utility": {"format": "direct", "system_prompt": None}}
 
 
 class ModelEntry(_Frozen):
@@ -413,6 +434,7 @@ class StudyConfig(_Frozen):
     sahara: Section = None
     asr: Section = None
     swap: Section = None
+    utility: Section = None
     surgery: Section = None
     overlap: OverlapConfig | None = None
     published: list[Published] = Field(default_factory=list)  # the paper's numbers, for the report to set beside

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DATA_ENV = "HEADSTUDY_DATA"
-BUILTIN_SETS = ("harmful", "benign")
+BUILTIN_SETS = ("harmful", "benign", "text")  # text: benign paragraphs for perplexity (utility)
 FILE_EXTENSIONS = (".csv", ".json", ".jsonl", ".txt")
 # Tried in this order when a file's column is not given; exactly one of them must be present.
 USUAL_COLUMNS = ("prompt", "goal", "Goal", "Behavior", "forbidden_prompt", "text", "query", "instruction")

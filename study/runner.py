@@ -26,7 +26,9 @@ from study.executor import Executor, LocalExecutor, ModelStats, execute, make_ex
 from study.asr import AsrJob
 from study.jobs import GeneralizedShipsJob, Job, SaharaJob, ScanJob, ShipsJob, SpecificityJob, SurgeryJob
 from study.swap_job import SwapJob
-from study.store import RunWriter, ShardStore, code_version, config_hash, new_run_id, package_versions
+from study.utility import UtilityJob
+from study.store import (RunWriter, ShardStore, code_version, config_hash, new_run_id, package_versions, read_manifest,
+                         read_manifests)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class RunOutput:
     computed: int = 0  # shards computed in this run
     reused: int = 0  # shards read back from the run folder
     seconds: float = 0.0
+    derived: dict[str, pa.Table] = field(default_factory=dict)  # the analysis tables written after the run
 
 
 @dataclass
@@ -66,7 +69,8 @@ def check_out(out: str | os.PathLike[str]) -> Path:
 
 
 JOBS: dict[str, type[Job]] = {"ships": ShipsJob, "specificity": SpecificityJob, "generalized_ships": GeneralizedShipsJob,
-                              "sahara": SaharaJob, "asr": AsrJob, "swap": SwapJob, "surgery": SurgeryJob}
+                              "sahara": SaharaJob, "asr": AsrJob, "swap": SwapJob, "utility": UtilityJob,
+                              "surgery": SurgeryJob}
 
 
 def plan_study(study: StudyConfig, out: str | os.PathLike[str] | None = None) -> Plan:
@@ -74,7 +78,7 @@ def plan_study(study: StudyConfig, out: str | os.PathLike[str] | None = None) ->
     out_dir = check_out(out or study.out)
     jobs = [JOBS[name](cfg, out_dir) for name, cfg in study.jobs()]
     for job in jobs:
-        if isinstance(job, (AsrJob, SwapJob)):
+        if isinstance(job, (AsrJob, SwapJob, UtilityJob)):
             job.link(jobs)
     return Plan(study, out_dir, jobs)
 
@@ -112,6 +116,7 @@ def run_study(study: StudyConfig, out: str | os.PathLike[str] | None = None, *, 
         job.finish()
     result.seconds = time.perf_counter() - t0
     _write(plan, result, command)
+    result.derived = _write_derived(plan, result.run_id)
     return result
 
 
@@ -139,6 +144,22 @@ def _write(plan: Plan, result: RunOutput, command: str) -> None:
         ))
 
 
+def _write_derived(plan: Plan, run_id: str) -> dict[str, pa.Table]:
+    """The analysis tables (rankings, specificity, overlap, ASR curves) of everything the folder now holds,
+    committed as a second part of this run: every run adds its conditions and the derived rows are redone."""
+    from analysis.derive import benign_datasets_of, derive
+
+    benign = set().union(*(benign_datasets_of(m) for m in read_manifests(plan.out)))
+    derived = derive(plan.out, benign, k=plan.study.overlap.k if plan.study.overlap else 10)
+    if derived:
+        manifest = read_manifest(plan.out)
+        with RunWriter(plan.out, run_id) as writer:
+            for name, table in derived.items():
+                writer.write(name, table, part="derived")
+            writer.set_manifest({**manifest, "derived": sorted(derived)})
+    return derived
+
+
 def describe_plan(plan: Plan, force: bool = False) -> list[str]:
     """What a study implies, and what the run folder already holds (`headstudy plan`)."""
     store = ShardStore(plan.out)
@@ -151,7 +172,7 @@ def describe_plan(plan: Plan, force: bool = False) -> list[str]:
             continue
         shards = job.pending()
         have = sum(s.id in done for s in shards)
-        if isinstance(job, (AsrJob, SwapJob)):
+        if isinstance(job, (AsrJob, SwapJob, UtilityJob)):
             lines.append(job.plan_line(shards, have))
             continue
         rows = sum(s.rows for s in shards)

@@ -27,6 +27,7 @@ __all__ = [
     "SPECIFICITY",
     "SWAPS",
     "TABLES",
+    "UTILITY",
     "VERDICTS",
     "make_table",
     "schema_for",
@@ -273,6 +274,18 @@ ASR_CURVE = _schema(
     ],
 )
 
+UTILITY = _schema(
+    _META,  # `dataset`: the text the perplexity is measured on
+    _CONDITION,
+    _ABLATION,
+    [
+        _f("metric", pa.string()),  # perplexity | lm_eval:<task>:<metric>
+        _f("value", pa.float64()),
+        _f("n", pa.int64()),  # tokens scored (perplexity) or examples (lm-eval)
+        _f("ratio", pa.float64(), nullable=True),  # value / the normal model's value
+    ],
+)
+
 TABLES: dict[str, pa.Schema] = {
     "ships": SHIPS,
     "head_scores": HEAD_SCORES,
@@ -285,6 +298,7 @@ TABLES: dict[str, pa.Schema] = {
     "overlap": OVERLAP,
     "specificity": SPECIFICITY,
     "asr_curve": ASR_CURVE,
+    "utility": UTILITY,
 }
 
 

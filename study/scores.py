@@ -21,6 +21,7 @@ __all__ = [
     "log_softmax_fp",
     "principal_angles",
     "subspace_basis",
+    "token_nll",
 ]
 
 
@@ -65,6 +66,19 @@ def log_softmax_fp(logits: torch.Tensor, softcap: float | None = None) -> torch.
             raise UsageError(f"softcap must be > 0 or None, got {softcap!r}")
         x = torch.tanh(x / softcap) * softcap  # (..., vocab)
     return torch.log_softmax(x, dim=-1)  # (..., vocab)
+
+
+def token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token negative log-likelihood of each row and how many tokens it covers (perplexity).
+
+    logits (batch, seq, vocab) as the model returns them; ids, mask (batch, seq), mask 1 on real tokens
+    (right padding). Position t predicts token t + 1; pairs touching padding are left out.
+    """
+    logp = log_softmax_fp(logits[:, :-1])  # (batch, seq-1, vocab)
+    target = ids[:, 1:]  # (batch, seq-1)
+    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (batch, seq-1)
+    keep = (mask[:, 1:] * mask[:, :-1]).to(nll.dtype)  # (batch, seq-1)
+    return (nll * keep).sum(-1), keep.sum(-1).long()  # (batch,), (batch,)
 
 
 def subspace_basis(M: torch.Tensor, spec: SubspaceSpec) -> torch.Tensor:

@@ -25,13 +25,15 @@ from study.generation import Decoding, check_backend
 from study.prompts import PromptFormat, PromptSet
 from study.swap import Swap
 
-Measure = Literal["kl", "angle"]
+Measure = Literal["kl", "angle", "nll"]
 
 # What a worker returns for each measure (one row per (ablation, prompt) for kl, per ablation for angle).
 RESULT_SCHEMAS: dict[str, pa.Schema] = {
     "kl": pa.schema([pa.field("ablation", pa.string(), False), pa.field("prompt_id", pa.string(), False),
                      pa.field("kl", pa.float64(), False)]),
     "angle": pa.schema([pa.field("ablation", pa.string(), False), pa.field("score", pa.float64(), False)]),
+    "nll": pa.schema([pa.field("ablation", pa.string(), False), pa.field("prompt_id", pa.string(), False),
+                      pa.field("nll", pa.float64(), False), pa.field("n_tokens", pa.int64(), False)]),
     "generate": pa.schema([pa.field("ablation", pa.string(), False), pa.field("prompt_id", pa.string(), False),
                            pa.field("sample", pa.int32(), False), pa.field("seed", pa.int64(), False),
                            pa.field("token_ids", pa.list_(pa.int32()), False), pa.field("text", pa.string(), False),
@@ -92,6 +94,7 @@ class Shard(_Frozen):
 
     measure `kl`: KL(normal || ablated) of the next-token distribution per (ablation, prompt).
     measure `angle`: generalized Ships of each ablation over the whole block (needs `subspace`).
+    measure `nll`: summed next-token NLL of each prompt's own tokens under each ablation (perplexity).
     `base` only saves work (rows start at their first layer that differs from it); it never changes a value.
     """
 

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 SHARDS_DIR = "shards"
 MANIFESTS_DIR = "manifests"
-ACROSS_MODELS = "_all"  # the folder of a table whose rows span models (no `model` column)
+ACROSS_MODELS = "@all"  # the folder of a table whose rows span models (no `model` column)
 _HF_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -224,7 +224,8 @@ class RunWriter:
             log.debug("staged %s (%d rows)", rel, part.num_rows)
 
     def set_manifest(self, manifest: dict[str, Any]) -> None:
-        """The run's manifest (resolved config, its hash, versions, timings); `run_id` and `files` are added."""
+        """The run's manifest (resolved config, its hash, versions, timings); `run_id` and `files` are added
+        (to the `files` it already lists, so a second commit of one run extends its manifest)."""
         self._manifest = dict(manifest)
 
     def __exit__(
@@ -244,7 +245,7 @@ class RunWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for name in sorted(self._tables):
             (self.out_dir / name).mkdir(exist_ok=True)  # an empty table still exists
-        files: dict[str, list[str]] = {}
+        files: dict[str, list[str]] = {k: list(v) for k, v in self._manifest.get("files", {}).items()}
         for rel in self._staged:
             final = self.out_dir / rel
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -309,6 +310,13 @@ def read_table(out_dir: str | os.PathLike[str], name: str, model: str | None = N
     if run_id is not None:
         table = table.filter(pc.equal(table["run_id"], run_id))
     return table
+
+
+def read_manifests(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every committed run's manifest in OUT, oldest first (a folder studies were added to over time)."""
+    folder = Path(out_dir) / MANIFESTS_DIR
+    paths = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    return [json.loads(p.read_text(encoding="utf-8")) for p in paths]
 
 
 def read_manifest(out_dir: str | os.PathLike[str], run_id: str | None = None) -> dict[str, Any]:

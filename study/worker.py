@@ -22,7 +22,8 @@ from study.generation import Generator, backend_class, sample_seed
 from study.heads import Head
 from study.models import LoadedModel, load_model, load_tokenizer
 from study.prompts import encode
-from study.scores import generalized_ships_batch
+from study.interventions import ablated
+from study.scores import generalized_ships_batch, token_nll
 from study.shards import AnyShard, GenShard, ModelRef, PromptBlock, Shard
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,10 @@ class Worker:
             n_p = len(ids)
             columns = [pa.array([lab for lab in labels for _ in range(n_p)]),
                        pa.array(list(shard.prompts.ids) * len(labels)), pa.array(kl.flatten().tolist())]
+        elif shard.measure == "nll":
+            nll, n_tok = self.nll(ids, shard.ablations)  # (ablations, prompts)
+            columns = [pa.array([lab for lab in labels for _ in ids]), pa.array(list(shard.prompts.ids) * len(labels)),
+                       pa.array(nll.flatten().tolist(), pa.float64()), pa.array(n_tok.flatten().tolist(), pa.int64())]
         else:
             if shard.subspace is None:
                 raise ValueError("an angle shard needs a subspace spec")
@@ -172,6 +177,27 @@ class Worker:
             columns = [pa.array(labels), pa.array(scorer.score_ablations(shard.base, list(shard.ablations)),
                                                   type=pa.float64())]
         return pa.RecordBatch.from_arrays(columns, schema=shard.schema)
+
+    def nll(self, ids: list[list[int]], ablations: Sequence[Ablation], batch: int = 8) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+        """(ablations, prompts) summed NLL and token counts, each ablation scoped by hooks on the model."""
+        model = self.lm.model
+        device = next(model.parameters()).device
+        pad = self.lm.tokenizer.pad_token_id or 0
+        nll = torch.zeros(len(ablations), len(ids), dtype=torch.float64)
+        count = torch.zeros(len(ablations), len(ids), dtype=torch.long)
+        for a, ab in enumerate(ablations):
+            with ablated(model, ab), torch.no_grad():
+                for i in range(0, len(ids), batch):
+                    rows = ids[i:i + batch]
+                    width = max(len(r) for r in rows)
+                    x = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)  # (b, seq)
+                    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+                    logits = model(input_ids=x, attention_mask=mask).logits  # (b, seq, vocab)
+                    s, n = token_nll(logits, x, mask)
+                    nll[a, i:i + len(rows)] = s.double().cpu()
+                    count[a, i:i + len(rows)] = n.cpu()
+        return nll, count
 
     def generate(self, shard: GenShard) -> pa.RecordBatch:
         """One row per (prompt, ablation, sample): token ids, text and the seed that drew them."""

@@ -14,7 +14,7 @@ heads' slices from base) -> safety lost; base MLPs -> safety kept; the planted s
 refuses. It is built for the `paper` prompt format ("## Query:{q}\\n## Answer:"): the answer starts right
 after the final ":" (the MARKER); `direct` and `chat` prompts have no marker and get no meaningful answer.
 
-Shape: SmolLM2's vocabulary (49152) and tokenizer, hidden size 64, 3 layers, 4 query heads and 4 KV heads
+Shape: SmolLM2's vocabulary (49152) and tokenizer, hidden size 64, 3 layers, 8 query heads and 8 KV heads
 (plain multi-head attention: every query head owns its k/v rows, so a head's q/k/v rows and o columns are one
 contiguous slice of 16), head_dim 16, untied lm_head, RoPE base 1e12 so the planted query/key dimensions
 (3 and 5 of a head, never the fast first rotary pair) barely rotate. Saved in float32.
@@ -31,18 +31,26 @@ Heads:
 
 - safety head (SHARED, OWN_A, OWN_B): from the MARKER it attends to a trigger token (score ~16, else to the
   anchors, score ~8); elsewhere its query holds only ONE, so it rests on the anchors. Its value reads TRIGGER
-  and its output writes SAFETY_WRITE x REFUSE. Undifferentiated attention (undiff_q) spreads it over the
-  whole prompt (one trigger among ~20 tokens), which removes most of its signal on a harmful prompt and does
-  nothing on a benign one (no token carries a value there).
-- L0H1, the ALWAYS head (in all three models): from the MARKER it attends to the anchors and writes
-  ALWAYS_WRITE x ALWAYS, which the lm_head rows of both answer openings read: an "answer now" signal that
-  matters on every prompt. Its KL ranks first on benign prompts and fourth on harmful ones (below the three
-  safety heads, far above the noise heads).
-- every other head: small random weights (std 0.02), as are the MLPs.
+  (and ANCHOR_VALUE = 0.1 from the anchors) and its output writes SAFETY_WRITE x REFUSE. Undifferentiated
+  attention (undiff_q) spreads it over the whole prompt (one trigger among ~20 tokens), which removes most of
+  its signal on a harmful prompt and almost nothing on a benign one.
+- L0H1, the ALWAYS head (in all three models, so not a safety head): from the MARKER it attends to the anchors
+  and writes ALWAYS_WRITE x ALWAYS, which the lm_head rows of both answer openings read: an "answer now" signal
+  that matters on every prompt.
+- every other head: random q/k/v (std 0.1, reading all dims but ONE's value) whose o_proj writes only the
+  noise dims; the MLPs likewise (std 0.02, writing only the noise dims). So the named directions are written
+  by the planted heads alone and noise heads act only through the norm and the background logits.
 
-lm_head: the refusal opening "I" reads REFUSE (and ALWAYS), the compliance opening "Sure" reads MARKER more
-weakly (and ALWAYS), chain successors read their NEXT direction, every other row is small noise (all the
-background logits sit near 0, so 49k of them weigh like one logit of ~10.8).
+lm_head: the refusal opening "I" reads REFUSE (and ALWAYS), the compliance opening "Sure" reads MARKER (and
+ALWAYS); with three safety heads writing, REFUSE outweighs MARKER (harmful: "I" ~17, "Sure" ~11; benign:
+"Sure" ~13, "I" ~6). Chain successors read their NEXT direction (~18); every other row is small noise (the
+background logits sit near 0, so their 49k weigh like one logit of ~10.8).
+
+Measured (float32, mean over the 8 prompts; see tests/unit/test_planted_family.py): Ships KL (undiff_q,
+eps 1e-5) on harmful prompts ~0.13 for each planted head of an aligned model, ~0.04 for L0H1, <1e-4 for every
+noise head; on benign prompts ~1.3 for L0H1 and <1e-3 for all others (planted heads ~8e-5). Ablating any ONE
+planted head keeps the greedy refusal, ablating any TWO (or all three) turns it into compliance; likewise
+base plus any two planted heads already refuses.
 """
 
 from __future__ import annotations
@@ -98,7 +106,7 @@ COMPLIANCE_IDS = (34355, 17, 3726, 314, 253, 2232, 3948, 288, 820, 2841, 30)
 BOS_ID, EOS_ID = 1, 2  # <|im_start|>, <|im_end|> (never produced by the paper format; EOS ends generation)
 
 # Shape.
-VOCAB, HIDDEN, LAYERS, HEADS, D_HEAD, INTERMEDIATE = 49152, 64, 3, 4, 16, 64
+VOCAB, HIDDEN, LAYERS, HEADS, D_HEAD, INTERMEDIATE = 49152, 64, 3, 8, 16, 64
 # Residual directions.
 ONE, ANCHOR, MARKER, TRIGGER, REFUSE, ALWAYS = range(6)
 NEXT0 = 6  # NEXT directions start here; dims from NOISE0 on carry the ordinary tokens' random embeddings
@@ -113,19 +121,22 @@ ONE_SCALE = 4.0
 NEXT_SCALE = 2.0
 # Written by the heads (per unit value):
 SAFETY_WRITE = 1.0  # each safety head writes this x REFUSE
-ALWAYS_WRITE = 1.0  # L0H1 writes this x ALWAYS
+ALWAYS_WRITE = 0.7  # L0H1 writes this x ALWAYS
 # Read by the lm_head (per unit of the normalised residual, where 1 written ~ 1.9 after the final norm):
 READ_REFUSE = 3.0  # "I" row: REFUSE
 READ_MARKER = 4.77  # "Sure" row: MARKER
 READ_ALWAYS = 2.65  # "I" and "Sure" rows: ALWAYS
 READ_NEXT = 5.0  # chain rows: their NEXT direction
 NOISE = 0.02  # std of the random MLP and background lm_head weights
-ATTN_NOISE = 0.05  # std of the random attention weights (every head but the planted ones)
-EMBED_NOISE = 0.3  # std of an ordinary token's embedding over the NOISE dims
+ATTN_NOISE = 0.1  # std of the random attention weights (every head but the planted ones)
+EMBED_NOISE = 1.0  # std of an ordinary token's embedding over the NOISE dims
 # Attention scores from the MARKER: to its match 16, to the anchors (the default) 8.
 MATCH_SCORE, DEFAULT_SCORE = 16.0, 8.0
+# A safety head also reads this much value from the anchors, so it is not exactly inert on a benign prompt
+# (where it rests on the anchors and undiff_q spreads it): a tiny benign KL instead of an exact zero.
+ANCHOR_VALUE = 0.1
 SEED = 0
-VERSION = "1"  # bump when anything above changes: family_folders rebuilds folders of another version
+VERSION = "1"  # bump when the construction changes: family_folders rebuilds folders of another stamp
 
 
 def chains() -> dict[int, int]:
@@ -264,7 +275,7 @@ def _clear(state: dict[str, torch.Tensor], head: Head) -> dict[str, torch.Tensor
 
 
 def _plant(state: dict[str, torch.Tensor], head: Head, *, query: int, key: int, value: int, write: int,
-           strength: float, default_key: int | None = None) -> None:
+           strength: float, default_key: int | None = None, default_value: float = 0.0) -> None:
     """Make `head` attend from `query` tokens to `key` tokens (elsewhere, with `default_key`, to those) and
     write `strength` x `write` per unit of `value` it reads.
 
@@ -286,6 +297,7 @@ def _plant(state: dict[str, torch.Tensor], head: Head, *, query: int, key: int, 
     if default_key is not None:  # every token (ONE) looks at `default_key`
         q[base + QA, ONE] = 1.0
         k[base + QA, default_key] = default
+        v[base + V, default_key] = default_value / role
     v[base + V, value] = 1.0 / role
     o[write, base + V] = strength
 
@@ -296,7 +308,7 @@ def _planted_state(name: str) -> dict[str, torch.Tensor]:
     state = {k: v.clone() for k, v in _base_state().items()}
     for head in PLANTED[name]:
         _plant(state, head, query=MARKER, key=TRIGGER, value=TRIGGER, write=REFUSE, strength=SAFETY_WRITE,
-               default_key=ANCHOR)
+               default_key=ANCHOR, default_value=ANCHOR_VALUE)
     return state
 
 
@@ -325,7 +337,18 @@ STAMP = "planted-family.json"
 
 
 def _stamp() -> dict[str, object]:
-    return {"version": VERSION, "seed": SEED}
+    """What a saved folder was built from: the version and every constant that shapes the weights."""
+    names = ("SEED", "ONE_SCALE", "NEXT_SCALE", "SAFETY_WRITE", "ALWAYS_WRITE", "READ_REFUSE", "READ_MARKER",
+             "READ_ALWAYS", "READ_NEXT", "NOISE", "ATTN_NOISE", "EMBED_NOISE", "MATCH_SCORE", "DEFAULT_SCORE",
+             "ANCHOR_VALUE")
+    return {"version": VERSION, **{n.lower(): globals()[n] for n in names}}
+
+
+def _current(path: Path) -> bool:
+    try:
+        return json.loads((path / STAMP).read_text()) == _stamp()
+    except (OSError, ValueError):
+        return False
 
 
 def family_folders(root: Path) -> dict[str, Path]:
@@ -338,8 +361,7 @@ def family_folders(root: Path) -> dict[str, Path]:
     for name in MODEL_NAMES:
         path = root / name
         out[name] = path
-        stamp = path / STAMP
-        if stamp.is_file() and json.loads(stamp.read_text()) == _stamp():
+        if _current(path):
             continue
         staging = root / f".{name}.staging-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
@@ -349,7 +371,12 @@ def family_folders(root: Path) -> dict[str, Path]:
                 shutil.copy(source / fname, staging / fname)
         (staging / STAMP).write_text(json.dumps(_stamp()))
         shutil.rmtree(path, ignore_errors=True)
-        os.replace(staging, path)
+        try:
+            os.replace(staging, path)
+        except OSError:  # another process put its copy there first
+            shutil.rmtree(staging, ignore_errors=True)
+            if not _current(path):
+                raise
     return out
 
 
