@@ -192,12 +192,13 @@ class RayExecutor(Executor):
                     self._member_ready(ref)
             for m in list(models):  # a model whose work is all done frees its slots for a waiting model
                 if waiting and not queues[m] and not any(p.model == m for p, _, _ in in_flight.values()):
+                    slots = len(self.pools[m].members)  # a model that waited itself had no target of its own
                     self._release(m)
                     models.remove(m)
                     nxt = waiting.pop(0)
                     models.append(nxt)
                     pool = self.pools.setdefault(nxt, _Pool(nxt, options.get(nxt, WorkerOptions())))
-                    self._grow(pool, targets[m])
+                    self._grow(pool, slots)
                     started[nxt] = time.perf_counter()
         for m, t in finished.items():  # wall time per model, from its pool's start to its last result
             self.stats_for(m).seconds += t - started[m]

@@ -8,7 +8,7 @@ import pytest
 import ray
 
 from actors.ray_executor import RayExecutor
-from study.config import ExecutionConfig
+from study.config import ExecutionConfig, StudyConfig, build
 from study.runner import run_study
 from tests.integration.test_runner import assert_same_tables, spec
 from tests.model_folders import tiny_llama_folder
@@ -36,3 +36,15 @@ def test_three_models_two_gpu_slots(gpu_cluster, tmp_path):
     assert_same_tables(tmp_path / "local", tmp_path / "ray", rtol=1e-10)
     groups = {j.cfg.model: j.group for j in result.jobs if j.experiment == "sahara"}
     assert len(groups) == 3 and all(len(g) == 2 for g in groups.values())
+
+
+def test_a_chain_of_waiting_models_each_gets_the_slot_it_inherits(gpu_cluster, tmp_path):
+    """Five models on two slots: three wait, and a model that waited hands its slot on when it is done
+    (it had no slot of its own in the round's plan, so the next one must take the slot it actually held)."""
+    models = [str(tiny_llama_folder(tmp_path / f"m{i}", seed=i, layers=2)) for i in range(5)]
+    with RayExecutor(ExecutionConfig()) as ex:
+        result = run_study(build(StudyConfig, dict(out=str(tmp_path / "ray"), models=models, ships={},
+                                                   defaults=dict(dtype="float64", limit=2, shard_heads=8),
+                                                   execution=dict(executor="ray"))), executor=ex)
+        assert all(ex.stats[m].shards > 0 and ex.stats[m].actors == 1 for m in models)
+    assert result.computed == sum(s.shards for s in result.stats.values())

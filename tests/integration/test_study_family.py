@@ -1,0 +1,142 @@
+"""Ground truth for the cross-model path: a planted tiny family (a base and two fine-tunes that share two
+safety heads plus one each of their own) run as one study from a spec, on Ray, then again locally.
+
+Everything asserted is known from the planting (tests/planted_family.py): the Sahara group of two of each
+fine-tune is the planted pair they share; the fine-tunes' top-3 Ships heads share exactly those two, with the exact hypergeometric p-value of two top-3 sets out of 24 heads sharing two; the planted
+heads are safety-specific and the always-important head is not; and each swap recipe does what the
+planting predicts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import duckdb
+import pandas as pd
+import pytest
+import yaml
+
+from study.config import load_study
+from study.runner import run_study
+from tests.planted_family import ALWAYS_HEAD, OWN_A, OWN_B, PLANTED, SHARED, family_folders, write_prompt_files
+
+pytestmark = pytest.mark.slow
+
+# what each recipe does to a fine-tune whose safety lives in its planted attention heads (ASR, paper judge)
+PREDICTED_ASR = {"aligned": 0.0, "base": 1.0, "attn-from-base": 1.0, "mlp-from-base": 0.0, "heads-from-base": 1.0,
+                 "heads-into-base": 0.0}
+
+
+@pytest.fixture(scope="module")
+def family_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family")
+    folders = {k: str(v) for k, v in family_folders(root / "models").items()}
+    harmful, benign = write_prompt_files(root)
+    spec = {
+        "out": str(root / "run"),
+        "models": [{"name": folders["base"], "role": "base", "experiments": []},
+                   {"name": folders["aligned_a"], "base": folders["base"]},
+                   {"name": folders["aligned_b"], "base": folders["base"]}],
+        "execution": {"executor": "ray", "actors": 1},
+        "defaults": {"prompts": str(harmful), "format": "paper", "op": "undiff_q", "eps": 1e-5, "dtype": "float32"},
+        "ships": {},
+        "specificity": {"prompts": str(benign)},
+        "sahara": {"steps": 2},
+        "asr": {"max_new_tokens": 16, "judges": ["paper", "refusal"], "benign": str(benign), "random_controls": 1},
+        "swap": {"max_new_tokens": 16, "judges": ["paper"], "benign": str(benign)},
+        "utility": {"limit": 6, "random_controls": 1},
+        "overlap": {"k": 3},
+    }
+    path = root / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    first = run_study(load_study(path))
+    return root, folders, path, first
+
+
+def _read(root, table):
+    return pd.read_parquet(root / "run" / table)
+
+
+def test_sahara_finds_planted_heads(family_run):
+    """Any two planted heads carry the refusal, so the greedy search's group of two is two planted heads of
+    each fine-tune (a third step picks noise: once two are gone the paper's metric is flat)."""
+    _, folders, _, first = family_run
+    groups = {j.cfg.model: set(j.group) for j in first.jobs if j.experiment == "sahara"}
+    for name in ("aligned_a", "aligned_b"):
+        assert len(groups[folders[name]]) == 2 and groups[folders[name]] <= set(PLANTED[name])
+
+
+def test_overlap_reports_the_shared_heads_with_their_p_value(family_run):
+    root, folders, _, _ = family_run
+    ov = _read(root, "overlap")
+    harmful = ov["datasets"].map(lambda d: set(d) == {"harmful.txt"})
+    rows = ov[(ov["axis"] == "models") & (ov["source"] == "ships") & (ov["k"] == 3) & harmful]
+    assert len(rows) == 1
+    row = rows.iloc[0]
+    assert sorted(row["models"]) == sorted([folders["aligned_a"], folders["aligned_b"]])
+    assert list(row["shared_heads"]) == [h.label for h in sorted(SHARED)] and row["shared"] == 2
+    # P(two random 3-sets of 24 heads share >= 2) = (C(3,2) C(21,1) + C(3,3)) / C(24,3)
+    p = (math.comb(3, 2) * math.comb(21, 1) + 1) / math.comb(24, 3)
+    assert row["p_value"] == pytest.approx(p, rel=1e-12) and row["p_value"] < 0.05
+    assert row["jaccard"] == pytest.approx(2 / 4)
+    same = duckdb.sql(f"select shared, p_value from read_parquet('{root / 'run' / 'overlap'}/*/*.parquet') "
+                      f"where axis = 'models' and source = 'ships' and k = 3 and datasets[1] = 'harmful.txt'").fetchall()
+    assert same == [(2, row["p_value"])]
+
+
+def test_specificity_separates_safety_heads_from_an_always_important_head(family_run):
+    root, folders, _, _ = family_run
+    spec = _read(root, "specificity")
+    for name, own in (("aligned_a", OWN_A), ("aligned_b", OWN_B)):
+        rows = spec[spec["model"] == folders[name]].set_index("head_label")
+        for head in (*SHARED, own):
+            assert rows.loc[head.label, "specificity"] > 0.9
+        assert rows.loc[ALWAYS_HEAD.label, "specificity"] < 0.5
+        assert rows.loc[ALWAYS_HEAD.label, "kl_benign"] > rows.loc[ALWAYS_HEAD.label, "kl_harmful"]
+        top = rows.sort_values("rank_specific").index[:3]
+        assert set(top) == {h.label for h in (*SHARED, own)}
+
+
+def test_swaps_do_what_the_planting_predicts(family_run):
+    root, folders, _, first = family_run
+    groups = {j.cfg.model: j.group for j in first.jobs if j.experiment == "sahara"}
+    sw = _read(root, "swaps")
+    for name in ("aligned_a", "aligned_b"):
+        rows = sw[(sw["model"] == folders[name])]
+        asr = rows[(rows["kind"] == "harmful") & (rows["metric"] == "asr")].set_index("recipe")["value"]
+        assert asr.to_dict() == PREDICTED_ASR
+        benign = rows[(rows["kind"] == "benign") & (rows["metric"] == "refusal_rate")]
+        assert (benign["value"] == 0).all() and len(benign) == len(PREDICTED_ASR)
+        moved = rows[rows["recipe"] == "heads-from-base"]["heads"].iloc[0]
+        assert sorted(moved) == sorted(h.label for h in groups[folders[name]])  # this run's Sahara group
+        ships = rows[(rows["kind"] == "ships") & (rows["metric"] == "ships:group")].set_index("recipe")["value"]
+        # the safety heads matter in the aligned model and in the base that received them, not where removed
+        assert ships["aligned"] > 0.1 and ships["heads-into-base"] > 0.1
+        assert ships["heads-from-base"] < 1e-3 and ships["attn-from-base"] < 1e-3
+
+
+def test_asr_rises_when_the_group_goes(family_run):
+    root, folders, _, _ = family_run
+    asr = _read(root, "asr")
+    rows = asr[(asr["model"] == folders["aligned_a"]) & (asr["kind"] == "harmful") & (asr["judge"].str.startswith("paper"))]
+    by = {(r.condition, r.group_size): r.asr for r in rows.itertuples()}
+    # two planted heads are enough to refuse: one removed keeps the refusal, two removed do not
+    assert by[("normal", 0)] == 0 and by[("sahara", 1)] == 0 and by[("sahara", 2)] == 1.0
+    curve = _read(root, "asr_curve")
+    assert set(curve[curve["model"] == folders["aligned_a"]]["group_size"]) == {0, 1, 2}
+
+
+def test_utility_and_resume(family_run):
+    root, folders, path, first = family_run
+    util = _read(root, "utility")
+    normal = util[(util["condition"] == "normal") & (util["metric"] == "perplexity")]
+    assert len(normal) == 2 and (normal["ratio"] == 1.0).all() and normal["value"].map(math.isfinite).all()
+    assert set(util["condition"]) == {"normal", "sahara", "random"}
+    # the same spec again, on the local executor: nothing is computed, the tables are the same
+    spec = yaml.safe_load(path.read_text())
+    spec["execution"] = {"executor": "local"}
+    path.write_text(yaml.safe_dump(spec))
+    again = run_study(load_study(path))
+    assert again.computed == 0 and again.reused == first.computed + first.reused
+    manifest = pd.read_json(root / "run" / "manifest.json", typ="series")
+    assert set(manifest["derived"]) == {"rankings", "overlap", "specificity", "asr_curve"}
