@@ -179,6 +179,8 @@ def _run(study, args: argparse.Namespace) -> None:
             saved = job.summary()
             print(f"saved {saved['checkpoint']}: {saved['label']} ({saved['edited_parameters']:,} of "
                   f"{saved['total_parameters']:,} parameters edited)")
+    if "overlap" in result.derived:
+        print_overlap(result.derived["overlap"])
     print("\n".join(summary_lines(result)))
     print(f"wrote {result.out} (run {result.run_id})")
 
@@ -331,6 +333,20 @@ def print_swaps(table, job) -> None:
               f"{'' if benign is None else f'{benign.value:.2f}':>14}  {degen.value:10.2f}  "
               f"{ships_v['value'].mean() if len(ships_v) else float('nan'):8.3f}")
     print("  (Ships: mean KL when the safety heads are ablated together, in that model)")
+
+
+def print_overlap(table) -> None:
+    """Pairs of models: how many top-k heads they share, against random head sets of the same size."""
+    df = table.to_pandas()
+    df = df[(df["axis"] == "models") & (df["n_sets"] == 2)]
+    if df.empty:
+        return
+    print("\nshared top heads across models (p: chance that random head sets of that size share as many):")
+    for r in df.itertuples():
+        a, b = (m.split("/")[-1] for m in r.models)
+        shared = ",".join(r.shared_heads) or "none"
+        print(f"  {r.source:<11} {r.datasets[0][:22]:<22} {r.ops[0]:<8} top-{r.k}: {a} & {b}: {r.shared} "
+              f"({shared}), p = {r.p_value:.2g}")
 
 
 COMMANDS = {"run": _cmd_run, "plan": _cmd_plan, "submit": _cmd_submit, "ships": _cmd_ships,

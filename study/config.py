@@ -330,6 +330,8 @@ EXPERIMENTS: dict[str, type[ModelConfig]] = {
     "surgery": SurgeryConfig}
 # generalized Ships is Sahara's first step, every head scored; perplexity reads raw text, not a prompt
 FIXED = {"generalized_ships": {"steps": 1}, "utility": {"format": "direct", "system_prompt": None}}
+# sections whose own prompt set (benign prompts, benign text) and its limit the study's defaults do not replace
+OWN_PROMPTS = ("specificity", "utility")
 
 
 class ModelEntry(_Frozen):
@@ -516,7 +518,9 @@ class StudyConfig(_Frozen):
         """One settings mapping of a section on one model (or the section's own model): its jobs."""
         if not isinstance(section, dict):
             raise UsageError(f"{name}: expected a mapping of keys (or a list of them), got {type(section).__name__}")
-        values = {**{k: v for k, v in self.defaults.items() if k in cls.model_fields}, **section}
+        inherit = {k: v for k, v in self.defaults.items() if k in cls.model_fields
+                   and not (k in ("prompts", "limit") and name in OWN_PROMPTS)}
+        values = {**inherit, **section}
         if entry is not None:
             values.update(model=entry.name, **entry.values_for(name, cls))
             if entry.revision is not None:

@@ -113,3 +113,15 @@ def test_the_paper_spec_states_its_setting_and_numbers():
     assert numbers[(vicuna, "asr", "advbench")].value == 0.55
     assert numbers[(chat, "delta_asr", "maliciousinstruct")].value == [0.63, 0.68, 0.72, 0.70, 0.66]
     assert numbers[(chat, "top_head", None)].value == "L2H26"
+
+
+def test_benign_sections_keep_their_own_prompts(tmp_path):
+    spec = _spec(tmp_path, """
+        models: [org/a]
+        defaults: {prompts: builtin:harmful, limit: 5}
+        specificity: {}
+        utility: {heads: L0H1}
+    """)
+    jobs = dict(load_study(spec).jobs())
+    assert jobs["specificity"].prompts == "builtin:benign" and jobs["utility"].prompts == "builtin:text"
+    assert jobs["specificity"].limit is None and jobs["utility"].format.value == "direct"
