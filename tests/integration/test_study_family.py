@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from study.config import load_study
+from study.cli import main
 from study.runner import run_study
 from tests.planted_family import ALWAYS_HEAD, OWN_A, OWN_B, PLANTED, SHARED, family_folders, write_prompt_files
 
@@ -126,17 +127,18 @@ def test_asr_rises_when_the_group_goes(family_run):
     assert set(curve[curve["model"] == folders["aligned_a"]]["group_size"]) == {0, 1, 2}
 
 
-def test_utility_and_resume(family_run):
+def test_utility_and_resume_through_the_command_line(family_run, capsys):
     root, folders, path, first = family_run
     util = _read(root, "utility")
     normal = util[(util["condition"] == "normal") & (util["metric"] == "perplexity")]
     assert len(normal) == 2 and (normal["ratio"] == 1.0).all() and normal["value"].map(math.isfinite).all()
     assert set(util["condition"]) == {"normal", "sahara", "random"}
-    # the same spec again, on the local executor: nothing is computed, the tables are the same
-    spec = yaml.safe_load(path.read_text())
-    spec["execution"] = {"executor": "local"}
-    path.write_text(yaml.safe_dump(spec))
-    again = run_study(load_study(path))
-    assert again.computed == 0 and again.reused == first.computed + first.reused
+    # the same spec again, through the command line on the local executor: nothing is computed
+    assert main(["run", str(path), "--executor", "local"]) == 0
+    out = capsys.readouterr().out
+    assert f"shards: 0 computed, {first.computed + first.reused} reused" in out
+    swaps = out[out.index("base-weight swaps: " + folders["aligned_a"]):]
+    assert all(recipe in swaps for recipe in PREDICTED_ASR)
+    assert "shared top heads across models" in out and "top-3" in out
     manifest = pd.read_json(root / "run" / "manifest.json", typ="series")
     assert set(manifest["derived"]) == {"rankings", "overlap", "specificity", "asr_curve"}
