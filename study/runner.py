@@ -23,6 +23,7 @@ import pyarrow as pa
 from study.config import StudyConfig
 from study.errors import UsageError
 from study.executor import Executor, LocalExecutor, ModelStats, execute, make_executor
+from study.shards import GenShard
 from study.asr import AsrJob
 from study.jobs import GeneralizedShipsJob, Job, SaharaJob, ScanJob, ShipsJob, SpecificityJob, SurgeryJob
 from study.swap_job import SwapJob
@@ -164,7 +165,13 @@ def describe_plan(plan: Plan, force: bool = False) -> list[str]:
     """What a study implies, and what the run folder already holds (`headstudy plan`)."""
     store = ShardStore(plan.out)
     done = set() if force else store.ids()
+    models = plan.study.models or []
     lines = [f"study -> {plan.out} ({plan.study.execution.executor} executor)"]
+    if models:
+        lines.append(f"models ({len(models)}): " + ", ".join(
+            m.name + (" (base)" if m.role == "base" else f" (from {m.base})" if m.base else "") for m in models))
+    forwards = generations = tokens = todo = total = 0
+    waiting: list[str] = []
     for job in plan.jobs:
         if not isinstance(job, ScanJob):
             target = job.summary()["checkpoint"]
@@ -172,6 +179,16 @@ def describe_plan(plan: Plan, force: bool = False) -> list[str]:
             continue
         shards = job.pending()
         have = sum(s.id in done for s in shards)
+        total += len(shards)
+        todo += len(shards) - have
+        if not shards and not job.done:
+            waiting.append(f"{job.experiment} {job.cfg.model}")
+        for sh in shards:
+            if isinstance(sh, GenShard):
+                generations += sh.rows
+                tokens += sh.rows * sh.decoding.max_new_tokens
+            else:
+                forwards += sh.rows
         if isinstance(job, (AsrJob, SwapJob, UtilityJob)):
             lines.append(job.plan_line(shards, have))
             continue
@@ -181,6 +198,10 @@ def describe_plan(plan: Plan, force: bool = False) -> list[str]:
             extra = f", then up to {job.cfg.steps - 1} more step(s) of about the same size"
         lines.append(f"  {job.experiment:<7} {job.cfg.model}: {len(job.prompts)} prompts x {len(job.heads)} heads, "
                      f"{len(shards)} shards ({rows} rows) in the first round, {have} already done{extra}")
+    lines.append(f"first round: {total} shards ({todo} to compute): {forwards} scored (prompt, ablation) rows, "
+                 f"{generations} generations of up to {tokens} tokens in all")
+    if waiting:
+        lines.append(f"later rounds (their size follows from the first): {', '.join(waiting)}")
     return lines
 
 
