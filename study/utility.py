@@ -18,14 +18,12 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
-from study import __version__
 from study.asr import Arm, dataset_arms
 from study.config import UtilityConfig
 from study.errors import UsageError
 from study.executor import Outcome
 from study.heads import parse_heads
 from study.jobs import Job, SaharaJob, ScanJob, find_source
-from study.models import model_id
 from study.schema import make_table
 from study.shards import Shard, blocks
 

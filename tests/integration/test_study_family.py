@@ -9,6 +9,7 @@ planting predicts.
 
 from __future__ import annotations
 
+import json
 import math
 
 import duckdb
@@ -45,7 +46,7 @@ def family_run(tmp_path_factory):
         "sahara": {"steps": 2},
         "asr": {"max_new_tokens": 16, "judges": ["paper", "refusal"], "benign": str(benign), "random_controls": 1},
         "swap": {"max_new_tokens": 16, "judges": ["paper"], "benign": str(benign)},
-        "utility": {"limit": 6, "random_controls": 1},
+        "utility": {"limit": 6, "random_controls": 1, "lm_eval_tasks": ["boolq"]},
         "overlap": {"k": 3},
     }
     path = root / "study.yaml"
@@ -140,5 +141,9 @@ def test_utility_and_resume_through_the_command_line(family_run, capsys):
     swaps = out[out.index("base-weight swaps: " + folders["aligned_a"]):]
     assert all(recipe in swaps for recipe in PREDICTED_ASR)
     assert "shared top heads across models" in out and "top-3" in out
-    manifest = pd.read_json(root / "run" / "manifest.json", typ="series")
+    manifest = json.loads((root / "run" / "manifest.json").read_text())
     assert set(manifest["derived"]) == {"rankings", "overlap", "specificity", "asr_curve"}
+    # the paper's zero-shot tasks need lm-eval and its data: the manifest says plainly why they did not run
+    status = [j["lm_eval"]["status"] for j in manifest["jobs"] if j["experiment"] == "utility"]
+    assert len(status) == 2 and all(s.startswith("lm-eval tasks boolq skipped: lm-eval is not installed")
+                                    for s in status)
