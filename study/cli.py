@@ -26,6 +26,7 @@ EXAMPLES = """examples:
   headstudy asr --from-run runs/ships --level query --k 1 --backend vllm --out runs/asr-query
   headstudy surgery --heads L18H8,L7H2 --out ckpt/smollm2-ablated
   headstudy submit quickstart --address http://HEAD:8265 --out /shared/runs/q
+  headstudy report runs/q                          figures and runs/q/report.html from the tables
 """
 
 
@@ -89,6 +90,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--address", required=True, help="the cluster's Jobs API, e.g. http://HEAD:8265")
     p.add_argument("--out", required=True, help="absolute output folder the head node can write")
     _common(p, submitted=True)
+
+    p = sub.add_parser("report", help="figures and a self-contained report.html from a run folder's tables")
+    p.add_argument("run_dir", help="a run folder (the --out of a study)")
+    p.add_argument("-v", "--verbose", action="store_true", help="info logging")
 
     p = sub.add_parser("models", help="the built-in model aliases")
     p = sub.add_parser("configs", help="the built-in study specs")
@@ -183,6 +188,22 @@ def _run(study, args: argparse.Namespace) -> None:
         print_overlap(result.derived["overlap"])
     print("\n".join(summary_lines(result)))
     print(f"wrote {result.out} (run {result.run_id})")
+    print(f"report: {_report(result.out)}")
+
+
+def _report(run_dir) -> str:
+    """The run folder's figures and report.html (from its tables only: `headstudy report` redoes it)."""
+    from analysis.report import write_report
+
+    return str(write_report(run_dir))
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    if not Path(args.run_dir).is_dir():
+        raise UsageError(f"run folder {args.run_dir!r} not found: give the --out folder of a study")
+    print(f"wrote {_report(args.run_dir)}")
 
 
 def _cmd_ships(args: argparse.Namespace) -> None:
@@ -350,7 +371,7 @@ def print_overlap(table) -> None:
 
 
 COMMANDS = {"run": _cmd_run, "plan": _cmd_plan, "submit": _cmd_submit, "ships": _cmd_ships,
-            "sahara": _cmd_sahara, "asr": _cmd_asr, "surgery": _cmd_surgery, "models": _cmd_models, "configs": _cmd_configs}
+            "sahara": _cmd_sahara, "asr": _cmd_asr, "surgery": _cmd_surgery, "report": _cmd_report, "models": _cmd_models, "configs": _cmd_configs}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
