@@ -1,0 +1,374 @@
+"""The facts the report states, pulled out of the tables as plain values (no markup): each model's safety
+heads, the headline ASR of ablating them, whether models share heads, what the swaps did, and the measured
+value beside each published one. The first screen and the sections both read these."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any
+
+import pandas as pd
+
+from analysis import is_missing, style
+from analysis.report._load import RunData
+
+__all__ = ["AsrHeadline", "Group", "TopHeads", "asr_headlines", "heads_of", "model_overlaps", "pick_judge",
+           "published_rows", "reading", "sahara_groups", "swap_summary", "top_heads"]
+
+TARGETED = ("sahara", "heads", "query")  # in the order a headline prefers them
+CONDITION_NAMES = {"sahara": "Sahara group", "heads": "given heads", "query": "each prompt's own top heads",
+                   "normal": "normal model", "random": "random heads"}
+DEGENERATE_WARN = 0.2  # a larger share of degenerate answers is reported as broken text, not a jailbreak
+ALPHA = 0.05
+RECIPE_NAMES = {"aligned": "aligned model", "base": "base model", "attn-from-base": "attention from the base",
+                "mlp-from-base": "MLPs from the base", "heads-from-base": "safety heads from the base",
+                "heads-into-base": "safety heads into the base"}  # the words a reader sees for each swap recipe
+RECIPES = tuple(RECIPE_NAMES)
+
+
+def heads_of(ablation: Any) -> str:
+    """The heads of an ablation label (`undiff_q:1e-05:L1H0,L1H3` -> `L1H0, L1H3`; `query:top1` -> its text)."""
+    text = "" if is_missing(ablation) else str(ablation)
+    if text in ("", "none"):
+        return "none"
+    if text.startswith("query:"):
+        m = re.search(r"top(\d+)", text)
+        return f"each prompt's top {m.group(1)}" if m else text
+    last = text.rsplit(":", 1)[-1]
+    return ", ".join(last.split(",")) if re.fullmatch(r"(L\d+H\d+,?)+", last) else text
+
+
+def pick_judge(judges: Sequence[Any]) -> str | None:
+    """The judge a headline reads: the first in sorted order (the one the figures draw)."""
+    names = sorted({str(j) for j in judges if not is_missing(j)})
+    return names[0] if names else None
+
+
+def _prefer(values: Sequence[Any], first: Sequence[str]) -> Any:
+    vals = sorted({str(v) for v in values})
+    for f in first:
+        for v in vals:
+            if v == f or v.startswith(f):
+                return v
+    return vals[0] if vals else None
+
+
+# ---- heads ----
+
+@dataclass(frozen=True)
+class Group:
+    """A Sahara group: the chosen head of each step, in order, with the step's score."""
+
+    model: str
+    dataset: str
+    op: str
+    eps: float
+    variant: str
+    heads: tuple[str, ...]
+    scores: tuple[float, ...]
+
+
+def _kept(data: RunData, model: str, dataset: str, op: str, heads: tuple[str, ...]) -> int:
+    """How many chosen heads the group kept: a step that gained less than `min_gain` reports its head but does
+    not add it, and the manifest's job summary has the group itself."""
+    for m in reversed(data.manifests):
+        for job in m.get("jobs") or []:
+            if not isinstance(job, dict) or job.get("experiment") != "sahara" or job.get("model") != model:
+                continue
+            cfg, prompts = job.get("config") or {}, job.get("prompts") or {}
+            group = job.get("sahara_group")
+            if (prompts.get("set") == dataset and cfg.get("op", op) == op and isinstance(group, list)
+                    and tuple(group) == heads[:len(group)]):
+                return len(group)
+    return len(heads)
+
+
+def sahara_groups(data: RunData) -> list[Group]:
+    df = data.get("sahara")
+    if df is None:
+        return []
+    keys = ["model", "dataset", "op", "eps", "subspace", "rank_r", "centered"]
+    out = []
+    for key, g in df[df["chosen"]].groupby(keys, sort=True, dropna=False):
+        g = g.sort_values("step")
+        variant = f"{key[4]}:r{int(key[5])}" + (":centered" if bool(key[6]) else "")
+        heads = tuple(g["head_label"].astype(str))
+        kept = _kept(data, str(key[0]), str(key[1]), str(key[2]), heads)
+        out.append(Group(str(key[0]), str(key[1]), str(key[2]), float(key[3]), variant, heads[:kept],
+                         tuple(float(s) for s in g["score"])[:kept]))
+    order = {m: i for i, m in enumerate(data.models())}
+    return sorted(out, key=lambda g: (order.get(g.model, len(order)), g.dataset, g.op))
+
+
+@dataclass(frozen=True)
+class TopHeads:
+    """A model's top heads in one ranking, and what ranked them."""
+
+    model: str
+    dataset: str
+    op: str
+    by: str  # what the order is: "safety-specific Ships" | "Ships" | "generalized Ships"
+    heads: tuple[tuple[str, float], ...]  # (label, score)
+
+
+def top_heads(data: RunData, model: str, n: int = 3) -> TopHeads | None:
+    """The model's top `n` heads: by safety-specific rank where specificity exists, else by Ships KL on a
+    harmful set, else by generalized Ships."""
+    spec = data.get("specificity")
+    if spec is not None and (spec["model"] == model).any():
+        s = spec[spec["model"] == model]
+        dataset, op = str(sorted(s["dataset"])[0]), _prefer(s["op"], ["undiff_q"])
+        s = s[(s["dataset"] == dataset) & (s["op"] == op)].sort_values("rank_specific").head(n)
+        return TopHeads(model, dataset, op, "safety-specific Ships",
+                        tuple(zip(s["head_label"].astype(str), s["specificity"].astype(float))))
+    ranks = data.get("rankings")
+    if ranks is None:
+        return None
+    r = ranks[(ranks["model"] == model) & ~ranks["dataset"].isin(data.benign)]
+    for source, by in (("ships", "Ships"), ("head_scores", "generalized Ships")):
+        g = r[r["source"] == source]
+        if g.empty:
+            continue
+        dataset, op = str(sorted(g["dataset"])[0]), _prefer(g["op"], ["undiff_q"])
+        g = g[(g["dataset"] == dataset) & (g["op"] == op)]
+        if source == "head_scores":
+            g = g[g["subspace"].astype(str) == _prefer(g["subspace"].astype(str), ["left"])]
+        g = g.sort_values("rank").drop_duplicates("head_label").head(n)
+        return TopHeads(model, dataset, op, by, tuple(zip(g["head_label"].astype(str), g["score"].astype(float))))
+    return None
+
+
+# ---- ASR ----
+
+@dataclass(frozen=True)
+class AsrHeadline:
+    """The headline ablation of one model and prompt set: the largest group of the preferred condition."""
+
+    row: pd.Series
+    judges: tuple[str, ...]  # every judge of the key (the row reads the first)
+
+
+def asr_headlines(data: RunData) -> list[AsrHeadline]:
+    """Per model and harmful prompt set, the row a reader wants first: the Sahara group (else given heads,
+    else each prompt's own heads) at its largest size, greedy decoding and the first judge where there is a
+    choice."""
+    curve = data.get("asr_curve")
+    if curve is None:
+        return []
+    harm = curve[(curve["kind"] == "harmful") & curve["condition"].isin(TARGETED)]
+    out = []
+    for (model, dataset), g in harm.groupby(["model", "dataset"], sort=False):
+        judges = tuple(sorted({str(j) for j in g["judge"]}))
+        g = g[(g["judge"] == judges[0]) & (g["decoding"] == _prefer(g["decoding"], ["greedy"]))]
+        g = g[g["op"] == _prefer(g["op"], ["undiff_q"])]
+        cond = next(c for c in TARGETED if (g["condition"] == c).any())
+        g = g[g["condition"] == cond].sort_values("group_size")
+        out.append(AsrHeadline(g.iloc[-1], judges))
+    order = {m: i for i, m in enumerate(data.models())}
+    return sorted(out, key=lambda h: (order.get(str(h.row["model"]), len(order)), str(h.row["dataset"])))
+
+
+def reading(row: Mapping[str, Any]) -> tuple[str, str]:
+    """(css class, words) for what an ablation did: a significant rise above every random-head control, a rise
+    random heads match, none, or text broken by the ablation (not a jailbreak)."""
+    deg = row.get("degenerate_frac")
+    p, delta = row.get("p_mcnemar"), row.get("delta_asr")
+    if not is_missing(deg) and float(deg) >= DEGENERATE_WARN:
+        return "broken", f"broken text ({100 * float(deg):.0f}%)"
+    if is_missing(p) or is_missing(delta) or float(delta) <= 0:
+        return "no", "no increase"
+    if float(p) >= ALPHA:
+        return "no", "not significant"
+    top = row.get("random_asr_max")
+    if int(row.get("random_draws") or 0) > 0 and not is_missing(top) and float(row["asr"]) <= float(top):
+        return "mixed", "random heads too"
+    return "yes", "ASR up"
+
+
+# ---- overlap ----
+
+def model_overlaps(data: RunData) -> list[pd.Series]:
+    """The across-models comparisons worth a sentence: per ranking source and harmful prompt set, the all-way
+    row (or the pair, for two models); Ships first."""
+    ov = data.get("overlap")
+    if ov is None:
+        return []
+    rows = ov[ov["axis"] == "models"].copy()
+    if rows.empty:
+        return []
+    rows["_benign"] = [all(str(d) in data.benign for d in ds) for ds in rows["datasets"]]
+    rows = rows[~rows["_benign"]]
+    rows["_dataset"] = [str(ds[0]) for ds in rows["datasets"]]
+    rows["_op"] = [str(o[0]) for o in rows["ops"]]
+    rows["_src"] = rows["source"].map({"ships": 0, "head_scores": 1}).fillna(2)
+    rows = rows.sort_values(["_src", "_dataset", "_op", "n_sets"], ascending=[True, True, True, False])
+    return [g.iloc[0] for _, g in rows.groupby(["source", "variant", "_dataset", "_op", "prompt_format"],
+                                               sort=False, dropna=False)]
+
+
+def pair_rows(data: RunData, row: pd.Series) -> pd.DataFrame:
+    """The pair rows of the comparison an all-way overlap row sums up."""
+    ov = data.get("overlap")
+    assert ov is not None
+    members = set(row["members"])
+    variant = "" if is_missing(row["variant"]) else str(row["variant"])
+    same = ((ov["axis"] == row["axis"]) & (ov["source"] == row["source"]) & (ov["n_sets"] == 2)
+            & (ov["prompt_format"] == row["prompt_format"])
+            & pd.Series([("" if is_missing(v) else str(v)) == variant for v in ov["variant"]], index=ov.index)
+            & pd.Series([set(m) <= members for m in ov["members"]], index=ov.index))
+    return ov[same]
+
+
+# ---- swaps ----
+
+def swap_summary(data: RunData) -> list[dict[str, Any]]:
+    """Per aligned model: its base, the heads moved, the prompt set and judge read, and per recipe the harmful
+    ASR (value, ci_low, ci_high) and degenerate share."""
+    sw = data.get("swaps")
+    if sw is None:
+        return []
+    harm = sw[sw["kind"] == "harmful"]
+    out = []
+    for aligned, g in harm.groupby("aligned", sort=False):
+        dataset = str(sorted(g["dataset"])[0])
+        g = g[g["dataset"] == dataset]
+        judge = pick_judge(g["judge"])
+        g = g[g["judge"] == judge]
+        recipes: dict[str, dict[str, Any]] = {}
+        for recipe, r in g.groupby("recipe", sort=False):
+            asr = r[r["metric"] == "asr"]
+            deg = r[r["metric"] == "degenerate_frac"]
+            if asr.empty:
+                continue
+            a = asr.iloc[0]
+            recipes[str(recipe)] = dict(value=float(a["value"]), ci_low=a["ci_low"], ci_high=a["ci_high"],
+                                        n=int(a["n"]), heads=[str(h) for h in a["heads"]],
+                                        degenerate=float(deg.iloc[0]["value"]) if not deg.empty else None)
+        order = [r for r in RECIPES if r in recipes] + [r for r in recipes if r not in RECIPES]
+        out.append(dict(aligned=str(aligned), base=str(g["base"].iloc[0]), dataset=dataset, judge=judge,
+                        recipes={r: recipes[r] for r in order}))
+    return out
+
+
+# ---- published ----
+
+def same_model(a: Any, b: Any) -> bool:
+    return str(a) == str(b) or style.short_model(str(a)).lower() == style.short_model(str(b)).lower()
+
+
+def same_dataset(want: Any, got: Any) -> bool:
+    if is_missing(want) or want in (None, ""):
+        return True
+    w, g = str(want).lower(), str(got).lower()
+    return w == g or PurePath(g).stem == w or g.split(":")[-1] == w
+
+
+def _same_decoding(want: Any, got: Any) -> bool:
+    if want in (None, "") or is_missing(want):
+        return True
+    return str(got) == str(want) or str(got).startswith(str(want)) or str(want).startswith(str(got))
+
+
+def _values(v: Any) -> list[Any]:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def published_text(p: Mapping[str, Any]) -> str:
+    vals = ", ".join(_fmt(v) for v in _values(p.get("value")))
+    base = p.get("baseline")
+    return f"{_fmt(float(base))} → {vals}" if base is not None and p.get("metric") == "asr" else vals
+
+
+def _asr_measured(data: RunData, p: Mapping[str, Any]) -> tuple[str, bool | None] | None:
+    curve = data.get("asr_curve")
+    if curve is None:
+        return None
+    c = curve[(curve["kind"] == "harmful") & curve["condition"].isin(TARGETED)]
+    c = c[[same_model(p["model"], m) and same_dataset(p.get("dataset"), d) and _same_decoding(p.get("decoding"), x)
+           for m, d, x in zip(c["model"], c["dataset"], c["decoding"])]]
+    if p.get("op"):
+        c = c[c["op"] == p["op"]]
+    want = "query" if "query" in str(p.get("claim", "")).lower() else None
+    c = c[c["condition"] == want] if want else c[c["condition"] != "query"]
+    if c.empty:
+        return None
+    c = c[c["judge"] == pick_judge(c["judge"])]
+    c = c[c["condition"] == next(x for x in TARGETED if (c["condition"] == x).any())]
+    c = c.sort_values(["dataset", "group_size"]).drop_duplicates(["group_size"])
+    metric = p.get("metric")
+    if metric == "asr":
+        parts = [f"{float(r.normal_asr):.2f} → {float(r.asr):.2f}" for r in c.itertuples()]
+        vals = [v for v in _values(p.get("value")) if isinstance(v, (int, float))]
+        agree = (any(float(r.ci_low) <= float(v) <= float(r.ci_high) for r in c.itertuples() for v in vals)
+                 if vals else None)
+    else:
+        parts = [f"{float(r.delta_asr):+.2f}" for r in c.itertuples()]
+        agree = None
+    sizes = [int(s) for s in c["group_size"]]
+    text = "; ".join(parts) if len(parts) == 1 else "; ".join(f"{s}: {t}" for s, t in zip(sizes, parts))
+    where = f" ({c['dataset'].iloc[0]}, {c['judge'].iloc[0]}" + (", group sizes" if len(parts) > 1 else "") + ")"
+    return text + where, agree
+
+
+def _sahara_measured(data: RunData, p: Mapping[str, Any]) -> tuple[str, bool | None] | None:
+    groups = [g for g in sahara_groups(data) if same_model(p["model"], g.model)
+              and same_dataset(p.get("dataset"), g.dataset) and (not p.get("op") or p["op"] == g.op)]
+    if not groups:
+        return None
+    want = [str(v) for v in _values(p.get("value"))]
+    n = 1 if p.get("metric") == "top_head" else len(want)
+    got = [list(g.heads[:n]) for g in groups]
+    text = "; ".join(f"{', '.join(h)} ({g.dataset})" for h, g in zip(got, groups))
+    return text, any(h == want for h in got) if p.get("metric") in ("top_head", "group") else None
+
+
+def _swap_measured(data: RunData, p: Mapping[str, Any]) -> tuple[str, bool | None] | None:
+    claim = str(p.get("claim") or "")
+    recipe = p.get("recipe") or next((r for r in RECIPES[2:] if r in claim), None)
+    for s in swap_summary(data):
+        if same_model(p["model"], s["aligned"]) and same_dataset(p.get("dataset"), s["dataset"]):
+            if recipe and recipe in s["recipes"] and p.get("metric") == "asr":
+                r = s["recipes"][recipe]
+                ok = (not is_missing(r["ci_low"]) and isinstance(p.get("value"), (int, float))
+                      and float(r["ci_low"]) <= float(p["value"]) <= float(r["ci_high"]))
+                return f"{recipe}: ASR {r['value']:.2f} ({s['dataset']})", ok
+            text = ", ".join(f"{k} {v['value']:.2f}" for k, v in s["recipes"].items())
+            return f"ASR {text} ({s['dataset']})", None
+    return None
+
+
+# experiment of a published claim the report cannot compare by number -> the tables that show it, best first
+_SHOWN_IN = {"generalized_ships": ("overlap", "rankings"), "ships": ("rankings",), "specificity": ("specificity",),
+             "utility": ("utility",), "sahara": ("sahara",), "asr": ("asr_curve",)}
+SECTION_OF = {"overlap": "overlap", "rankings": "heads", "specificity": "specificity", "utility": "utility",
+              "sahara": "sahara", "asr_curve": "asr"}  # table -> the anchor of the section that shows it
+
+
+def published_rows(data: RunData) -> list[dict[str, Any]]:
+    """Each published number with the run's measurement of it (`measured` None: not measured in this run;
+    `agrees` None: not comparable automatically)."""
+    out = []
+    for p in data.published:
+        if "model" not in p:
+            continue
+        exp, metric = p.get("experiment"), p.get("metric")
+        got: tuple[str, bool | None] | None = None
+        see = None  # the section to read where no number compares
+        if exp == "asr" and metric in ("asr", "delta_asr"):
+            got = _asr_measured(data, p)
+        elif exp == "sahara" and metric in ("top_head", "group"):
+            got = _sahara_measured(data, p)
+        elif exp == "swap":
+            got = _swap_measured(data, p)
+        elif str(exp) in _SHOWN_IN and any(same_model(p["model"], m) for m in data.models()):
+            see = next((SECTION_OF[t] for t in _SHOWN_IN[str(exp)] if data.get(t) is not None), None)
+        out.append(dict(p, measured=got[0] if got else None, agrees=got[1] if got else None, see=see,
+                        published=published_text(p)))
+    return out

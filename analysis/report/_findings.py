@@ -1,0 +1,261 @@
+"""The first screen: what the run found, in sentences and one compact table, measured against published
+numbers, and a plain line for each experiment the run did not do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from analysis import is_missing
+from analysis.report._facts import (CONDITION_NAMES, DEGENERATE_WARN, RECIPE_NAMES, TARGETED, AsrHeadline, asr_headlines,
+                                    heads_of, model_overlaps, pair_rows, published_rows, reading, sahara_groups,
+                                    swap_summary, top_heads)
+from analysis.report._html import MISSING, Html, ci, esc, join, p_is, pct, pval, rate, table
+from analysis.report._load import RunData
+
+__all__ = ["absent_lines", "findings"]
+
+MAX_MODEL_BULLETS = 8
+SECTION_NAMES = {"heads": "Top heads", "sahara": "Sahara groups", "asr": "Attack success rate",
+                 "overlap": "Shared heads", "specificity": "Safety specificity", "utility": "Utility"}
+MAX_GROUPS = 3
+
+# experiment -> the line that says it is absent
+ABSENT: dict[str, str] = {
+    "ships": "No Ships scan in this run (add a `ships` section).",
+    "generalized_ships": "No generalized Ships scores (add a `generalized_ships` or `sahara` section).",
+    "sahara": "No Sahara search in this run (add a `sahara` section).",
+    "asr": "No ASR measurement in this run (add an `asr` section).",
+    "overlap": "No overlap of top heads (it needs at least two rankings: several models, prompt sets or operators).",
+    "specificity": "No specificity in this run (add a `specificity` section: Ships on benign prompts).",
+    "swaps": "No swaps in this run (add a `swap` section and give each fine-tune its `base`).",
+    "utility": "No utility measurement in this run (add a `utility` section).",
+}
+
+
+def present(data: RunData) -> dict[str, bool]:
+    """Which experiments the run's tables hold."""
+    ships = data.get("ships")
+    return {"ships": ships is not None and bool((~ships["dataset"].isin(data.benign)).any()),
+            "generalized_ships": data.get("head_scores") is not None,
+            "sahara": data.get("sahara") is not None,
+            "asr": data.get("asr_curve") is not None or data.get("asr") is not None,
+            "overlap": data.get("overlap") is not None,
+            "specificity": data.get("specificity") is not None,
+            "swaps": data.get("swaps") is not None,
+            "utility": data.get("utility") is not None}
+
+
+def absent_lines(data: RunData) -> list[str]:
+    lines = [ABSENT[name] for name, here in present(data).items() if not here]
+    lines += [f"Table {name} could not be read ({why}); its sections are left out." for name, why in
+              data.unreadable.items()]
+    return lines
+
+
+def _asr_sentence(data: RunData, h: AsrHeadline) -> Html:
+    r = h.row
+    cond = str(r["condition"])
+    what = CONDITION_NAMES.get(cond, cond)
+    heads = heads_of(r["ablation"])
+    subject = f"the {what} ({heads})"
+    if cond == "query":
+        k = int(r["group_size"])
+        subject = f"each prompt's own top-{k} Ships head{'s' if k != 1 else ''}"
+    normal, asr = r["normal_asr"], float(r["asr"])
+    if is_missing(normal):
+        verb = f"gives ASR {asr:.2f}"
+    elif asr > float(normal):
+        verb = f"raises ASR from {float(normal):.2f} to {asr:.2f}"
+    elif asr < float(normal):
+        verb = f"lowers ASR from {float(normal):.2f} to {asr:.2f}"
+    else:
+        verb = f"leaves ASR at {asr:.2f}"
+    parts: list[Any] = [f"Ablating {subject} {verb} on {r['dataset']} (95% CI {ci(r['ci_low'], r['ci_high'])}, "
+                        f"McNemar {p_is(r['p_mcnemar'])})"]
+    if int(r.get("random_draws") or 0) > 0:
+        parts.append(f"; random heads of the same number: {rate(r['random_asr_mean'])}")
+    more = f", first of {len(h.judges)}" if len(h.judges) > 1 else ""
+    parts.append(f" (judge {r['judge']}{more}, {r['decoding']}).")
+    cls, words = reading(r)
+    if cls == "mixed":
+        parts.append(" Random heads raise it as much: these are not specifically safety heads.")
+    elif cls == "no" and words == "not significant":
+        parts.append(" The rise is not significant.")
+    deg = r["degenerate_frac"]
+    if not is_missing(deg) and float(deg) >= DEGENERATE_WARN:
+        parts.append(Html(f' <span class="warn">{esc(f"{100 * float(deg):.0f}%")} of these answers are degenerate '
+                          "(repetition, an echo of the prompt, or no words): text the ablation broke is not a "
+                          "jailbreak.</span>"))
+    return join(parts)
+
+
+def _swap_sentence(data: RunData, s: dict[str, Any]) -> str:
+    """`attention from the base: 0.00 → 1.00`: each mixed model's ASR after the model it starts from (the
+    aligned one; the base for heads moved into it)."""
+    rec = s["recipes"]
+    aligned, base = rec.get("aligned"), rec.get("base")
+    bits = []
+    if aligned is not None and base is not None:
+        bits.append(f"aligned {aligned['value']:.2f}, base {base['value']:.2f}")
+    for recipe, r in rec.items():
+        if recipe in ("aligned", "base"):
+            continue
+        ref = base if recipe == "heads-into-base" else aligned
+        before = f"{ref['value']:.2f} → " if ref is not None else ""
+        bits.append(f"{RECIPE_NAMES.get(recipe, recipe)}: {before}{r['value']:.2f}")
+    return (f"Swaps with its base {data.label(s['base'])}, ASR on {s['dataset']} (judge {s['judge']}): "
+            + "; ".join(bits) + ".")
+
+
+def _model_bullet(data: RunData, model: str, asr: list[Html]) -> Html:
+    lines: list[Any] = []
+    groups = [g for g in sahara_groups(data) if g.model == model]
+    heads = []
+    if groups:
+        shown = "; ".join(f"{', '.join(g.heads)} (Sahara group on {g.dataset}, {g.op})" for g in groups[:MAX_GROUPS])
+        more = f"; {len(groups) - MAX_GROUPS} more in the Sahara section" if len(groups) > MAX_GROUPS else ""
+        heads.append(f"Safety heads: {shown}{more}.")
+    top = top_heads(data, model)
+    if top is not None:
+        lead = "Top heads" if groups else "Safety heads"
+        heads.append(f"{lead} by {top.by} on {top.dataset}: {', '.join(h for h, _ in top.heads)}.")
+    if heads:
+        lines.append(" ".join(heads))
+    lines += asr or _normal_only(data, model)
+    lines += [_swap_sentence(data, s) for s in swap_summary(data) if s["aligned"] == model]
+    lines += _utility_sentence(data, model)
+    if not lines:
+        lines.append("no rows to summarise.")
+    items = join((Html(f"<li>{esc(x)}</li>") for x in lines), "")
+    return Html(f"<li><b>{esc(data.label(model))}</b><ul>{items}</ul></li>")
+
+
+def _normal_only(data: RunData, model: str) -> list[str]:
+    """The unablated ASR where the run measured no ablation of this model."""
+    curve = data.get("asr_curve")
+    if curve is None:
+        return []
+    c = curve[(curve["model"] == model) & (curve["kind"] == "harmful") & (curve["condition"] == "normal")]
+    if c.empty:
+        return []
+    r = c.sort_values(["dataset", "judge"]).iloc[0]
+    return [f"ASR of the unablated model on {r['dataset']}: {rate(r['asr'])} (95% CI {ci(r['ci_low'], r['ci_high'])}; "
+            f"judge {r['judge']}, {r['decoding']}); no ablation measured."]
+
+
+def _utility_sentence(data: RunData, model: str) -> list[str]:
+    """What the largest targeted ablation costs in perplexity, beside random heads of the same number."""
+    ut = data.get("utility")
+    if ut is None:
+        return []
+    u = ut[(ut["model"] == model) & (ut["metric"] == "perplexity")]
+    t = u[u["condition"].isin(TARGETED)].sort_values(["dataset", "group_size"])
+    if t.empty or is_missing(t.iloc[-1]["ratio"]):
+        return []
+    r = t.iloc[-1]
+    rand = u[(u["condition"] == "random") & (u["group_size"] == r["group_size"]) & (u["dataset"] == r["dataset"])]
+    vs = f" (random heads: ×{rand['ratio'].mean():.3f})" if rand["ratio"].notna().any() else ""
+    what = CONDITION_NAMES.get(str(r["condition"]), str(r["condition"]))
+    return [f"Utility: perplexity on {r['dataset']} ×{float(r['ratio']):.3f} with the {what} ablated{vs}."]
+
+
+def _overlap_sentence(data: RunData, row: Any) -> Html:
+    src = "Ships" if row["source"] == "ships" else f"generalized Ships ({row['variant']})"
+    lead = (f"top-{int(row['k'])} {src} heads of {int(row['n_heads'])} on {row['datasets'][0]}, "
+            f"{row['ops'][0]}")
+    shared = ", ".join(row["shared_heads"]) or "none"
+    chance = f"chance alone would give {float(row['expected_shared']):.2f} ({p_is(row['p_value'])})"
+    verdict = "more than chance" if float(row["p_value"]) < 0.05 else "no more than chance"
+    if int(row["n_sets"]) == 2:
+        a, b = (data.label(m) for m in row["models"])
+        text = (f"{a} and {b} share {int(row['shared'])} ({shared}; Jaccard {float(row['jaccard']):.2f}); "
+                f"{chance}: {verdict}.")
+    else:
+        pairs = pair_rows(data, row)
+        sig = int((pairs["p_value"] < 0.05).sum())
+        span = (f"; pairs share {int(pairs['shared'].min())}–{int(pairs['shared'].max())} heads, {sig} of "
+                f"{len(pairs)} pairs more than chance (p < 0.05)") if len(pairs) else ""
+        text = f"all {int(row['n_sets'])} models share {int(row['shared'])} ({shared}); {chance}{span}."
+    return Html(f"<li><b>Shared heads across models</b> ({esc(lead)}): {esc(text)}</li>")
+
+
+def _summary_table(data: RunData, headlines: list[AsrHeadline]) -> Html:
+    by_model: dict[str, list[AsrHeadline]] = {}
+    for h in headlines:
+        by_model.setdefault(str(h.row["model"]), []).append(h)
+    tops = {m: top_heads(data, m) for m in data.models()}
+    bys = {t.by for t in tops.values() if t is not None}
+    rows = []
+    for model in data.models():
+        groups = [g for g in sahara_groups(data) if g.model == model]
+        top = tops[model]
+        sahara = "; ".join(", ".join(g.heads) for g in groups[:MAX_GROUPS]) or MISSING
+        top_text = MISSING if top is None else ", ".join(h for h, _ in top.heads) + (
+            f" ({top.by})" if len(bys) > 1 else "")
+        hs: list[AsrHeadline | None] = list(by_model.get(model, [])) or [None]
+        for h in hs:
+            if h is None:
+                rows.append([data.label(model), sahara, top_text] + [MISSING] * 8)
+                continue
+            r = h.row
+            cls, words = reading(r)
+            ablated = heads_of(r["ablation"])
+            rand = rate(r["random_asr_mean"]) if int(r.get("random_draws") or 0) > 0 else MISSING
+            rows.append([data.label(model), sahara, top_text, r["dataset"],
+                         MISSING if groups and ablated == sahara else ablated,
+                         f"{rate(r['normal_asr'])} → {rate(r['asr'])}", ci(r["ci_low"], r["ci_high"]),
+                         pval(r["p_mcnemar"]), rand, pct(r["degenerate_frac"]),
+                         Html(f'<span class="tag {cls}">{esc(words)}</span>')])
+    top_head = f"Top heads ({bys.pop()})" if len(bys) == 1 else "Top heads"
+    header = ["Model", "Safety heads (Sahara)", top_head, "Prompts", "Ablated", "ASR normal → ablated", "95% CI",
+              "McNemar p", "Random heads", "Degenerate", "Reading"]
+    align = "lwwllrrrrrl"
+    keep = [i for i in range(len(header)) if any(row[i] != MISSING for row in rows)]
+    return table([header[i] for i in keep], [[row[i] for i in keep] for row in rows], "".join(align[i] for i in keep),
+                 caption="Summary per model (ASR: the headline ablation; every row is in the ASR section)",
+                 cls="summary", fold=("Prompts",))
+
+
+def _published_table(data: RunData) -> Html:
+    rows = published_rows(data)
+    if not rows:
+        return Html("")
+    body = []
+    for p in rows:
+        agree = {True: "yes", False: "no", None: MISSING}[p["agrees"]]
+        if p["measured"] is not None:
+            measured: Any = p["measured"]
+        elif p["see"]:
+            measured = Html(f'see <a href="#{esc(p["see"])}">{esc(SECTION_NAMES.get(p["see"], p["see"]))}</a>')
+        else:
+            measured = Html('<span class="absent">not measured in this run</span>')
+        body.append([p.get("claim", ""), data.label(p["model"]) if p["model"] in data.labels else p["model"],
+                     p.get("dataset") or MISSING, p.get("metric", ""), p["published"], measured, agree,
+                     p.get("source") or MISSING])
+    return table(["Claim", "Model", "Prompts", "Metric", "Published", "Measured", "Agrees", "Source"], body,
+                 "wllllwlw",
+                 caption="Measured against published (ASR agrees: the published value lies in the measured 95% CI)")
+
+
+def findings(data: RunData) -> list[Html]:
+    """The blocks of the first screen."""
+    headlines = asr_headlines(data)
+    models = data.models()
+    bullets = []
+    for model in models[:MAX_MODEL_BULLETS]:
+        mine = [_asr_sentence(data, h) for h in headlines if str(h.row["model"]) == model][:2]
+        bullets.append(_model_bullet(data, model, mine))
+    if len(models) > MAX_MODEL_BULLETS:
+        bullets.append(Html(f"<li>… and {len(models) - MAX_MODEL_BULLETS} more models: see the table below.</li>"))
+    bullets += [_overlap_sentence(data, row) for row in model_overlaps(data)[:3]]
+    if not bullets:
+        bullets.append(Html("<li>The run's tables hold no rows to summarise.</li>"))
+    out = [Html('<div class="findings"><ul>' + join(bullets, "\n") + "</ul></div>")]
+    if models:
+        out.append(_summary_table(data, headlines))
+    out.append(_published_table(data))
+    absent = absent_lines(data)
+    if absent:
+        out.append(Html('<div class="absent"><b>Not in this run:</b><ul>'
+                        + join((Html(f"<li>{esc(a)}</li>") for a in absent), "") + "</ul></div>"))
+    return [o for o in out if o]
