@@ -97,8 +97,11 @@ def asr_curve_frame(asr: pa.Table | pd.DataFrame, run_id: str | None = None) -> 
         out["run_id"] = run_id
     out["code_version"] = CODE_VERSION
     out["_order"] = out["condition"].map({"normal": 0}).fillna(1)
-    out = out.sort_values([*_BASE, "_order", "condition", "group_size"], kind="stable")
-    return out.drop(columns=["_order", "_level"], errors="ignore").reset_index(drop=True)
+    # judges keep the study's order (its first is the headline), not the alphabet's
+    out["_judge"] = out["judge"].map({j: i for i, j in enumerate(dict.fromkeys(df["judge"]))})
+    keys = [k if k != "judge" else "_judge" for k in _BASE]
+    out = out.sort_values([*keys, "_order", "condition", "group_size"], kind="stable")
+    return out.drop(columns=["_order", "_level", "_judge"], errors="ignore").reset_index(drop=True)
 
 
 def asr_curve_table(asr: pa.Table | pd.DataFrame, *, run_id: str | None = None) -> pa.Table:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,10 @@ def save(fig: Figure, out_dir: str | os.PathLike[str], name: str, formats: Seque
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         meta = {"Date": None} if fmt == "svg" else None  # reproducible SVG files
         try:
-            with style.context():
+            with style.context(), warnings.catch_warnings():
+                # text-heavy panels (the Venn's p-value lines) can outgrow constrained layout's grid; the tight
+                # bounding box below still fits everything, so its warning is noise on a user's terminal
+                warnings.filterwarnings("ignore", "constrained_layout not applied", UserWarning)
                 fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", facecolor="white", metadata=meta)
             os.replace(tmp, path)
         finally:

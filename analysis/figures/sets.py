@@ -176,7 +176,8 @@ def overlap_venn(overlap: Table, rankings: Table | None = None) -> Figure:
         centres = [(0.0, 0.62), (-0.537, -0.31), (0.537, -0.31)]
         spots = {(0,): (0.0, 1.12), (1,): (-0.98, -0.56), (2,): (0.98, -0.56), (0, 1): (-0.63, 0.37),
                  (0, 2): (0.63, 0.37), (1, 2): (0.0, -0.73), (0, 1, 2): (0.0, 0.0)}
-        name_at = [(0.0, 1.74, "center"), (-1.25, -1.42, "center"), (1.25, -1.42, "center")]
+        # bottom names grow away from each other (long model names would run into one another centred)
+        name_at = [(0.0, 1.74, "center"), (-0.1, -1.45, "right"), (0.1, -1.45, "left")]
         lim = (-1.8, 1.8, -1.6, 1.9)
     lines = _pvalue_lines(rows, names, list(whole["members"]))
     with context():

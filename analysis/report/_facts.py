@@ -42,8 +42,8 @@ def heads_of(ablation: Any) -> str:
 
 
 def pick_judge(judges: Sequence[Any]) -> str | None:
-    """The judge a headline reads: the first in sorted order (the one the figures draw)."""
-    names = sorted({str(j) for j in judges if not is_missing(j)})
+    """The judge a headline reads: the study's first (tables keep the spec's judge order, as the figures)."""
+    names = list(dict.fromkeys(str(j) for j in judges if not is_missing(j)))
     return names[0] if names else None
 
 
@@ -161,7 +161,7 @@ def asr_headlines(data: RunData) -> list[AsrHeadline]:
     harm = curve[(curve["kind"] == "harmful") & curve["condition"].isin(TARGETED)]
     out = []
     for (model, dataset), g in harm.groupby(["model", "dataset"], sort=False):
-        judges = tuple(sorted({str(j) for j in g["judge"]}))
+        judges = tuple(dict.fromkeys(str(j) for j in g["judge"]))
         g = g[(g["judge"] == judges[0]) & (g["decoding"] == _prefer(g["decoding"], ["greedy"]))]
         g = g[g["op"] == _prefer(g["op"], ["undiff_q"])]
         cond = next(c for c in TARGETED if (g["condition"] == c).any())

@@ -233,7 +233,7 @@ def test_asr_curve_error_bars_band_and_normal_level() -> None:
     fig = asr_curve_figure(unit)
     drawn(fig)
     assert len(fig.axes) == 4  # two models x (ASR, over-refusal)
-    assert "judge llm@2 (first of 2" in fig.get_suptitle()  # asr_curve sorts judges: llm@2 comes first
+    assert "judge rules@1 (first of 2" in fig.get_suptitle()  # the study's first judge is the headline
     left = fig.axes[0]
     sahara = curve[(curve["model"] == "org/a") & (curve["kind"] == "harmful") & (curve["condition"] == "sahara")
                    & (curve["judge"] == "llm@2")].sort_values("group_size")
