@@ -147,7 +147,11 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
     ids = data.models()
     if "swaps" in tables:
         ids += [str(b) for b in tables["swaps"]["base"]]
-    ids += [str(m.get("name")) for m in cfg.get("models") or [] if isinstance(m, dict) and m.get("name")]
+    # models the spec lists but no table names (a base measured through swaps only); an alias whose model id
+    # the tables hold (`smollm2-135m-safe` for `headstudy/smollm2-135m-safe`) is the same model, not a clash
+    known = {style.short_model(i) for i in ids}
+    ids += [str(m["name"]) for m in cfg.get("models") or [] if isinstance(m, dict) and m.get("name")
+            and style.short_model(str(m["name"])) not in known]
     data.labels = style.model_labels(ids)
     return data
 
