@@ -57,6 +57,9 @@ class Job(ABC):
     def done(self) -> bool:
         """True when no shard round is left."""
 
+    def link(self, jobs: Sequence["Job"]) -> None:
+        """Find the jobs of this study whose results this one needs (its heads' source); most need none."""
+
     def pending(self) -> list[Shard]:
         """The shards of the next round (empty when done)."""
         return []

@@ -79,8 +79,7 @@ def plan_study(study: StudyConfig, out: str | os.PathLike[str] | None = None) ->
     out_dir = check_out(out or study.out)
     jobs = [JOBS[name](cfg, out_dir) for name, cfg in study.jobs()]
     for job in jobs:
-        if isinstance(job, (AsrJob, SwapJob, UtilityJob)):
-            job.link(jobs)
+        job.link(jobs)
     return Plan(study, out_dir, jobs)
 
 
