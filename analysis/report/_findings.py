@@ -179,6 +179,11 @@ def _overlap_sentence(data: RunData, row: Any) -> Html:
     return Html(f"<li><b>Shared heads across models</b> ({esc(lead)}): {esc(text)}</li>")
 
 
+def _same_heads(a: str, b: str) -> bool:
+    """The same head set, whatever the order (the Sahara column lists heads in step order)."""
+    return sorted(a.split(", ")) == sorted(b.split(", "))
+
+
 def _summary_table(data: RunData, headlines: list[AsrHeadline]) -> Html:
     by_model: dict[str, list[AsrHeadline]] = {}
     for h in headlines:
@@ -202,7 +207,7 @@ def _summary_table(data: RunData, headlines: list[AsrHeadline]) -> Html:
             ablated = heads_of(r["ablation"])
             rand = rate(r["random_asr_mean"]) if int(r.get("random_draws") or 0) > 0 else MISSING
             rows.append([data.label(model), sahara, top_text, r["dataset"],
-                         MISSING if groups and ablated == sahara else ablated,
+                         MISSING if groups and _same_heads(ablated, sahara) else ablated,
                          f"{rate(r['normal_asr'])} → {rate(r['asr'])}", ci(r["ci_low"], r["ci_high"]),
                          pval(r["p_mcnemar"]), rand, pct(r["degenerate_frac"]),
                          Html(f'<span class="tag {cls}">{esc(words)}</span>')])

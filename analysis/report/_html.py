@@ -182,7 +182,8 @@ table.data th, table.data td { padding: .25rem .5rem; border-bottom: 1px solid v
   vertical-align: top; }
 table.data td { white-space: nowrap; }
 table.data td.wrap { white-space: normal; min-width: 7rem; }
-table.summary th { white-space: normal; }
+table.summary th, table.summary td { white-space: normal; }  /* the first screen's table fits a laptop */
+table.summary { font-size: .84rem; }
 table.data caption .small { font-weight: normal; }
 table.data th { background: var(--soft); font-weight: 600; border-bottom: 2px solid #bfbfbf; }
 table.data td.num, table.data th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
