@@ -27,7 +27,7 @@ from study.config import AsrConfig
 from study.errors import UsageError
 from study.executor import Outcome
 from study.heads import Head, parse_heads
-from study.jobs import Job, ScanJob, SaharaJob, ShipsJob, find_source
+from study.jobs import Job, ScanJob, SaharaJob, ShipsJob, require_source
 from study.generation import Decoding
 from study.judges import Verdict, get_judge
 from study.llm_judge import ANSWER_TOKENS, LLMJudge, rubric
@@ -113,12 +113,10 @@ class AsrJob(ScanJob):
         """Take the heads from this study's own Sahara (dataset) or Ships (query) job of the same model."""
         if self.arms is not None:
             return
-        self.source = find_source(jobs, "sahara" if self.cfg.level == "dataset" else "ships", self.cfg)
-        if self.source is not None:
-            return
         section = "sahara" if self.cfg.level == "dataset" else "ships"
-        raise UsageError(f"asr on {self.cfg.model!r} has no heads: give heads or from_run, or add a {section} "
-                         f"section to the study (level {self.cfg.level} takes its heads from it)")
+        self.source = require_source(jobs, section, self.cfg, (
+            f"asr on {self.cfg.model!r} has no heads: give heads or from_run, or add a {section} section to the "
+            f"study (level {self.cfg.level} takes its heads from it)"))
 
     @property
     def condition(self) -> dict[str, Any]:

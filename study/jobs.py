@@ -143,6 +143,14 @@ def find_source(jobs: Sequence[Job], experiment: str, cfg: ScanConfig) -> Job | 
     return max(same, key=lambda j: 2 * (j.cfg.op == cfg.op) + (j.cfg.prompts == cfg.prompts))
 
 
+def require_source(jobs: Sequence[Job], experiment: str, cfg: ScanConfig, missing: str) -> Job:
+    """`find_source`, or one line saying what the spec lacks (`missing`, after `<experiment> on <model>`)."""
+    source = find_source(jobs, experiment, cfg)
+    if source is None:
+        raise UsageError(missing)
+    return source
+
+
 class ShipsJob(ScanJob):
     """Query-level Ships: every head on every prompt, in shards of heads x prompts."""
 

@@ -22,7 +22,7 @@ from study.config import SwapConfig
 from study.errors import UsageError
 from study.executor import Outcome
 from study.heads import Head, parse_heads
-from study.jobs import Job, SaharaJob, ScanJob, find_source
+from study.jobs import Job, SaharaJob, ScanJob, require_source
 from study.judges import get_judge
 from study.models import model_fingerprint, model_id, model_shape
 from study.prompts import PromptSet, load_prompts
@@ -65,10 +65,9 @@ class SwapJob(ScanJob):
         """Take the safety heads from this study's Sahara job of the aligned model, unless given."""
         if self.safety is not None or not any(Recipe(r).needs_heads for r in self.cfg.recipes):
             return
-        self.source = find_source(jobs, "sahara", self.cfg)
-        if self.source is None:
-            raise UsageError(f"swap on {self.cfg.model!r} has no safety heads: give heads, or add a sahara section "
-                         f"(the head recipes move its group)")
+        self.source = require_source(jobs, "sahara", self.cfg, (
+            f"swap on {self.cfg.model!r} has no safety heads: give heads, or add a sahara section (the head "
+            f"recipes move its group)"))
 
     @property
     def condition(self) -> dict[str, Any]:

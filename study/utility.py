@@ -20,10 +20,9 @@ import pyarrow as pa
 
 from study.asr import Arm, dataset_arms
 from study.config import UtilityConfig
-from study.errors import UsageError
 from study.executor import Outcome
 from study.heads import parse_heads
-from study.jobs import Job, SaharaJob, ScanJob, find_source
+from study.jobs import Job, SaharaJob, ScanJob, require_source
 from study.schema import make_table
 from study.shards import Shard, blocks
 
@@ -51,10 +50,9 @@ class UtilityJob(ScanJob):
     def link(self, jobs: Sequence[Job]) -> None:
         if self.arms is not None:
             return
-        self.source = find_source(jobs, "sahara", self.cfg)
-        if self.source is None:
-            raise UsageError(f"utility on {self.cfg.model!r} has no heads to remove: give heads, or add a sahara "
-                             f"section (its group's prefixes are measured)")
+        self.source = require_source(jobs, "sahara", self.cfg, (
+            f"utility on {self.cfg.model!r} has no heads to remove: give heads, or add a sahara section (its "
+            f"group's prefixes are measured)"))
 
     @property
     def done(self) -> bool:
