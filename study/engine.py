@@ -3,12 +3,14 @@
 For each ablation A and prompt p the engine returns the final-norm hidden state at the last prompt
 position and, on request, KL(normal || A) of the next-token distribution. It gets there by:
 
-1. batching many rows, each with its own ablation (per-row hook tables), left padding, explicit position ids;
-2. reusing prefixes: a base pass (the normal model, or a base ablation B such as Sahara's chosen group)
+1. batching many rows, each with its own ablation (per-row hook tables), right padding, explicit positions;
+2. reusing layers: a base pass (the normal model, or a base ablation B such as Sahara's chosen group)
    caches the residual entering every layer; a row starts at the first layer where its ablation differs
    from B, from the cached residual, and only runs the layers after that (a growing "wavefront" batch);
-3. computing the LM head at the last position only, log-softmax and KL in float32 or better;
-4. chunking by a token budget (rows x padded length per forward), not by a fixed batch size.
+3. reusing tokens: the prefix a group's prompts share (a chat template and system prompt) runs once per
+   ablation, and each prompt's own suffix attends to its keys and values (`study.passes`);
+4. computing the LM head at the last position only, log-softmax and KL in float32 or better;
+5. chunking by a token budget (rows x padded length per forward), not by a fixed batch size.
 
 `naive_scan` is the reference strategy (one full forward per ablation and prompt) the engine is tested
 and benchmarked against.
@@ -17,10 +19,9 @@ and benchmarked against.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -28,14 +29,10 @@ from torch import nn
 from study.ablation import Ablation
 from study.interventions import HeadHooks, HeadTables, ablated, first_divergent_layer
 from study.architectures import Arch
+from study.passes import BasePass, KVRecorder, PrefixKV
 from study.scores import kl_from_logprobs, log_softmax_fp
 
 log = logging.getLogger(__name__)
-
-# Layer-call arguments that carry the prompt batch on dim 0 (indexed per row) or never do (passed through).
-BATCHED_ARGS = frozenset({"attention_mask", "position_ids", "position_embeddings", "encoder_attention_mask"})
-UNBATCHED_ARGS = frozenset({"cache_position", "past_key_values", "layer_past", "use_cache",
-                            "output_attentions", "encoder_hidden_states"})
 
 # rows x padded length per forward. On a CPU small blocks win (activations stay in cache and under glibc's
 # mmap threshold: SmolLM2 runs ~2x faster at 2048 than at 16384); accelerators want large ones.
@@ -69,93 +66,17 @@ class ScanResult:
     kl: torch.Tensor | None
     rows_run: int  # rows that needed compute (the others equal the base pass)
     layer_rows: int  # sum over computed rows of the layers they ran (the work actually done)
-
-
-def pad_left(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids, attention_mask, position_ids, each (batch, seq), left padded."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if len(p):
-            ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-            mask[i, width - len(p):] = 1
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    return ids, mask, positions
-
-
-def _index_batched(value: Any, rows: torch.Tensor, batch: int) -> Any:
-    """Select prompt rows on dim 0 of a batched layer argument (tensors, or tuples such as (cos, sin))."""
-    if isinstance(value, torch.Tensor):
-        return value.index_select(0, rows) if value.dim() > 0 and value.shape[0] == batch else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_index_batched(v, rows, batch) for v in value)
-    return value
-
-
-class _LayerCall:
-    """One layer's call as the model made it in the base pass, re-playable on other rows and states."""
-
-    def __init__(self, layer: nn.Module, args: tuple, kwargs: dict, batch: int) -> None:
-        signature = inspect.signature(layer.forward)
-        bound = signature.bind(*args, **kwargs)
-        named: dict[str, Any] = {}
-        for key, value in bound.arguments.items():
-            kind = signature.parameters[key].kind
-            if kind is inspect.Parameter.VAR_KEYWORD:
-                named.update(value)
-            elif kind is not inspect.Parameter.VAR_POSITIONAL:
-                named[key] = value
-        self.hidden_name = next(iter(signature.parameters))
-        self.hidden = named.pop(self.hidden_name)
-        for key, value in named.items():
-            if key in BATCHED_ARGS or key in UNBATCHED_ARGS:
-                continue
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch and batch > 1:
-                raise RuntimeError(f"layer argument {key!r} looks batched but is not in the engine's table; "
-                                   f"add it to BATCHED_ARGS or UNBATCHED_ARGS")
-        self.layer = layer
-        self.named = named
-        self.batch = batch
-
-    def run(self, hidden: torch.Tensor, prompt_rows: torch.Tensor) -> torch.Tensor:
-        kwargs = {k: (_index_batched(v, prompt_rows, self.batch) if k in BATCHED_ARGS else v)
-                  for k, v in self.named.items()}
-        out = self.layer(**{self.hidden_name: hidden}, **kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-
-class _BasePass:
-    """A forward of the base model over a prompt group, keeping each layer's call and input residual."""
-
-    def __init__(self, model: nn.Module, arch: Arch, ids: torch.Tensor, mask: torch.Tensor,
-                 positions: torch.Tensor) -> None:
-        layers = arch.layers(model)
-        captured: list[tuple[tuple, dict] | None] = [None] * len(layers)
-        final_in: list[torch.Tensor] = []
-        handles = []
-        for i, layer in enumerate(layers):
-            def pre(module, args, kwargs, i=i):
-                captured[i] = (args, kwargs)
-            handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(arch.final_norm(model).register_forward_pre_hook(lambda m, a: final_in.append(a[0])))
-        try:
-            arch.decoder(model)(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        batch = ids.shape[0]
-        self.calls = [_LayerCall(layer, *captured[i], batch=batch) for i, layer in enumerate(layers)]
-        self.final_in = final_in[0]  # (batch, seq, d_model), before the final norm
+    token_layers: int = 0  # tokens x layers computed for those rows (shared prefix rows counted once each)
 
 
 class ScanEngine:
     """Scores (ablation, prompt) rows on one loaded model. Not thread-safe; one per device."""
 
     def __init__(self, model: nn.Module, pad_id: int, *, token_budget: int | None = None,
-                 cache_bytes: int | None = None) -> None:
+                 cache_bytes: int | None = None, prefix_reuse: bool = True) -> None:
         """`token_budget`: rows x padded tokens per forward; `cache_bytes`: what a prompt group may keep
-        (per-layer residuals, log-probs). None picks the device's default for each."""
+        (per-layer residuals, log-probs). None picks the device's default for each. `prefix_reuse`: compute
+        the tokens a group's prompts share once per ablation (off: every row runs its whole prompt)."""
         if token_budget is not None and token_budget < 1:
             raise ValueError("token_budget must be >= 1")
         if cache_bytes is not None and cache_bytes < 1:
@@ -163,6 +84,7 @@ class ScanEngine:
         self.model = model
         self.arch = Arch.of(model)
         self.pad_id = pad_id
+        self.prefix_reuse = prefix_reuse
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.token_budget = token_budget or default_token_budget(self.device)
@@ -247,27 +169,26 @@ class ScanEngine:
         hidden_out = (torch.empty(n_abl, n_prompts, self.arch.shape.d_model, dtype=self.out_dtype)
                       if hidden else None)
         kl_out = torch.empty(n_abl, n_prompts, dtype=torch.float64) if kl else None
-        rows_run = layer_rows = 0
+        rows_run = layer_rows = token_layers = 0
 
         with HeadHooks(self.model, self.arch) as hooks:
             for group in self._groups(prompts):
-                ids, mask, positions = (t.to(self.device) for t in pad_left([prompts[i] for i in group],
-                                                                                self.pad_id))
-                width = ids.shape[1]
+                group_prompts = [prompts[i] for i in group]
+                every = torch.arange(len(group), device=self.device)
                 ref_logp = None
-                if kl:
-                    if base.heads:
-                        normal = _BasePass(self.model, self.arch, ids, mask, positions)
-                        ref_logp = self._logprobs(self._final(normal.final_in[:, -1:]))
-                        del normal
+                if kl and base.heads:
+                    normal = self._base_pass(group_prompts)
+                    ref_logp = self._logprobs(self._final(normal.last_states(normal.final_in, every)))
+                    del normal
                 with ablated(self.model, base, self.arch) if base.heads else contextlib.nullcontext():
-                    bp = _BasePass(self.model, self.arch, ids, mask, positions)
-                base_final = self._final(bp.final_in[:, -1:])  # (group, d_model)
+                    bp = self._base_pass(group_prompts)
+                base_final = self._final(bp.last_states(bp.final_in, every))  # (group, d_model)
                 base_logp = self._logprobs(base_final) if kl else None
                 if ref_logp is None:  # the base is the normal model: its distribution is the reference
                     ref_logp = base_logp
 
-                # rows of this group: (ablation a, prompt slot j), sorted by start layer for the wavefront
+                # rows of this group: (ablation a, prompt slot j), sorted by start layer for the wavefront;
+                # the sort is stable, so each ablation's rows stay contiguous
                 a_idx = torch.arange(n_abl).repeat_interleave(len(group))
                 j_idx = torch.arange(len(group)).repeat(n_abl)
                 row_start = start[a_idx]
@@ -283,11 +204,15 @@ class ScanEngine:
                         kl_out[a_idx[same], g_idx[j_idx[same]]] = kl_from_logprobs(
                             ref_logp[j_idx[same]], base_logp[j_idx[same]]).double().cpu()
                 todo = torch.nonzero(~same).flatten()
-                chunk_rows = max(1, self.token_budget // width)
+                # a row costs its suffix; each ablation's prefix row is shared by the group's prompts
+                per_row = bp.width + bp.prefix_len / len(group)
+                chunk_rows = max(1, int(self.token_budget // per_row))
                 for c0 in range(0, len(todo), chunk_rows):
                     rows = todo[c0:c0 + chunk_rows]
-                    out, work = self._wavefront(hooks, bp, tables, a_idx[rows], j_idx[rows], row_start[rows])
+                    out, work, tokens = self._wavefront(hooks, bp, tables, a_idx[rows], j_idx[rows],
+                                                        row_start[rows])
                     layer_rows += work
+                    token_layers += tokens
                     rows_run += len(rows)
                     if hidden:
                         hidden_out[a_idx[rows], g_idx[j_idx[rows]]] = out.cpu()
@@ -300,34 +225,72 @@ class ScanEngine:
                 if progress and same.any():
                     progress(int(same.sum()))
                 del bp
-        return ScanResult(hidden_out, kl_out, rows_run, layer_rows)
+        return ScanResult(hidden_out, kl_out, rows_run, layer_rows, token_layers)
 
-    def _wavefront(self, hooks: HeadHooks, bp: _BasePass, tables: HeadTables, a_idx: torch.Tensor,
-                   j_idx: torch.Tensor, row_start: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Run rows (sorted by start layer) from their start layer to the top; return final-norm states.
+    def _base_pass(self, prompts: Sequence[Sequence[int]]) -> BasePass:
+        return BasePass.run(self.model, self.arch, prompts, self.pad_id, self.device, self.prefix_reuse)
+
+    def _wavefront(self, hooks: HeadHooks, bp: BasePass, tables: HeadTables, a_idx: torch.Tensor,
+                   j_idx: torch.Tensor, row_start: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Run rows (sorted by start layer) from their start layer to the top; return final-norm states,
+        the layers x rows and the layers x tokens computed.
 
         At layer l the active rows are those with start <= l: a prefix of the sorted rows. A row joins with
-        the base pass's residual entering its start layer, which equals its own residual there.
+        the base pass's residual entering its start layer, which equals its own residual there. With a shared
+        prompt prefix, each ablation first runs the prefix as one row of its own (joining the same way) and
+        its prompts' suffix rows attend to the keys and values that prefix row produced at each layer.
         """
         n_layers = self.arch.shape.n_layers
         first = int(row_start[0])
         counts = torch.bincount(row_start, minlength=n_layers + 1).cumsum(0)  # active rows per layer
         row_tables = tables.select(a_idx)
         j_dev = j_idx.to(self.device)
+        if bp.prefix_len:
+            # one prefix row per ablation present, in row order (so also sorted by start layer)
+            uniq, slot = torch.unique_consecutive(a_idx, return_inverse=True)
+            prefix_tables = tables.select(uniq)
+            prefix_start = row_start[_first_of_runs(slot)]  # (ablations,)
+            prefix_counts = torch.bincount(prefix_start, minlength=n_layers + 1).cumsum(0)
+            slot_dev = slot.to(self.device)
         h: torch.Tensor | None = None
-        work = 0
+        hp: torch.Tensor | None = None
+        work = tokens = 0
         for layer in range(first, n_layers):
             n_active = int(counts[layer])
             n_have = 0 if h is None else h.shape[0]
             if n_active > n_have:
                 joining = bp.calls[layer].hidden.index_select(0, j_dev[n_have:n_active])
-                h = joining if h is None else torch.cat([h, joining], dim=0)  # (active, seq, d_model)
+                h = joining if h is None else torch.cat([h, joining], dim=0)  # (active, S, d_model)
+            cache = None
+            if bp.prefix_len:
+                n_pre = int(prefix_counts[layer])
+                n_pre_have = 0 if hp is None else hp.shape[0]
+                if n_pre > n_pre_have:
+                    joining = bp.prefix_calls[layer].hidden.expand(n_pre - n_pre_have, -1, -1)
+                    hp = joining if hp is None else torch.cat([hp, joining], dim=0)  # (ablations, P, d_model)
+                hooks.clear()
+                hooks.set_layer(layer, prefix_tables.select(torch.arange(n_pre)), self.device, self.dtype)
+                recorder = KVRecorder()
+                hp = bp.prefix_calls[layer].run(hp, torch.zeros(n_pre, dtype=torch.long, device=self.device),
+                                                recorder)
+                tokens += n_pre * bp.prefix_len
+                rows_slot = slot_dev[:n_active]
+                cache = PrefixKV(recorder.keys.index_select(0, rows_slot),
+                                 recorder.values.index_select(0, rows_slot))
             hooks.clear()
             hooks.set_layer(layer, row_tables.select(torch.arange(n_active)), self.device, self.dtype)
-            h = bp.calls[layer].run(h, j_dev[:n_active])
+            h = bp.calls[layer].run(h, j_dev[:n_active], cache)
             work += n_active
+            tokens += n_active * bp.width
         hooks.clear()
-        return self._final(h[:, -1:]), work
+        return self._final(bp.last_states(h, j_dev)), work, tokens
+
+
+def _first_of_runs(slot: torch.Tensor) -> torch.Tensor:
+    """Indices where each run of equal consecutive values in `slot` begins."""
+    begins = torch.ones_like(slot, dtype=torch.bool)
+    begins[1:] = slot[1:] != slot[:-1]
+    return torch.nonzero(begins).flatten()
 
 
 @torch.no_grad()
@@ -358,4 +321,6 @@ def naive_scan(model: nn.Module, prompts: Sequence[Sequence[int]], ablations: Se
                         kl_out[a, j] = kl_from_logprobs(normal[j], logp).double().cpu()
     finally:
         handle.remove()
-    return ScanResult(hidden, kl_out, len(ablations) * len(prompts), len(ablations) * len(prompts) * arch.shape.n_layers)
+    n_layers = arch.shape.n_layers
+    return ScanResult(hidden, kl_out, len(ablations) * len(prompts), len(ablations) * len(prompts) * n_layers,
+                      len(ablations) * sum(len(p) for p in prompts) * n_layers)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from transformers import (AutoModelForCausalLM, Gemma2Config, GemmaConfig, GPT2Config, GPTNeoXConfig, LlamaConfig,
-                          MistralConfig, Phi3Config, Qwen2Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GPTNeoXConfig,
+                          LlamaConfig, MistralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config)
 
 VOCAB = 61
 
@@ -25,17 +25,37 @@ CONFIGS = {
 
 MHA = ("gemma", "gpt2", "gpt_neox")  # no GQA: undiff_k is defined per head
 
+# Families with a norm on q and k after the projections (study.architectures.QKNorm). Kept out of CONFIGS: their
+# q/k operators have no weight edit, which the tests over CONFIGS compare the hooks with (tests/unit/test_qknorm.py
+# covers them). head_dim 12 differs from hidden / heads (8), as Qwen3's and Gemma3's real configs do.
+QK_NORM_CONFIGS = {
+    "qwen3": lambda: Qwen3Config(**_COMMON, num_key_value_heads=2, head_dim=12, attention_bias=True),
+    "gemma3_text": lambda: Gemma3TextConfig(**_COMMON, num_key_value_heads=2, head_dim=12, query_pre_attn_scalar=12,
+                                            sliding_window=4, final_logit_softcapping=5.0,
+                                            layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "olmo2": lambda: Olmo2Config(**_COMMON, num_key_value_heads=2, eos_token_id=0),  # one q norm over all heads
+}
 
-def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0, attn: str = "sdpa"):
+
+def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0, attn: str = "sdpa", **config):
+    """`config` overrides attributes of the family's tiny config (e.g. sliding_window, rms_norm_eps)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[arch](), dtype=dtype, attn_implementation=attn)
+    cfg = QK_NORM_CONFIGS[arch]() if arch in QK_NORM_CONFIGS else CONFIGS[arch]()
+    for key, value in config.items():
+        if not hasattr(cfg, key):
+            raise AttributeError(f"{type(cfg).__name__} has no setting {key!r}")
+        setattr(cfg, key, value)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
     model.eval().requires_grad_(False)
-    # random biases too, so a missed bias in an edit cannot hide behind zeros
+    # random biases too, so a missed bias in an edit cannot hide behind zeros; random q/k norm weights, so an
+    # operator acting on the wrong side of the norm cannot hide behind ones
     with torch.no_grad():
-        for module in model.modules():
+        for name, module in model.named_modules():
             bias = getattr(module, "bias", None)
             if isinstance(bias, torch.Tensor) and bias.dtype.is_floating_point and bias.dim() == 1:
                 bias.normal_(0, 0.1)
+            if name.endswith(("q_norm", "k_norm")):
+                module.weight.normal_(1.0, 0.5)
     return model
 
 

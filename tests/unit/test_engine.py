@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from study.ablation import Ablation, Op
-from study.engine import ScanEngine, naive_scan, pad_left
+from study.engine import ScanEngine, naive_scan
 from study.heads import Head, all_heads
 from tests.planted import PLANTED, harmful_prompts, planted_model
 from tests.tiny_models import CONFIGS, MHA, random_prompts, tiny_model
@@ -67,11 +67,74 @@ def test_budget_does_not_change_results():
     torch.testing.assert_close(a.hidden, b.hidden, atol=1e-9, rtol=0)
 
 
-def test_pad_left_positions():
-    ids, mask, pos = pad_left([[7, 8], [1, 2, 3]], pad_id=0)
-    assert ids.tolist() == [[0, 7, 8], [1, 2, 3]]
-    assert mask.tolist() == [[0, 1, 1], [1, 1, 1]]
-    assert pos.tolist() == [[0, 0, 1], [0, 1, 2]]
+def _prefixed_prompts(prefix_len: int = 7) -> list[list[int]]:
+    """A shared prefix (a 'system block') and suffixes of 1 to 6 tokens: one prompt is prefix + one token."""
+    prefix = random_prompts(1, lo=prefix_len, hi=prefix_len, seed=5)[0]
+    return [prefix + s for s in ([11], *random_prompts(4, lo=2, hi=6, seed=6))]
+
+
+def _every_op(arch, shape):
+    ops = [(Op.UNDIFF_Q, 1e-5), (Op.SCALE_V, 0.3), (Op.MEAN, 1e-5)] + ([(Op.UNDIFF_K, 1e-5)] if arch in MHA else [])
+    return [a for op, eps in ops for a in _all_single(arch, shape, op, eps)]
+
+
+# gemma2's tiny config slides a 4-token window: the prompts above are longer, so give it a wide one here
+# (the narrow one is the fallback test below)
+_WIDE = {"gemma2": {"sliding_window": 64}}
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_shared_prefix_reuse_equals_naive(arch):
+    """Prompts sharing a prefix: the prefix runs once per ablation (prefix rows), the suffixes attend to its
+    keys and values, and every score equals one full forward per (ablation, prompt)."""
+    model = tiny_model(arch, **_WIDE.get(arch, {}))
+    prompts = _prefixed_prompts()
+    engine = ScanEngine(model, pad_id=0, token_budget=40)  # several chunks: an ablation may straddle two
+    ablations = _every_op(arch, engine.arch.shape) + [Ablation(heads=(Head(0, 1), Head(2, 0)), eps=1e-4)]
+    fast = engine.scan(prompts, ablations)
+    ref = naive_scan(model, prompts, ablations)
+    torch.testing.assert_close(fast.hidden, ref.hidden, atol=1e-9, rtol=0)
+    torch.testing.assert_close(fast.kl, ref.kl, atol=1e-9, rtol=0)
+    assert ref.kl.max() > 1e-6
+    whole = ScanEngine(model, pad_id=0, token_budget=40, prefix_reuse=False).scan(prompts, ablations)
+    torch.testing.assert_close(fast.kl, whole.kl, atol=1e-9, rtol=0)
+    assert fast.token_layers < 0.8 * whole.token_layers  # the prefix really was computed once per ablation
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_shared_prefix_with_base_ablation_equals_naive(arch):
+    """Sahara's step: every row carries the chosen group G, which is also the cached base."""
+    model = tiny_model(arch, **_WIDE.get(arch, {}))
+    engine = ScanEngine(model, pad_id=0, token_budget=64)
+    shape = engine.arch.shape
+    base = Ablation(heads=(Head(0, 2), Head(1, 1)), eps=1e-5)
+    cands = [base.with_head(h) for h in all_heads(shape.n_layers, shape.n_heads) if h not in base.heads]
+    prompts = _prefixed_prompts()
+    fast = engine.scan(prompts, [*cands, base], base=base)
+    ref = naive_scan(model, prompts, [*cands, base])
+    torch.testing.assert_close(fast.hidden, ref.hidden, atol=1e-9, rtol=0)
+    torch.testing.assert_close(fast.kl, ref.kl, atol=1e-9, rtol=0)
+
+
+def test_sliding_window_shorter_than_the_prompts_runs_whole_prompts():
+    """A sliding-window cache keeps only part of a long prefix: the engine then runs whole prompts (exact)."""
+    model = tiny_model("gemma2")  # window 4
+    prompts = _prefixed_prompts()
+    ablations = _all_single("gemma2", ScanEngine(model, 0).arch.shape, Op.UNDIFF_Q, 1e-5)
+    fast = ScanEngine(model, 0, token_budget=64).scan(prompts, ablations)
+    whole = ScanEngine(model, 0, token_budget=64, prefix_reuse=False).scan(prompts, ablations)
+    ref = naive_scan(model, prompts, ablations)
+    torch.testing.assert_close(fast.kl, ref.kl, atol=1e-9, rtol=0)
+    assert fast.token_layers == whole.token_layers
+
+
+def test_shared_prefix_len():
+    from study.passes import shared_prefix_len
+
+    assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
+    assert shared_prefix_len([[1, 2, 3], [1, 2, 3, 4]]) == 2  # every prompt keeps a token of its own
+    assert shared_prefix_len([[1, 2], [3, 2]]) == 0
+    assert shared_prefix_len([[4, 4, 4]]) == 2
 
 
 def test_planted_head_has_the_largest_kl():
