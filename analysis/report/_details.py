@@ -16,6 +16,8 @@ __all__ = ["details_section"]
 
 
 def _spec_text(config: dict[str, Any]) -> str:
+    """The spec as YAML, without the sections and settings it leaves empty (a one-command run sets a few)."""
+    config = {k: v for k, v in config.items() if v not in (None, {}, [])}
     try:
         import yaml
 

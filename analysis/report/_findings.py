@@ -217,7 +217,8 @@ def _summary_table(data: RunData, headlines: list[AsrHeadline]) -> Html:
     align = "lwwllrrrrrl"
     keep = [i for i in range(len(header)) if any(row[i] != MISSING for row in rows)]
     return table([header[i] for i in keep], [[row[i] for i in keep] for row in rows], "".join(align[i] for i in keep),
-                 caption="Summary per model (ASR: the headline ablation; every row is in the ASR section)",
+                 caption="Summary per model" + (" (ASR: the headline ablation; every row is in the ASR section)"
+                                                if headlines else ""),
                  cls="summary", fold=("Prompts",))
 
 

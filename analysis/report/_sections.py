@@ -89,8 +89,8 @@ def _prompt_table(data: RunData) -> Html:
                          f"{second['head_label']} {num(second['kl'])}" if second is not None else MISSING])
     more = f" (first {MAX_PROMPT_ROWS} rows)" if len(rows) > MAX_PROMPT_ROWS else ""
     return table(["Model", "Prompts", "Prompt", "Top head", "KL (nats)", "Second"], rows[:MAX_PROMPT_ROWS],
-                 "llwlrl", caption=f"Each prompt's own top heads (query level), {PROMPTS_PER_CONDITION} prompts per "
-                                   f"set{more}")
+                 "llwlrl", caption=f"Each prompt's own top heads (query level), up to {PROMPTS_PER_CONDITION} "
+                                   f"prompts per set{more}")
 
 
 def heads_section(data: RunData, figs: Sequence[FigureRecord]) -> Html | None:
