@@ -29,7 +29,7 @@ from torch import nn
 from study.ablation import Ablation
 from study.interventions import HeadHooks, HeadTables, ablated, first_divergent_layer
 from study.architectures import Arch
-from study.passes import BasePass, KVRecorder, PrefixKV
+from study.passes import BasePass, KVRecorder, PrefixKV, mlp_at
 from study.scores import kl_from_logprobs, log_softmax_fp
 
 log = logging.getLogger(__name__)
@@ -73,10 +73,11 @@ class ScanEngine:
     """Scores (ablation, prompt) rows on one loaded model. Not thread-safe; one per device."""
 
     def __init__(self, model: nn.Module, pad_id: int, *, token_budget: int | None = None,
-                 cache_bytes: int | None = None, prefix_reuse: bool = True) -> None:
+                 cache_bytes: int | None = None, prefix_reuse: bool = True, top_mlp_last: bool = True) -> None:
         """`token_budget`: rows x padded tokens per forward; `cache_bytes`: what a prompt group may keep
         (per-layer residuals, log-probs). None picks the device's default for each. `prefix_reuse`: compute
-        the tokens a group's prompts share once per ablation (off: every row runs its whole prompt)."""
+        the tokens a group's prompts share once per ablation (off: every row runs its whole prompt);
+        `top_mlp_last`: run the top layer's MLP at the last position only (the only one read)."""
         if token_budget is not None and token_budget < 1:
             raise ValueError("token_budget must be >= 1")
         if cache_bytes is not None and cache_bytes < 1:
@@ -85,6 +86,7 @@ class ScanEngine:
         self.arch = Arch.of(model)
         self.pad_id = pad_id
         self.prefix_reuse = prefix_reuse
+        self.top_mlp_last = top_mlp_last
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.token_budget = token_budget or default_token_budget(self.device)
@@ -256,6 +258,7 @@ class ScanEngine:
         hp: torch.Tensor | None = None
         work = tokens = 0
         for layer in range(first, n_layers):
+            top = self.top_mlp_last and layer == n_layers - 1
             n_active = int(counts[layer])
             n_have = 0 if h is None else h.shape[0]
             if n_active > n_have:
@@ -271,15 +274,19 @@ class ScanEngine:
                 hooks.clear()
                 hooks.set_layer(layer, prefix_tables.select(torch.arange(n_pre)), self.device, self.dtype)
                 recorder = KVRecorder()
-                hp = bp.prefix_calls[layer].run(hp, torch.zeros(n_pre, dtype=torch.long, device=self.device),
-                                                recorder)
+                zeros = torch.zeros(n_pre, dtype=torch.long, device=self.device)
+                # at the top layer only the prefix's keys and values are used: its MLP output is not
+                with mlp_at(self.model, self.arch, layer, zeros) if top else contextlib.nullcontext():
+                    hp = bp.prefix_calls[layer].run(hp, zeros, recorder)
                 tokens += n_pre * bp.prefix_len
                 rows_slot = slot_dev[:n_active]
                 cache = PrefixKV(recorder.keys.index_select(0, rows_slot),
                                  recorder.values.index_select(0, rows_slot))
             hooks.clear()
             hooks.set_layer(layer, row_tables.select(torch.arange(n_active)), self.device, self.dtype)
-            h = bp.calls[layer].run(h, j_dev[:n_active], cache)
+            last = bp.last.to(self.device).index_select(0, j_dev[:n_active])
+            with mlp_at(self.model, self.arch, layer, last) if top else contextlib.nullcontext():
+                h = bp.calls[layer].run(h, j_dev[:n_active], cache)
             work += n_active
             tokens += n_active * bp.width
         hooks.clear()

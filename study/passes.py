@@ -11,10 +11,11 @@ exact: prefix states never depend on what follows them.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -121,6 +122,23 @@ class LayerCall:
             kwargs[self.cache_name] = cache
         out = self.layer(**{self.hidden_name: hidden}, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@contextlib.contextmanager
+def mlp_at(model: nn.Module, arch: Arch, layer: int, positions: torch.Tensor) -> Iterator[None]:
+    """Run `layer`'s MLP at one position per row only (`positions`: (rows,)); the layer's residual add
+    broadcasts its output back over the sequence, so only those positions of the layer's output are right.
+    For the top layer, where only the last position is read, that skips the MLP everywhere else."""
+    def keep(module: nn.Module, args: tuple) -> tuple:
+        x = args[0]  # (rows, seq, d_model)
+        rows = torch.arange(x.shape[0], device=x.device)
+        return (x[rows, positions.to(x.device)].unsqueeze(1), *args[1:])  # (rows, 1, d_model)
+
+    handle = arch.mlp(model, layer).register_forward_pre_hook(keep)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _captured_forward(model: nn.Module, arch: Arch, **inputs: Any) -> tuple[list[LayerCall], torch.Tensor]:
