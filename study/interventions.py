@@ -1,9 +1,11 @@
 """Interventions on a loaded model: per-row hook tables, scoped hooks and weight edits for an `Ablation`.
 
-An operator acts on one site of a layer (q, k, or the o_proj input), viewed as (..., heads, d_head) by
-`Arch.part_view`. `apply_heads` is the one piece of math; hooks apply it to activations (each batch row
-may carry its own ablation) and weight edits apply it to the projection weights and biases, so the two
-agree exactly. Every intervention is a context manager and is always undone.
+An operator acts on one site of a layer (q, k, or the o_proj input) at `Arch.site_module`, viewed as
+(..., heads, d_head) by `Arch.part_view`. `apply_heads` is the one piece of math; hooks apply it to
+activations (each batch row may carry its own ablation) and weight edits apply it to the parameters
+`Arch.edit_target` names (projection weights and biases, or a q/k norm's weight), so the two agree exactly;
+where no weight edit can express an operator (a q/k norm shared by the heads) the edits refuse and the hooks
+still work. Every intervention is a context manager and is always undone.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from study.ablation import Ablation, Op, Site
-from study.architectures import Arch
+from study.architectures import Arch, EditTarget, weight_view
+
+__all__ = ["HeadHooks", "HeadTables", "ablated", "apply_heads", "edit_weights_inplace", "first_divergent_layer",
+           "weight_view", "weights_edited"]
 
 # ----------------------------------------------------------------------------------------------- the math
 
@@ -100,7 +104,7 @@ def first_divergent_layer(rows: Sequence[Ablation], base: Ablation, arch: Arch) 
 # ---------------------------------------------------------------------------------------------- the hooks
 
 class HeadHooks:
-    """Forward hooks on every layer's q/k/o_proj modules that apply per-row operator tables.
+    """Forward hooks on every layer's site modules (q/k projections or norms, o_proj) applying per-row tables.
 
     The engine sets the tables of the layer it is about to run (`set_layer`); `ablated()` sets one
     ablation for every layer, broadcast over any batch. Hooks are removed on exit, whatever happens.
@@ -191,33 +195,23 @@ def ablated(model: nn.Module, ablation: Ablation, arch: Arch | None = None) -> I
 
 # --------------------------------------------------------------------------------------- the weight edits
 
-def weight_view(module: nn.Module, site: Site) -> torch.Tensor:
-    """The weight with the site's feature axis last: output features for q/k, input features for o_in."""
-    w = module.weight.data
-    conv = isinstance(module, Conv1D)  # Conv1D stores (in, out); nn.Linear stores (out, in)
-    if site is Site.O_IN:
-        return w.T if conv else w  # (out, in)
-    return w if conv else w.T  # (in, out)
+def _edit_targets(model: nn.Module, ablation: Ablation, arch: Arch) -> dict[int, EditTarget]:
+    """Each touched layer's edit target; refuses (UsageError) before anything is written."""
+    return {layer: arch.edit_target(model, layer, ablation.op) for layer in sorted({h.layer for h in ablation.heads})}
 
 
 def edit_weights_inplace(model: nn.Module, ablation: Ablation, arch: Arch) -> list[nn.Module]:
     """Apply `ablation` to the weights (and q/k biases) in place; return the touched modules."""
+    targets = _edit_targets(model, ablation, arch)
     tables = HeadTables.build([ablation], arch)
-    touched: list[nn.Module] = []
+    site = ablation.site
     with torch.no_grad():
-        for layer in sorted({h.layer for h in ablation.heads}):
-            site = ablation.site
-            module = arch.site_module(model, layer, site)
+        for layer, target in targets.items():
             scale = tables.scale[site][layer, 0] if site in tables.scale else None  # (heads,)
             mean = tables.mean[layer, 0] if (tables.mean is not None and site is Site.Q) else None
-            targets = [weight_view(module, site)]
-            if site is not Site.O_IN and getattr(module, "bias", None) is not None:
-                targets.append(module.bias.data)  # the o_proj bias is not a head's contribution
-            for t in targets:
-                view = arch.part_view(t, site)  # (..., heads, d_head)
+            for view in target.parts:  # (..., heads, d_head)
                 view.copy_(apply_heads(view, scale, mean))
-            touched.append(module)
-    return touched
+    return [t.module for t in targets.values()]
 
 
 @contextlib.contextmanager
@@ -226,8 +220,8 @@ def weights_edited(model: nn.Module, ablation: Ablation, arch: Arch | None = Non
     arch = arch or Arch.of(model)
     ablation.check(arch.shape)
     saved = []
-    for layer in sorted({h.layer for h in ablation.heads}):
-        module = arch.site_module(model, layer, ablation.site)
+    for target in _edit_targets(model, ablation, arch).values():
+        module = target.module
         saved.append((module, module.weight.data.clone(),
                       None if getattr(module, "bias", None) is None else module.bias.data.clone()))
     try:

@@ -7,7 +7,11 @@ and the head recipes move only one head's slices:
 - q: the head's output rows of the query projection (and bias);
 - k, v: the rows of the key/value group the head reads (under GQA the group is shared with the other
   query heads of the group, so they see the donor's keys and values too);
-- o: the head's input columns of the output projection.
+- o: the head's input columns of the output projection;
+- behind a q/k norm over all heads (OLMo2): the head's slice of the q norm's weight and its group's slice of
+  the k norm's weight (the norm's scale still couples the heads, as a shared KV group does). A per-head
+  q/k norm (Qwen3, Gemma3) has one weight shared by every head of the layer: no head owns it, so a head
+  recipe keeps the target's and is refused unless both models' norm weights are equal there.
 """
 
 from __future__ import annotations
@@ -19,10 +23,9 @@ import torch
 from torch import nn
 
 from study.ablation import Site
-from study.architectures import Arch
+from study.architectures import Arch, NormScope, weight_view
 from study.errors import UsageError
 from study.heads import Head
-from study.interventions import weight_view
 from study.swap import Recipe
 
 if TYPE_CHECKING:
@@ -60,20 +63,36 @@ def head_slices(model: nn.Module, arch: Arch, head: Head) -> list[torch.Tensor]:
     """Views of every weight (and bias) slice that belongs to `head`: writing them writes the model."""
     s = arch.shape
     group = head.head // (s.n_heads // s.n_kv_heads)
+    norm = arch.spec.qk_norm
     views: list[torch.Tensor] = []
-    q = arch.site_module(model, head.layer, Site.Q)
-    k = arch.site_module(model, head.layer, Site.K)
-    v = arch.v_module(model, head.layer)
-    o = arch.site_module(model, head.layer, Site.O_IN)
-    for module, site, index in ((q, Site.Q, head.head), (k, Site.K, group)):
-        views.append(arch.part_view(weight_view(module, Site.Q), site)[..., index, :])
+    for site, index in ((Site.Q, head.head), (Site.K, group)):
+        module = arch.projection(model, head.layer, site)
+        views.append(arch.projection_view(weight_view(module, site), site)[..., index, :])
         if getattr(module, "bias", None) is not None:
-            views.append(arch.part_view(module.bias.data, site)[..., index, :])
+            views.append(arch.projection_view(module.bias.data, site)[..., index, :])
+        if norm is not None and norm.scope is NormScope.WHOLE:  # the norm's weight has the output's layout
+            views.append(arch.part_view(arch.site_module(model, head.layer, site).weight.data, site)[..., index, :])
+    v = arch.v_module(model, head.layer)
     views.append(arch.value_view(weight_view(v, Site.Q))[..., group, :])
     if getattr(v, "bias", None) is not None:
         views.append(arch.value_view(v.bias.data)[..., group, :])
-    views.append(arch.part_view(weight_view(o, Site.O_IN), Site.O_IN)[..., head.head, :])
+    o = arch.projection(model, head.layer, Site.O_IN)
+    views.append(arch.projection_view(weight_view(o, Site.O_IN), Site.O_IN)[..., head.head, :])
     return views
+
+
+def check_shared_norms(target: nn.Module, donor: nn.Module, arch: Arch, heads: Sequence[Head]) -> None:
+    """Refuse a head recipe that would pair the donor's head with the target's different per-head q/k norm."""
+    norm = arch.spec.qk_norm
+    if norm is None or norm.scope is not NormScope.PER_HEAD:
+        return
+    for layer in sorted({h.layer for h in heads}):
+        for site in (Site.Q, Site.K):
+            t, d = arch.site_module(target, layer, site), arch.site_module(donor, layer, site)
+            if any(not torch.equal(a, b.to(a)) for a, b in zip(t.parameters(), d.parameters())):
+                raise UsageError(f"cannot move single heads of {arch.spec.name} at layer {layer}: its {site.value} "
+                                 f"norm (one weight shared by every head) differs between the two models, so "
+                                 f"no head owns it; use attn-from-base to move whole attention modules")
 
 
 @torch.no_grad()
@@ -94,6 +113,7 @@ def mix(target: nn.Module, donor: nn.Module, recipe: Recipe, heads: Sequence[Hea
             raise UsageError(f"swap recipe {recipe.value} needs safety heads")
         for h in heads:
             h.check(arch.shape.n_layers, arch.shape.n_heads)
+        check_shared_norms(target, donor, arch, heads)
         pairs = [pair for h in heads for pair in zip(head_slices(target, arch, h), head_slices(donor, arch, h))]
     else:
         raise ValueError(f"recipe {recipe.value} builds no mixed model")

@@ -29,10 +29,11 @@ def save_ablated(lm: LoadedModel, ablation: Ablation, out: str | Path) -> dict[s
         raise UsageError(f"checkpoint folder {str(out)!r} exists and is not empty: choose a new --out")
     arch = Arch.of(lm.model)
     ablation.check(arch.shape)
-    touched = edit_weights_inplace(lm.model, ablation, arch)
-    has_bias = any(getattr(m, "bias", None) is not None for m in touched) and ablation.site.value != "o_in"
-    # one head's slice: d_head x d_model weights (+ d_head bias): 524,288 for a Llama-2-7B head
-    n_params = len(ablation.heads) * arch.shape.d_head * (arch.shape.d_model + int(has_bias))
+    # one head's block of each edited parameter: d_head x d_model weights (+ d_head bias) for a projection
+    # (524,288 for a Llama-2-7B head), d_head for a q/k norm's weight; refuses before anything is written
+    n_params = sum(part[..., h.head, :].numel() for h in ablation.heads
+                   for part in arch.edit_target(lm.model, h.layer, ablation.op).parts)
+    edit_weights_inplace(lm.model, ablation, arch)
     total = sum(p.numel() for p in lm.model.parameters())
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(out.parent, f".{out.name}-")

@@ -7,7 +7,7 @@ from study.ablation import Ablation, Op
 from study.engine import ScanEngine, naive_scan
 from study.heads import Head, all_heads
 from tests.planted import PLANTED, harmful_prompts, planted_model
-from tests.tiny_models import CONFIGS, MHA, random_prompts, tiny_model
+from tests.tiny_models import CONFIGS, MHA, QK_NORM_CONFIGS, random_prompts, tiny_model
 
 
 def _all_single(arch_name, shape, op, eps):
@@ -80,10 +80,10 @@ def _every_op(arch, shape):
 
 # gemma2's tiny config slides a 4-token window: the prompts above are longer, so give it a wide one here
 # (the narrow one is the fallback test below)
-_WIDE = {"gemma2": {"sliding_window": 64}}
+_WIDE = {"gemma2": {"sliding_window": 64}, "gemma3_text": {"sliding_window": 64}}
 
 
-@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("arch", sorted(CONFIGS) + sorted(QK_NORM_CONFIGS))
 def test_shared_prefix_reuse_equals_naive(arch):
     """Prompts sharing a prefix: the prefix runs once per ablation (prefix rows), the suffixes attend to its
     keys and values, and every score equals one full forward per (ablation, prompt)."""
