@@ -143,7 +143,7 @@ class AsrJob(ScanJob):
             self.arms = self._sahara_arms(list(self.source.group))
         else:
             job: ShipsJob = self.source
-            kl = job.kl_matrix()  # (prompts, heads)
+            kl, _ = job.kl_matrix()  # (prompts, heads)
             order = (-kl).argsort(axis=1, kind="stable")
             self.arms = self._query_arms({p.id: [job.heads[j] for j in order[i]]
                                           for i, p in enumerate(job.prompts.prompts)}, "this run's ships")

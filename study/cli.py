@@ -101,6 +101,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ships", help="query-level Ships: KL(normal || ablated) per prompt and head")
     _scan_args(p)
     p.add_argument("--top", type=int, default=None, help="heads printed per prompt (default 5)")
+    p.add_argument("--screen", default=None, help="bf16 or fp16: score every head in that precision first, then "
+                                                  "re-score each prompt's top --verify-top heads exactly")
+    p.add_argument("--verify-top", type=int, default=None, help="heads per prompt re-scored exactly (default 20)")
 
     p = sub.add_parser("sahara", help="generalized Ships per head and the Sahara greedy group search")
     _scan_args(p)
@@ -207,7 +210,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_ships(args: argparse.Namespace) -> None:
-    _run(_single(args, ("top",)), args)
+    _run(_single(args, ("top", "screen", "verify_top")), args)
 
 
 def _cmd_sahara(args: argparse.Namespace) -> None:

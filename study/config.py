@@ -131,6 +131,10 @@ class ShipsConfig(ScanConfig):
     """Query-level Ships: KL(normal || head ablated) per prompt and head."""
 
     top: int = Field(default=5, ge=1)  # heads printed per prompt
+    # screening: every head scored on a low-precision copy first, then the union of each prompt's top
+    # `verify_top` heads re-scored at the model's own dtype (the table's `exact` column says which rows are)
+    screen: Literal["bf16", "fp16"] | None = None
+    verify_top: int = Field(default=20, ge=1)
 
 
 class SaharaConfig(ScanConfig):

@@ -25,6 +25,7 @@ from study.family import FAMILY, MEMBERS, check_member, materialize_member
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+SCREEN_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # screening precision -> the dtype a screen loads in
 DEVICES = ("auto", "cpu", "cuda")  # auto: cuda where the process has one, else cpu
 
 

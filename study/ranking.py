@@ -18,3 +18,9 @@ def rank_desc(values: np.ndarray) -> np.ndarray:
     np.put_along_axis(ranks, order, np.arange(1, values.shape[-1] + 1, dtype=np.int64) * np.ones_like(order),
                       axis=-1)
     return ranks
+
+
+def top_union(values: np.ndarray, k: int) -> np.ndarray:
+    """(rows, m) scores -> sorted column indices in any row's top `k` (1 = largest, as `rank_desc`)."""
+    ranks = rank_desc(values)  # (rows, m)
+    return np.flatnonzero((ranks <= k).any(axis=0))

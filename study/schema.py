@@ -73,7 +73,9 @@ SHIPS = _schema(
     [_f("prompt_id", pa.string()), _f("prompt", pa.string())],
     _HEAD,
     _ABLATION,
-    [_f("kl", pa.float64()), _f("rank", pa.int32())],  # rank 1 = largest KL within the prompt
+    [_f("kl", pa.float64()), _f("rank", pa.int32()),  # rank 1 = largest KL within the prompt
+     # False: a screened (low-precision) score, not re-scored; null in tables written before screening existed
+     _f("exact", pa.bool_(), nullable=True)],
 )
 
 HEAD_SCORES = _schema(

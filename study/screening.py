@@ -21,11 +21,12 @@ from torch import nn
 
 from study.ablation import Ablation
 from study.engine import ScanEngine
+from study.models import SCREEN_DTYPES
+from study.ranking import top_union
 
 log = logging.getLogger(__name__)
 
-SCREEN_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-                 "float16": torch.float16}
+
 
 
 @dataclass
@@ -44,15 +45,13 @@ def screen_copy(model: nn.Module, dtype: str) -> nn.Module:
     """A low-precision copy of `model` for screening (the original stays as it is for exact scores)."""
     if dtype not in SCREEN_DTYPES:
         raise ValueError(f"unknown screening dtype {dtype!r}: use one of {', '.join(SCREEN_DTYPES)}")
-    return copy.deepcopy(model).to(SCREEN_DTYPES[dtype])
+    return copy.deepcopy(model).to(getattr(torch, SCREEN_DTYPES[dtype]))
 
 
 def candidates(screen_kl: torch.Tensor, verify_top: int) -> torch.Tensor:
     """(ablations, prompts) screened KLs -> (ablations,) bool: the ablations in any prompt's top `verify_top`."""
-    k = min(verify_top, screen_kl.shape[0])
-    top = screen_kl.topk(k, dim=0).indices  # (k, prompts)
     chosen = torch.zeros(screen_kl.shape[0], dtype=torch.bool)
-    chosen[top.flatten()] = True
+    chosen[torch.as_tensor(top_union(screen_kl.T.numpy(), verify_top))] = True
     return chosen
 
 

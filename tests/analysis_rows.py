@@ -21,5 +21,5 @@ def ships_rows(kls: dict[str, list[float]], *, model: str = "m", dataset: str = 
             rows.append(dict(run_id=run_id, model=model, model_revision=revision, dataset=dataset,
                              prompt_format="paper", code_version="0", prompt_id=pid, prompt=f"q {pid}",
                              layer=int(label[1]), head=int(label[3]), head_label=label, op=op, eps=1e-5, kl=kl,
-                             rank=rank[i]))
+                             rank=rank[i], exact=True))
     return rows

@@ -188,3 +188,29 @@ def test_surgery_through_the_runner_saves_a_checkpoint_equal_to_hook_ablation(ti
     assert main(["surgery", "--model", tiny, "--heads", "L0H1", "--out", str(ckpt)]) == 2  # not empty
     assert main(["surgery", "--model", tiny, "--heads", "L3H0", "--out", str(tmp_path / "c2")]) == 2
     assert "out of range" in capsys.readouterr().err and not (tmp_path / "c2").exists()
+
+
+def test_screened_ships_rescores_each_prompts_top_heads_exactly_and_resumes(tiny, tmp_path):
+    """--screen bf16: every head scored on a bfloat16 copy, then the union of each prompt's top 2 re-scored at
+    the model's dtype; those rows equal the naive strategy and say so, the others say they are screened."""
+    cfg = build(StudyConfig, dict(out=str(tmp_path / "s"), defaults=dict(model=tiny, dtype="float64", limit=4),
+                                  ships=dict(screen="bf16", verify_top=2), execution=dict(executor="local")))
+    first = run_study(cfg)
+    ships = read_table(tmp_path / "s", "ships").to_pandas()
+    lm = load_model(tiny, dtype="float64")
+    prompts = load_prompts("builtin:harmful", limit=4)
+    heads = all_heads(3, 4)
+    ref = naive_scan(lm.model, encode_all(prompts, PromptFormat.PAPER, lm.tokenizer),
+                     [Ablation(heads=(h,)) for h in heads]).kl.numpy()  # (heads, prompts)
+    expect = pd.DataFrame(ref, index=[h.label for h in heads], columns=[p.id for p in prompts])
+    ships["naive"] = [expect.loc[h, p] for h, p in zip(ships["head_label"], ships["prompt_id"])]
+    exact, screened = ships[ships["exact"]], ships[~ships["exact"]]
+    np.testing.assert_allclose(exact["kl"], exact["naive"], rtol=1e-9, atol=1e-12)
+    assert len(screened) and (abs(screened["kl"] - screened["naive"]) / screened["naive"]).max() > 1e-4
+    verified = set(exact["head_label"])
+    assert 2 <= len(verified) < len(heads)
+    assert exact.groupby("prompt_id").size().eq(len(verified)).all()  # a re-scored head is exact on every prompt
+    top = ships.loc[ships.groupby("prompt_id")["kl"].idxmax()]
+    assert top["exact"].all()
+    assert sorted(top["head_label"]) == sorted(expect.idxmax(axis=0))  # the exact winner of every prompt
+    assert run_study(cfg).computed == 0 and first.computed > 0  # both rounds resume from their shards

@@ -27,7 +27,7 @@ def _ships(model: str, dataset: str, kls: dict[str, list[float]]) -> list[dict[s
         for rank, i in enumerate(order, start=1):
             rows.append(dict(run_id="r1", model=model, model_revision=None, dataset=dataset, prompt_format="paper",
                              code_version="0", prompt_id=pid, prompt="q", layer=i // 2, head=i % 2,
-                             head_label=HEADS[i], op="undiff_q", eps=1e-5, kl=values[i], rank=rank))
+                             head_label=HEADS[i], op="undiff_q", eps=1e-5, kl=values[i], rank=rank, exact=True))
     return rows
 
 

@@ -57,7 +57,8 @@ def ships_rows(model: str, dataset: str, kls: dict[str, list[float]]) -> list[di
         order = sorted(range(len(values)), key=lambda i: (-values[i], i))
         for rank, i in enumerate(order, start=1):
             rows.append(dict(META, model=model, dataset=dataset, prompt_id=pid, prompt="q", layer=i // HEADS,
-                             head=i % HEADS, head_label=LABELS[i], op="undiff_q", eps=1e-5, kl=values[i], rank=rank))
+                             head=i % HEADS, head_label=LABELS[i], op="undiff_q", eps=1e-5, kl=values[i], rank=rank,
+                             exact=True))
     return rows
 
 

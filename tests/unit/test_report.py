@@ -52,7 +52,7 @@ def ships_rows(model: str, dataset: str, top: list[str], prompts: list[str]) -> 
         for rank, i in enumerate(order, start=1):
             rows.append(dict(META, model=model, dataset=dataset, prompt_id=f"{dataset}-{p}", prompt=text,
                              layer=i // HEADS, head=i % HEADS, head_label=LABELS[i], op="undiff_q", eps=1e-5,
-                             kl=kl[i], rank=rank))
+                             kl=kl[i], rank=rank, exact=True))
     return rows
 
 

@@ -60,6 +60,7 @@ def _ships_rows(model: str = HF, n: int = 3, run_id: str = "r1") -> list[dict[st
             "eps": 1e-5,
             "kl": 0.5 / (i + 1),
             "rank": i + 1,
+            "exact": True,
         }
         for i in range(n)
     ]
