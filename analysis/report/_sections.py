@@ -102,9 +102,22 @@ def heads_section(data: RunData, figs: Sequence[FigureRecord]) -> Html | None:
              "averaged over a prompt set's prompts. Generalized Ships: the principal angle (degrees) between the "
              "normal and the ablated dataset-level representation subspaces. Larger means the model leans on "
              "the head more."),
+        _screened_note(data),
         _top_table(data, ranks, "ships", "Ships (mean KL over prompts, nats)", num),
         _top_table(data, ranks, "head_scores", "Generalized Ships (angle, degrees)", lambda s: f"{float(s):.3g}°"),
         _prompt_table(data)])
+
+
+def _screened_note(data: RunData) -> Html:
+    """Say how many Ships scores are screened (low precision, not re-scored): a ranking's top is exact, its
+    tail is not."""
+    ships = data.get("ships")
+    if ships is None or "exact" not in ships.columns or not (ships["exact"] == False).any():  # noqa: E712
+        return Html("")
+    n, screened = len(ships), int((ships["exact"] == False).sum())  # noqa: E712
+    return para(f"{screened:,} of {n:,} Ships scores are screened: computed in low precision and not re-scored, "
+                f"because no prompt had their head among its top candidates. Every prompt's top heads were "
+                f"re-scored at the model's precision (the ships table's exact column).")
 
 
 # ---- Sahara ----

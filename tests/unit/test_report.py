@@ -328,6 +328,16 @@ def test_a_folder_with_only_ships_says_what_is_absent(tmp_path: Path) -> None:
     assert srcs and all(s.startswith("data:image/") and len(s) > 1000 for s in srcs)
     assert not re.search(r"<img(?![^>]*\ssrc=\"data:)[^>]*>", html)
     assert "no manifest.json" in html
+    assert "screened" not in text_of(section(html, "heads"))  # every score exact: nothing to say
+
+
+def test_screened_ships_scores_are_said_to_be_screened(tmp_path: Path) -> None:
+    rows = ships_rows(CHAT_A, "harm", ["L1H2", "L0H3"], ["q0", "q1"])
+    for r in rows:
+        r["exact"] = r["head_label"] in ("L1H2", "L0H3")  # the re-scored top candidates
+    write(tmp_path / "s", {"ships": rows}, None)
+    heads = text_of(section(write_report(tmp_path / "s").read_text(encoding="utf-8"), "heads"))
+    assert "12 of 16 Ships scores are screened" in heads
 
 
 def test_one_model_one_experiment(tmp_path: Path) -> None:
