@@ -52,6 +52,12 @@ def _common(p: argparse.ArgumentParser, *, submitted: bool = False) -> None:
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: info)")
 
 
+def _screen_args(p: argparse.ArgumentParser, whose: str) -> None:
+    p.add_argument("--screen", default=None, help=f"bf16 or fp16: score every head in that precision first, then "
+                                                  f"re-score {whose} top --verify-top heads exactly")
+    p.add_argument("--verify-top", type=int, default=None, help=f"{whose} top heads re-scored exactly (default 20)")
+
+
 def _scan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="alias, local folder or HF id (default smollm2-135m-instruct)")
     p.add_argument("--revision", default=None, help="model revision (default: the latest)")
@@ -101,9 +107,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ships", help="query-level Ships: KL(normal || ablated) per prompt and head")
     _scan_args(p)
     p.add_argument("--top", type=int, default=None, help="heads printed per prompt (default 5)")
-    p.add_argument("--screen", default=None, help="bf16 or fp16: score every head in that precision first, then "
-                                                  "re-score each prompt's top --verify-top heads exactly")
-    p.add_argument("--verify-top", type=int, default=None, help="heads per prompt re-scored exactly (default 20)")
+    _screen_args(p, "each prompt's")
 
     p = sub.add_parser("sahara", help="generalized Ships per head and the Sahara greedy group search")
     _scan_args(p)
@@ -111,6 +115,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=None, help="subspace rank r (default 1, the paper)")
     p.add_argument("--subspace", default=None, help="left (default, the paper) or right")
     p.add_argument("--center", action="store_true", default=None, help="centre the hidden states first")
+    _screen_args(p, "each step's")
     p.add_argument("--min-gain", type=float, default=None, help="stop when a step gains less (degrees)")
 
     p = sub.add_parser("asr", help="generate under ablation and judge: attack success rate with controls")
@@ -214,7 +219,7 @@ def _cmd_ships(args: argparse.Namespace) -> None:
 
 
 def _cmd_sahara(args: argparse.Namespace) -> None:
-    _run(_single(args, ("steps", "rank", "subspace", "center", "min_gain")), args)
+    _run(_single(args, ("steps", "rank", "subspace", "center", "min_gain", "screen", "verify_top")), args)
 
 
 def _cmd_asr(args: argparse.Namespace) -> None:

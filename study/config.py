@@ -127,17 +127,22 @@ class SurgeryConfig(AblatingConfig):
         return Ablation(heads=parse_heads(self.heads), op=self.op, eps=self.eps)
 
 
-class ShipsConfig(ScanConfig):
-    """Query-level Ships: KL(normal || head ablated) per prompt and head."""
+class ScreenedScanConfig(ScanConfig):
+    """A scan that may screen: every head scored on a low-precision copy first, then the top `verify_top`
+    candidates (Ships: of each prompt; Sahara: of each step) re-scored at the model's own dtype (the tables'
+    `exact` column says which scores are)."""
 
-    top: int = Field(default=5, ge=1)  # heads printed per prompt
-    # screening: every head scored on a low-precision copy first, then the union of each prompt's top
-    # `verify_top` heads re-scored at the model's own dtype (the table's `exact` column says which rows are)
     screen: Literal["bf16", "fp16"] | None = None
     verify_top: int = Field(default=20, ge=1)
 
 
-class SaharaConfig(ScanConfig):
+class ShipsConfig(ScreenedScanConfig):
+    """Query-level Ships: KL(normal || head ablated) per prompt and head."""
+
+    top: int = Field(default=5, ge=1)  # heads printed per prompt
+
+
+class SaharaConfig(ScreenedScanConfig):
     """Dataset-level attribution: generalized Ships per head, then the greedy Sahara search."""
 
     steps: int = Field(default=3, ge=1)

@@ -185,6 +185,11 @@ class ShipsJob(ScanJob):
     def done(self) -> bool:
         return self.results is not None
 
+    @property
+    def round_label(self) -> str:
+        screening = self.cfg.screen and self.screened is None
+        return self.experiment + (f" ({self.cfg.screen} screen)" if screening else "")
+
     def pending(self) -> list[Shard]:
         if self.done:
             return []
@@ -250,6 +255,7 @@ class SaharaJob(ScanJob):
                              f"got {len(self.prompts)} from {self.prompts.name!r}")
         self.search = GreedySearch(self.heads, cfg.steps, min_gain=cfg.min_gain)
         self._round: list[Shard] = []
+        self._screened: dict[str, float] | None = None  # screening: this step's low-precision scores
 
     @property
     def done(self) -> bool:
@@ -265,17 +271,26 @@ class SaharaJob(ScanJob):
 
     @property
     def round_label(self) -> str:
-        return f"sahara step {len(self.steps) + 1}"
+        screening = self.cfg.screen and self._screened is None
+        return f"sahara step {len(self.steps) + 1}" + (f" ({self.cfg.screen} screen)" if screening else "")
 
     def pending(self) -> list[Shard]:
+        """This step's candidates; screened: first all of them on the low-precision copy, then the top
+        `verify_top` by that screen at the model's own dtype."""
         if self.done:
             return []
         group, cands = self.search.request()
         base = self.ablation(group)
-        block = self.block()
-        self._round = [Shard(model=self.model, prompts=block, ablations=tuple(abl), base=base, measure="angle",
+        ablations = [base.with_head(h) for h in cands]
+        model = self.model
+        if self.cfg.screen and self._screened is None:
+            model = self.model.model_copy(update={"dtype": SCREEN_DTYPES[self.cfg.screen]})
+        elif self.cfg.screen:
+            order = np.argsort([-self._screened[a.label] for a in ablations], kind="stable")
+            ablations = [ablations[i] for i in order[:self.cfg.verify_top]]
+        self._round = [Shard(model=model, prompts=self.block(), ablations=tuple(abl), base=base, measure="angle",
                              subspace=self.cfg.subspace_spec)
-                       for abl in blocks([base.with_head(h) for h in cands], self.cfg.shard_heads)]
+                       for abl in blocks(ablations, self.cfg.shard_heads)]
         return self._round
 
     def absorb(self, outcome: Outcome) -> None:
@@ -283,9 +298,17 @@ class SaharaJob(ScanJob):
         for shard in self._round:
             t = outcome.table(shard)
             scores.update(zip(t["ablation"].to_pylist(), t["score"].to_pylist()))
+        if self.cfg.screen and self._screened is None:
+            self._screened = scores  # the exact round of this step comes next
+            return
         group, cands = self.search.request()
-        base = self.ablation(group)
-        step = self.search.submit([scores[base.with_head(h).label] for h in cands])
+        labels = [self.ablation(group).with_head(h).label for h in cands]
+        if self.cfg.screen:
+            merged = [scores.get(lab, self._screened[lab]) for lab in labels]
+            step = self.search.submit(merged, [lab in scores for lab in labels])
+            self._screened = None
+        else:
+            step = self.search.submit([scores[lab] for lab in labels])
         log.info("sahara %s step %d: + %s (%.4f deg)", self.cfg.model, step.step, step.chosen.label, step.best)
 
     def _subspace_columns(self, n: int) -> dict[str, list]:
@@ -300,7 +323,7 @@ class SaharaJob(ScanJob):
         cols = self.meta(run_id, n)
         cols.update(layer=[h.layer for h in first.candidates], head=[h.head for h in first.candidates],
                     head_label=[h.label for h in first.candidates], **self._subspace_columns(n),
-                    angle_deg=list(first.scores), rank=rank.tolist())
+                    angle_deg=list(first.scores), rank=rank.tolist(), exact=self._exact(first))
         rows: dict[str, list] = {}
         for st in self.steps:
             m = len(st.candidates)
@@ -308,10 +331,14 @@ class SaharaJob(ScanJob):
             part.update(self._subspace_columns(m), step=[st.step] * m, layer=[h.layer for h in st.candidates],
                         head=[h.head for h in st.candidates], head_label=[h.label for h in st.candidates],
                         group=[[h.label for h in st.group]] * m, score=list(st.scores),
-                        chosen=[h == st.chosen for h in st.candidates])
+                        chosen=[h == st.chosen for h in st.candidates], exact=self._exact(st))
             for k, v in part.items():
                 rows.setdefault(k, []).extend(v)
         return {"head_scores": make_table("head_scores", cols), "sahara": make_table("sahara", rows)}
+
+    @staticmethod
+    def _exact(step: Step) -> list[bool]:
+        return [True] * len(step.scores) if step.exact is None else list(step.exact)
 
     def summary(self) -> dict[str, Any]:
         return {"sahara_group": [h.label for h in self.group],

@@ -64,6 +64,10 @@ _SUBSPACE: list[pa.Field] = [
 ]
 
 
+# False: a screened (low-precision) score that was not re-scored; null in tables written before screening
+_EXACT = _f("exact", pa.bool_(), nullable=True)
+
+
 def _schema(*groups: Sequence[pa.Field]) -> pa.Schema:
     return pa.schema([f for g in groups for f in g])
 
@@ -73,9 +77,7 @@ SHIPS = _schema(
     [_f("prompt_id", pa.string()), _f("prompt", pa.string())],
     _HEAD,
     _ABLATION,
-    [_f("kl", pa.float64()), _f("rank", pa.int32()),  # rank 1 = largest KL within the prompt
-     # False: a screened (low-precision) score, not re-scored; null in tables written before screening existed
-     _f("exact", pa.bool_(), nullable=True)],
+    [_f("kl", pa.float64()), _f("rank", pa.int32()), _EXACT],  # rank 1 = largest KL within the prompt
 )
 
 HEAD_SCORES = _schema(
@@ -83,7 +85,7 @@ HEAD_SCORES = _schema(
     _HEAD,
     _ABLATION,
     _SUBSPACE,
-    [_f("angle_deg", pa.float64()), _f("rank", pa.int32())],  # rank 1 = largest angle
+    [_f("angle_deg", pa.float64()), _f("rank", pa.int32()), _EXACT],  # rank 1 = largest angle
 )
 
 SAHARA = _schema(
@@ -96,6 +98,7 @@ SAHARA = _schema(
         _f("group", pa.list_(pa.string())),  # labels chosen before this step
         _f("score", pa.float64()),
         _f("chosen", pa.bool_()),
+        _EXACT,
     ],
 )
 

@@ -27,10 +27,13 @@ class Step:
     candidates: tuple[Head, ...]
     scores: tuple[float, ...]
     chosen: Head
+    exact: tuple[bool, ...] | None = None  # a screened step: which scores are exact (the winner is one)
 
     @property
     def best(self) -> float:
-        return max(self.scores)
+        if self.exact is None:
+            return max(self.scores)
+        return max(s for s, e in zip(self.scores, self.exact) if e)
 
 
 class GreedySearch:
@@ -62,13 +65,18 @@ class GreedySearch:
             raise RuntimeError("the search is done")
         return self.group, tuple(h for h in self.pool if h not in self.group)
 
-    def submit(self, scores: Sequence[float]) -> Step:
+    def submit(self, scores: Sequence[float], exact: Sequence[bool] | None = None) -> Step:
+        """Record one step's scores; `exact` (screening): only exact scores may win."""
         group, cands = self.request()
         scores = tuple(float(x) for x in scores)
         if len(scores) != len(cands):
             raise ValueError(f"score_fn returned {len(scores)} scores for {len(cands)} candidates")
-        best = max(range(len(cands)), key=lambda i: (scores[i], -i))
-        step = Step(len(self.steps) + 1, group, cands, scores, cands[best])
+        flags = None if exact is None else tuple(bool(e) for e in exact)
+        eligible = [i for i in range(len(cands)) if flags is None or flags[i]]
+        if not eligible:
+            raise ValueError("a screened step needs at least one exact score")
+        best = max(eligible, key=lambda i: (scores[i], -i))
+        step = Step(len(self.steps) + 1, group, cands, scores, cands[best], flags)
         previous = self.steps[-1].best if self.steps else None
         self.steps.append(step)
         if self.min_gain is not None and previous is not None and step.best - previous < self.min_gain:

@@ -214,3 +214,24 @@ def test_screened_ships_rescores_each_prompts_top_heads_exactly_and_resumes(tiny
     assert top["exact"].all()
     assert sorted(top["head_label"]) == sorted(expect.idxmax(axis=0))  # the exact winner of every prompt
     assert run_study(cfg).computed == 0 and first.computed > 0  # both rounds resume from their shards
+
+
+def test_screened_sahara_picks_each_head_among_exact_scores(tiny, tmp_path):
+    """sahara --screen bf16: each step screens every candidate, re-scores its top 3 exactly and picks among
+    those; same group and same exact scores as the unscreened search on this model."""
+    def study(out, **sahara):
+        return build(StudyConfig, dict(out=str(out), defaults=dict(model=tiny, dtype="float64", limit=4),
+                                       sahara=dict(steps=2, **sahara), execution=dict(executor="local")))
+    run_study(study(tmp_path / "exact"))
+    run_study(study(tmp_path / "screened", screen="bf16", verify_top=3))
+    exact, screened = frame(tmp_path / "exact", "sahara"), frame(tmp_path / "screened", "sahara")
+    assert screened.groupby("step")["exact"].sum().eq(3).all()  # 3 re-scored per step
+    assert screened.loc[screened["chosen"], "exact"].all()
+    pd.testing.assert_series_equal(screened.loc[screened["chosen"], "head_label"].reset_index(drop=True),
+                                   exact.loc[exact["chosen"], "head_label"].reset_index(drop=True))
+    mine = screened[screened["exact"]].merge(exact, on=["step", "head_label"], suffixes=("", "_ref"))
+    np.testing.assert_allclose(mine["score"], mine["score_ref"], rtol=1e-9)
+    other = screened[~screened["exact"]].merge(exact, on=["step", "head_label"], suffixes=("", "_ref"))
+    assert (abs(other["score"] - other["score_ref"]) / other["score_ref"]).max() > 1e-4  # really screened
+    steps = frame(tmp_path / "screened", "head_scores")
+    assert steps["exact"].sum() == 3 and len(steps) == 12

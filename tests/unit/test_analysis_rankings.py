@@ -59,7 +59,7 @@ def _scores(subspace: str, angles: list[float]) -> list[dict[str, Any]]:
     rank = {i: r for r, i in enumerate(order, start=1)}
     return [dict(run_id="r1", model="m", model_revision=None, dataset="harm", prompt_format="paper",
                  code_version="0", layer=int(h[1]), head=int(h[3]), head_label=h, op="undiff_q", eps=1e-5,
-                 subspace=subspace, rank_r=1, centered=False, angle_deg=a, rank=rank[i])
+                 subspace=subspace, rank_r=1, centered=False, angle_deg=a, rank=rank[i], exact=True)
             for i, (h, a) in enumerate(zip(HEADS, angles))]
 
 

@@ -74,7 +74,8 @@ def head_score_rows(model: str, angles: list[float]) -> list[dict[str, Any]]:
     order = sorted(range(len(angles)), key=lambda i: (-angles[i], i))
     rank = {i: r for r, i in enumerate(order, start=1)}
     return [dict(META, model=model, dataset="harm", layer=i // HEADS, head=i % HEADS, head_label=LABELS[i],
-                 op="undiff_q", eps=1e-5, subspace="left", rank_r=1, centered=False, angle_deg=a, rank=rank[i])
+                 op="undiff_q", eps=1e-5, subspace="left", rank_r=1, centered=False, angle_deg=a, rank=rank[i],
+                 exact=True)
             for i, a in enumerate(angles)]
 
 

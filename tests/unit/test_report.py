@@ -63,7 +63,8 @@ def head_score_rows(model: str, top: list[str]) -> list[dict[str, Any]]:
     order = sorted(range(len(angle)), key=lambda i: (-angle[i], i))
     rank = {i: r for r, i in enumerate(order, start=1)}
     return [dict(META, model=model, dataset="harm", layer=i // HEADS, head=i % HEADS, head_label=LABELS[i],
-                 op="undiff_q", eps=1e-5, subspace="left", rank_r=1, centered=False, angle_deg=a, rank=rank[i])
+                 op="undiff_q", eps=1e-5, subspace="left", rank_r=1, centered=False, angle_deg=a, rank=rank[i],
+                 exact=True)
             for i, a in enumerate(angle)]
 
 
@@ -77,7 +78,7 @@ def sahara_rows(model: str, group: list[str]) -> list[dict[str, Any]]:
             score = 10.0 * step + (5.0 if label == group[step - 1] else 0.1 * i)
             rows.append(dict(META, model=model, dataset="harm", op="undiff_q", eps=1e-5, subspace="left", rank_r=1,
                              centered=False, step=step, layer=i // HEADS, head=i % HEADS, head_label=label,
-                             group=chosen_before, score=score, chosen=label == group[step - 1]))
+                             group=chosen_before, score=score, chosen=label == group[step - 1], exact=True))
     return rows
 
 

@@ -82,6 +82,7 @@ def _sahara_rows() -> list[dict[str, Any]]:
             "group": group,
             "score": float(head),
             "chosen": head == 1,
+            "exact": True,
         }
         for step, group in [(1, []), (2, ["L2H26"])]
         for head in (0, 1)

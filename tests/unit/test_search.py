@@ -88,3 +88,14 @@ def test_sahara_recovers_planted_group():
     singles = dict(zip(steps[0].candidates, steps[0].scores))
     pair = steps[1].best
     assert pair > 5 * (singles[GROUP[0]] + singles[GROUP[1]])
+
+
+def test_a_screened_step_picks_among_exact_scores():
+    from study.search import GreedySearch
+
+    heads = all_heads(2, 2)
+    search = GreedySearch(heads, 1)
+    step = search.submit([5.0, 9.0, 4.0, 3.0], exact=[True, False, True, False])
+    assert step.chosen == heads[0] and step.best == 5.0  # the screened 9.0 cannot win
+    with pytest.raises(ValueError, match="exact"):
+        GreedySearch(heads, 1).submit([1.0, 2.0, 3.0, 4.0], exact=[False] * 4)
