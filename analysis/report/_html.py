@@ -98,16 +98,17 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "",
           cls: str = "", fold: Sequence[str] = ()) -> Html:
     """A table. `align` has one letter per column: `l` short text (kept on one line), `w` long text (wraps),
     `r` a number (right-aligned, tabular figures). A column named in `fold` whose cells all hold one value
-    is said once in the caption instead (a table of one prompt set need not repeat it on every row)."""
+    (or nothing) is said once in the caption instead (a table of one prompt set need not repeat it on every
+    row)."""
     align = (align + "l" * len(header))[:len(header)]
     keep = list(range(len(header)))
     folded = []
     if len(rows) > 1:
         for i, h in enumerate(header):
-            values = {str(esc(r[i])) for r in rows}
+            values = {str(esc(r[i])) for r in rows} - {MISSING}
             if h in fold and len(values) == 1:
                 keep.remove(i)
-                folded.append(Html(f"{esc(h)}: {esc(rows[0][i])}"))
+                folded.append(Html(f"{esc(h)}: {values.pop()}"))
     klass = {"l": "", "r": ' class="num"', "w": ' class="wrap"'}
     head = "".join(f'<th{klass[align[i]]} scope="col">{esc(header[i])}</th>' for i in keep)
     body = "\n".join("<tr>" + "".join(f"<td{klass[align[i]]}>{esc(row[i])}</td>" for i in keep) + "</tr>"
