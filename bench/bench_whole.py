@@ -140,10 +140,12 @@ def extrapolate(p: Proc, n_heads_done: int, n_heads_all: int) -> None:
 
 
 def compare(test: np.ndarray, ref: np.ndarray) -> Agreement:
-    """Max |test - ref| overall, and max |test - ref| / |ref| where ref > REL_FLOOR."""
-    diff = np.abs(test - ref)
-    a = Agreement(n=int(diff.size), max_abs=float(diff.max()) if diff.size else math.nan)
-    sel = ref > REL_FLOOR
+    """Max |test - ref| overall, and max |test - ref| / |ref| where ref > REL_FLOOR; NaN in `test` (a
+    screened score that was not re-scored) is left out."""
+    known = ~np.isnan(test)
+    diff = np.where(known, np.abs(test - ref), 0.0)
+    a = Agreement(n=int(known.sum()), max_abs=float(diff.max()) if diff.size else math.nan)
+    sel = (ref > REL_FLOOR) & known
     a.n_rel = int(sel.sum())
     if a.n_rel:
         rel = np.where(sel, diff / np.where(sel, np.abs(ref), 1.0), -1.0)
@@ -159,8 +161,9 @@ def read_ships(out: Path, prompt_ids: list[str], labels: list[str]) -> np.ndarra
     files = sorted(out.glob("ships/**/*.parquet"))
     if len(files) != 1:
         sys.exit(f"expected one Ships table under {out}/ships, found {[str(f) for f in files]}")
-    df = pd.read_parquet(files[0], columns=["prompt_id", "head_label", "kl"])
-    table = df.pivot_table(index="head_label", columns="prompt_id", values="kl", aggfunc="first")
+    df = pd.read_parquet(files[0], columns=["prompt_id", "head_label", "kl", "exact"])
+    df.loc[df["exact"] == False, "kl"] = np.nan  # noqa: E712 - screened, not re-scored: not compared
+    table = df.pivot(index="head_label", columns="prompt_id", values="kl")
     missing_p = [p for p in prompt_ids if p not in table.columns]
     missing_h = [h for h in labels if h not in table.index]
     if missing_p or missing_h:
@@ -238,6 +241,8 @@ def bench_format(args: argparse.Namespace, fmt: str, system_prompt: str | None, 
                 "--device", "cpu", "--dtype", "float32", "--out", str(out)]
         if system_prompt is not None:
             argv[argv.index("--limit"):argv.index("--limit")] = ["--system-prompt", system_prompt]
+        if args.screen:
+            argv += ["--screen", args.screen, "--verify-top", str(args.verify_top)]
         p = run_timed(argv, work / f"hs-{tag}-{i}.log", env)
         p.heads = n_all
         p.internal["out"] = str(out)
@@ -318,6 +323,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch/OpenMP threads of every process (default: the CPU count)")
     ap.add_argument("--executor", default="local", help="headstudy's --executor (default local: no Ray)")
+    ap.add_argument("--screen", default=None, help="headstudy ships --screen bf16|fp16 (its agreement is then "
+                                                   "judged on the re-scored rows only)")
+    ap.add_argument("--verify-top", type=int, default=20, help="with --screen: heads re-scored per prompt")
     ap.add_argument("--eps", type=float, default=1e-5)
     ap.add_argument("--repeat", type=int, default=1, help="best of R runs of headstudy and the peer (default 1)")
     ap.add_argument("--json", default=None, help="append the figures as one JSON line to this file")
