@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -140,11 +141,13 @@ def _context(whole: pd.Series, names: Sequence[str]) -> str:
     return f"{source} · " + " · ".join(fixed) + f" · top {int(whole['k'])} of {int(whole['n_heads'])} heads"
 
 
-def _pvalue_lines(rows: pd.DataFrame, names: Sequence[str], whole: Sequence[str]) -> list[str]:
+def _pvalue_lines(rows: pd.DataFrame, names: Sequence[str], whole: Sequence[str], width: int = 88) -> list[str]:
+    """One line per comparison; long ones wrap (indented) so the text stays as wide as the diagram."""
     lines = []
     for _, r in rows.sort_values("n_sets", kind="stable").iterrows():
         who = " ∩ ".join(names[list(whole).index(m)] for m in r["members"])
-        lines.append(f"{who}: {int(r['shared'])} shared (by chance: {r['expected_shared']:.2g}), {fmt_p(r['p_value'])}")
+        text = f"{who}: {int(r['shared'])} shared (by chance: {r['expected_shared']:.2g}), {fmt_p(r['p_value'])}"
+        lines += textwrap.wrap(text, width, subsequent_indent="    ", break_on_hyphens=False)
     return lines
 
 
@@ -181,8 +184,8 @@ def overlap_venn(overlap: Table, rankings: Table | None = None) -> Figure:
         lim = (-1.8, 1.8, -1.6, 1.9)
     lines = _pvalue_lines(rows, names, list(whole["members"]))
     with context():
-        fig = new_figure(5.0, 4.6 + 0.16 * len(lines))
-        gs = fig.add_gridspec(2, 1, height_ratios=[3.6, 0.1 + 0.16 * len(lines)])
+        fig = new_figure(6.4, 5.6 + 0.16 * len(lines))
+        gs = fig.add_gridspec(2, 1, height_ratios=[4.6, 0.1 + 0.16 * len(lines)])
         ax, info = fig.add_subplot(gs[0]), fig.add_subplot(gs[1])
         for i, (c, name) in enumerate(zip(centres, names)):
             col = _VENN_COLORS[i]
