@@ -14,7 +14,6 @@ T_START = time.perf_counter()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -22,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # peer_ships, for the same head selection
-from peer_ships import pick_heads  # noqa: E402
+from peer_ships import pick_heads, write_result  # noqa: E402
 from study.ablation import Ablation, Op  # noqa: E402
 from study.engine import naive_scan  # noqa: E402
 from study.heads import Head  # noqa: E402
@@ -58,26 +57,8 @@ def main() -> None:
     result = naive_scan(lm.model, token_ids, ablations)
     t_scanned = time.perf_counter()
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, result.kl.numpy().astype(np.float64))
-    meta = {
-        "heads": [f"L{layer}H{head}" for layer, head in heads],
-        "n_prompts": len(token_ids),
-        "eps": args.eps,
-        "torch_threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "import_s": T_IMPORTED - T_START,
-        "load_s": t_loaded - T_IMPORTED,
-        "warmup_s": t_warm - t_loaded,
-        "scan_s": t_scanned - t_warm,
-        "forwards": len(token_ids) * (1 + len(heads)),
-        "wall_s": time.perf_counter() - T_START,
-    }
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    print(f"naive: {len(heads)} heads x {len(token_ids)} prompts in {meta['wall_s']:.1f} s "
-          f"(imports {meta['import_s']:.1f} s, load {meta['load_s']:.1f} s, scan {meta['scan_s']:.1f} s, "
-          f"{meta['forwards']} forwards)")
+    write_result("naive", Path(args.out), result.kl.numpy(), heads, len(token_ids), args.eps,
+                 len(token_ids) * (1 + len(heads)), (T_START, T_IMPORTED, t_loaded, t_warm, t_scanned))
 
 
 if __name__ == "__main__":

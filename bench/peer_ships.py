@@ -126,25 +126,35 @@ def main() -> None:
         kl[i] = (p_ref * (ref - logq)).sum(-1).numpy()
     t_scanned = time.perf_counter()
 
-    out = Path(args.out)
+    write_result("peer", Path(args.out), kl, heads, len(token_ids), args.eps, 1 + len(heads),
+                 (T_START, T_IMPORTED, t_loaded, t_warm, t_scanned))
+
+
+def write_result(who: str, out: Path, kl: np.ndarray, heads: list[tuple[int, int]], n_prompts: int, eps: float,
+                 forwards: int, stamps: tuple[float, float, float, float, float]) -> dict:
+    """Save the (heads x prompts) KL matrix as OUT (.npy) and the timings as OUT.json; print one line.
+    `stamps`: the script's start, imports done, model loaded, warm-up done, scan done (perf_counter)."""
+    start, imported, loaded, warm, scanned = stamps
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, kl)
+    np.save(out, np.asarray(kl, dtype=np.float64))
     meta = {
         "heads": [f"L{layer}H{head}" for layer, head in heads],
-        "n_prompts": len(token_ids),
-        "eps": args.eps,
+        "n_prompts": n_prompts,
+        "eps": eps,
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "import_s": T_IMPORTED - T_START,
-        "load_s": t_loaded - T_IMPORTED,
-        "warmup_s": t_warm - t_loaded,
-        "scan_s": t_scanned - t_warm,
-        "forwards": 1 + len(heads),
-        "wall_s": time.perf_counter() - T_START,  # from the top of this script (the interpreter's start excluded)
+        "import_s": imported - start,
+        "load_s": loaded - imported,
+        "warmup_s": warm - loaded,
+        "scan_s": scanned - warm,
+        "forwards": forwards,
+        "wall_s": time.perf_counter() - start,  # from the top of the script (the interpreter's start excluded)
     }
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    print(f"peer: {len(heads)} heads x {len(token_ids)} prompts in {meta['wall_s']:.1f} s "
-          f"(imports {meta['import_s']:.1f} s, load {meta['load_s']:.1f} s, scan {meta['scan_s']:.1f} s)")
+    print(f"{who}: {len(heads)} heads x {n_prompts} prompts in {meta['wall_s']:.1f} s "
+          f"(imports {meta['import_s']:.1f} s, load {meta['load_s']:.1f} s, scan {meta['scan_s']:.1f} s, "
+          f"{forwards} forwards)")
+    return meta
 
 
 if __name__ == "__main__":
