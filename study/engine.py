@@ -249,9 +249,9 @@ class ScanEngine:
         j_dev = j_idx.to(self.device)
         if bp.prefix_len:
             # one prefix row per ablation present, in row order (so also sorted by start layer)
-            uniq, slot = torch.unique_consecutive(a_idx, return_inverse=True)
+            uniq, slot, runs = torch.unique_consecutive(a_idx, return_inverse=True, return_counts=True)
             prefix_tables = tables.select(uniq)
-            prefix_start = row_start[_first_of_runs(slot)]  # (ablations,)
+            prefix_start = row_start[runs.cumsum(0) - runs]  # (ablations,) each ablation's first row
             prefix_counts = torch.bincount(prefix_start, minlength=n_layers + 1).cumsum(0)
             slot_dev = slot.to(self.device)
         h: torch.Tensor | None = None
@@ -284,20 +284,14 @@ class ScanEngine:
                                  recorder.values.index_select(0, rows_slot))
             hooks.clear()
             hooks.set_layer(layer, row_tables.select(torch.arange(n_active)), self.device, self.dtype)
-            last = bp.last.to(self.device).index_select(0, j_dev[:n_active])
-            with mlp_at(self.model, self.arch, layer, last) if top else contextlib.nullcontext():
+            with (mlp_at(self.model, self.arch, layer, bp.last.to(self.device).index_select(0, j_dev[:n_active]))
+                  if top else contextlib.nullcontext()):
                 h = bp.calls[layer].run(h, j_dev[:n_active], cache)
             work += n_active
             tokens += n_active * bp.width
         hooks.clear()
         return self._final(bp.last_states(h, j_dev)), work, tokens
 
-
-def _first_of_runs(slot: torch.Tensor) -> torch.Tensor:
-    """Indices where each run of equal consecutive values in `slot` begins."""
-    begins = torch.ones_like(slot, dtype=torch.bool)
-    begins[1:] = slot[1:] != slot[:-1]
-    return torch.nonzero(begins).flatten()
 
 
 @torch.no_grad()

@@ -116,6 +116,12 @@ class ScanJob(Job):
         return Ablation(heads=heads, op=self.cfg.op, eps=self.cfg.eps)
 
     @property
+    def screen_model(self) -> ModelRef:
+        """The low-precision copy a screened round runs on (a `ScreenedScanConfig`'s `screen`): another dtype,
+        so its own shard ids and workers."""
+        return self.model.model_copy(update={"dtype": SCREEN_DTYPES[self.cfg.screen]})
+
+    @property
     def condition(self) -> dict[str, Any]:
         """What makes two jobs of one experiment and model different results (not their sizes)."""
         c = self.cfg
@@ -165,11 +171,9 @@ class ShipsJob(ScanJob):
         super().__init__(cfg, out)
         self.results: Outcome | None = None
         self.screened: Outcome | None = None
-        self.verified: list[int] | None = None  # head indices re-scored exactly (screening only)
         ablations = [self.ablation((h,)) for h in self.heads]
         if cfg.screen:
-            screen_model = self.model.model_copy(update={"dtype": SCREEN_DTYPES[cfg.screen]})
-            self.screen_shards = self._shards(screen_model, ablations)
+            self.screen_shards = self._shards(self.screen_model, ablations)
             self.shards: list[Shard] = []  # the exact round, once the screen says which heads
         else:
             self.screen_shards = []
@@ -199,10 +203,10 @@ class ShipsJob(ScanJob):
         if self.cfg.screen and self.screened is None:
             self.screened = outcome
             screen_kl = self._matrix(self.screen_shards, outcome)  # (prompts, heads)
-            self.verified = top_union(screen_kl, self.cfg.verify_top).tolist()
-            self.shards = self._shards(self.model, [self.ablation((self.heads[i],)) for i in self.verified])
+            verified = top_union(screen_kl, self.cfg.verify_top).tolist()  # head indices
+            self.shards = self._shards(self.model, [self.ablation((self.heads[i],)) for i in verified])
             log.info("%s %s: screened %d heads in %s, re-scoring %d exactly", self.experiment, self.model.label,
-                     len(self.heads), self.cfg.screen, len(self.verified))
+                     len(self.heads), self.cfg.screen, len(verified))
             return
         self.results = outcome
 
@@ -284,7 +288,7 @@ class SaharaJob(ScanJob):
         ablations = [base.with_head(h) for h in cands]
         model = self.model
         if self.cfg.screen and self._screened is None:
-            model = self.model.model_copy(update={"dtype": SCREEN_DTYPES[self.cfg.screen]})
+            model = self.screen_model
         elif self.cfg.screen:
             order = np.argsort([-self._screened[a.label] for a in ablations], kind="stable")
             ablations = [ablations[i] for i in order[:self.cfg.verify_top]]

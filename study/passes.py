@@ -165,15 +165,13 @@ def _captured_forward(model: nn.Module, arch: Arch, **inputs: Any) -> tuple[list
 class BasePass:
     """A group's base forward, layer by layer.
 
-    prefix_len P > 0: `prefix_calls` ran the shared prefix (1 row), `prefix_kv[l]` its keys/values at layer l,
-    each (1, kv_heads, P, d_head); `calls` ran the suffixes (prompts, S) right padded, attending to the
-    prefix. P = 0: `calls` ran the whole prompts (right padded), no cache. `last[j]`: the index of prompt j's
+    prefix_len P > 0: `prefix_calls` ran the shared prefix (1 row); `calls` ran the suffixes (prompts, S)
+    right padded, attending to the prefix through the model's own cache. P = 0: `calls` ran the whole prompts (right padded), no cache. `last[j]`: the index of prompt j's
     last token in the suffix axis; `final_in`: (prompts, S, d_model) the final norm's input.
     """
 
     prefix_len: int
     prefix_calls: list[LayerCall]
-    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]
     calls: list[LayerCall]
     final_in: torch.Tensor
     last: torch.Tensor  # (prompts,) long
@@ -207,7 +205,6 @@ class BasePass:
         positions = (prefix + torch.arange(width)).expand(n, width)
         last = torch.as_tensor([len(s) - 1 for s in suffixes], dtype=torch.long)
         prefix_calls: list[LayerCall] = []
-        prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         cache = None
         if prefix:
             cache = DynamicCache(config=model.config)
@@ -215,9 +212,8 @@ class BasePass:
             prefix_calls, _ = _captured_forward(
                 model, arch, input_ids=prefix_ids, position_ids=torch.arange(prefix, device=device)[None],
                 past_key_values=cache, use_cache=True)
-            prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
-            cache.batch_repeat_interleave(n)
+            cache.batch_repeat_interleave(n)  # every suffix attends to the same prefix
         calls, final_in = _captured_forward(
             model, arch, input_ids=ids.to(device), attention_mask=mask.to(device),
             position_ids=positions.to(device), past_key_values=cache, use_cache=bool(prefix))
-        return cls(prefix, prefix_calls, prefix_kv, calls, final_in, last)
+        return cls(prefix, prefix_calls, calls, final_in, last)

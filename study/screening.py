@@ -27,8 +27,6 @@ from study.ranking import top_union
 log = logging.getLogger(__name__)
 
 
-
-
 @dataclass
 class ScreenedResult:
     """kl: (ablations, prompts) float64, the exact value where `exact`, else the screen's; exact: same shape,
