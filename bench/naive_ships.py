@@ -12,16 +12,14 @@ import time
 
 T_START = time.perf_counter()
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # peer_ships, for the same head selection
-from peer_ships import pick_heads, write_result  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # peer_ships: the same command line, heads and output
+from peer_ships import pick_heads, script_args, write_result  # noqa: E402
 from study.ablation import Ablation, Op  # noqa: E402
 from study.engine import naive_scan  # noqa: E402
 from study.heads import Head  # noqa: E402
@@ -31,19 +29,7 @@ T_IMPORTED = time.perf_counter()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="alias, model folder or hub id")
-    ap.add_argument("--inputs", required=True, help="JSON with token_ids")
-    ap.add_argument("--out", required=True, help="(heads x prompts) KL matrix (.npy)")
-    ap.add_argument("--eps", type=float, default=1e-5)
-    ap.add_argument("--heads", default="all", help="all (default), a count K spread over the model, or labels")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--warmup", action="store_true",
-                    help="one forward (the first prompt) before the scan, timed apart (when scan_s is extrapolated)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
+    args = script_args(__doc__.split("\n\n")[0], "alias, model folder or hub id", "JSON with token_ids")
 
     token_ids = [list(map(int, t)) for t in json.loads(Path(args.inputs).read_text(encoding="utf-8"))["token_ids"]]
     lm = load_model(args.model, device="cpu", dtype="float32")

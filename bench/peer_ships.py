@@ -67,20 +67,28 @@ def left_padded_batch(token_ids: list[list[int]], pad_id: int) -> dict[str, torc
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="a Hugging Face model folder (or hub id)")
-    ap.add_argument("--inputs", required=True, help="JSON: {token_ids, pad_token_id} or {texts}")
+def script_args(description: str, model_help: str, inputs_help: str) -> argparse.Namespace:
+    """The command line bench_whole.py gives both scan scripts (this peer and naive_ships.py); sets the
+    threads and turns gradients off."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", required=True, help=model_help)
+    ap.add_argument("--inputs", required=True, help=inputs_help)
     ap.add_argument("--out", required=True, help="where to write the (heads x prompts) KL matrix (.npy)")
     ap.add_argument("--eps", type=float, default=1e-5, help="query scale of the ablated head (default 1e-5)")
     ap.add_argument("--heads", default="all", help="all (default), a count K spread over the model, or labels")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--warmup", action="store_true",
-                    help="one untimed normal forward before the scan (for a benchmark that extrapolates scan_s)")
+                    help="one untimed forward before the scan (for a benchmark that extrapolates scan_s)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
+    return args
+
+
+def main() -> None:
+    args = script_args(__doc__.split("\n\n")[0], "a Hugging Face model folder (or hub id)",
+                       "JSON: {token_ids, pad_token_id} or {texts}")
 
     inputs = json.loads(Path(args.inputs).read_text(encoding="utf-8"))
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
