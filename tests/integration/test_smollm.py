@@ -50,10 +50,16 @@ def test_engine_matches_naive_on_smollm_fp32(smollm):
     torch.testing.assert_close(fast.hidden, ref.hidden, rtol=1e-4, atol=1e-4)
 
 
+# float32 noise of a small KL against the float64 value, measured for the naive strategy and the engine (with and
+# without prefix reuse) on these prompts at 1 and 2 threads: 0.95e-4 to 2.1e-4 relative
+FP32_KL_NOISE = 3e-4
+
+
 def test_engine_with_a_shared_system_prompt_is_as_exact_as_naive_on_smollm_fp32(smollm):
     """Chat format with a system prompt: the prompts share ~45 tokens, which the engine runs once per head.
     Both float32 strategies are judged against the float64 naive scan: small KLs are differences of nearly
-    equal distributions, so each float32 strategy is ~2e-4 off the exact value (in its own direction)."""
+    equal distributions, so each float32 strategy is 1-2e-4 off the exact value, in its own direction, and by
+    how much depends on the thread count (comparing the two errors with each other is a coin toss)."""
     ids = encode_all(load_prompts("builtin:harmful", limit=3), PromptFormat.CHAT, smollm.tokenizer,
                      SAFETY_SYSTEM_PROMPT)
     ablations = [Ablation(heads=(h,)) for h in all_heads(30, 9)[::30]]  # 9 heads, one per layer band
@@ -64,7 +70,8 @@ def test_engine_with_a_shared_system_prompt_is_as_exact_as_naive_on_smollm_fp32(
     scale = exact.kl.abs().max()
     assert scale > 0.05
     assert (fast.kl - ref.kl).abs().max() <= 1e-4 * scale
-    assert _worst_rel(fast.kl, exact.kl) <= max(1e-4, 1.25 * _worst_rel(ref.kl, exact.kl))
+    assert _worst_rel(ref.kl, exact.kl) <= FP32_KL_NOISE  # the band holds for the reference strategy too
+    assert _worst_rel(fast.kl, exact.kl) <= FP32_KL_NOISE
     torch.testing.assert_close(fast.hidden, ref.hidden, rtol=1e-4, atol=1e-4)
 
 
