@@ -9,8 +9,9 @@ position and, on request, KL(normal || A) of the next-token distribution. It get
    from B, from the cached residual, and only runs the layers after that (a growing "wavefront" batch);
 3. reusing tokens: the prefix a group's prompts share (a chat template and system prompt) runs once per
    ablation, and each prompt's own suffix attends to its keys and values (`study.passes`);
-4. computing the LM head at the last position only, log-softmax and KL in float32 or better;
-5. chunking by a token budget (rows x padded length per forward), not by a fixed batch size.
+4. packing: short prompts share a row, one after another, each masked to itself (no padding to compute);
+5. computing the LM head at the last position only, log-softmax and KL in float32 or better;
+6. chunking by a token budget (rows x padded length per forward), not by a fixed batch size.
 
 `naive_scan` is the reference strategy (one full forward per ablation and prompt) the engine is tested
 and benchmarked against.
@@ -43,6 +44,10 @@ ACCELERATOR_TOKEN_BUDGET = 16384
 CPU_CACHE_BYTES = 2 << 30
 ACCELERATOR_CACHE_SHARE = 0.25
 LOGIT_BYTES = 256 << 20  # float64 log-probs computed at once (rows x vocab x 8 bytes)
+# suffix tokens packed into one row at most: packing saves the padding of short prompts, and costs attention
+# scores between the prompts of a row that the mask then discards (rows x (prefix + row)); a few hundred keeps
+# that a small share of a layer's work
+PACK_TOKENS = 256
 
 
 def default_token_budget(device: torch.device | str) -> int:
@@ -73,15 +78,20 @@ class ScanEngine:
     """Scores (ablation, prompt) rows on one loaded model. Not thread-safe; one per device."""
 
     def __init__(self, model: nn.Module, pad_id: int, *, token_budget: int | None = None,
-                 cache_bytes: int | None = None, prefix_reuse: bool = True, top_mlp_last: bool = True) -> None:
+                 cache_bytes: int | None = None, prefix_reuse: bool = True, top_mlp_last: bool = True,
+                 pack_tokens: int = PACK_TOKENS) -> None:
         """`token_budget`: rows x padded tokens per forward; `cache_bytes`: what a prompt group may keep
         (per-layer residuals, log-probs). None picks the device's default for each. `prefix_reuse`: compute
         the tokens a group's prompts share once per ablation (off: every row runs its whole prompt);
-        `top_mlp_last`: run the top layer's MLP at the last position only (the only one read)."""
+        `top_mlp_last`: run the top layer's MLP at the last position only (the only one read); `pack_tokens`:
+        pack short prompts into rows of up to that many tokens (0: a row per prompt, right padded)."""
         if token_budget is not None and token_budget < 1:
             raise ValueError("token_budget must be >= 1")
         if cache_bytes is not None and cache_bytes < 1:
             raise ValueError("cache_bytes must be >= 1")
+        if pack_tokens < 0:
+            raise ValueError("pack_tokens must be >= 0")
+        self.pack_tokens = pack_tokens
         self.model = model
         self.arch = Arch.of(model)
         self.pad_id = pad_id
@@ -176,66 +186,70 @@ class ScanEngine:
         with HeadHooks(self.model, self.arch) as hooks:
             for group in self._groups(prompts):
                 group_prompts = [prompts[i] for i in group]
-                every = torch.arange(len(group), device=self.device)
+                every = torch.arange(len(group))
                 ref_logp = None
                 if kl and base.heads:
                     normal = self._base_pass(group_prompts)
-                    ref_logp = self._logprobs(self._final(normal.last_states(normal.final_in, every)))
+                    ref_logp = self._logprobs(self._final(normal.last_states(normal.final_in, normal.row_of, every)))
                     del normal
                 with ablated(self.model, base, self.arch) if base.heads else contextlib.nullcontext():
                     bp = self._base_pass(group_prompts)
-                base_final = self._final(bp.last_states(bp.final_in, every))  # (group, d_model)
+                base_final = self._final(bp.last_states(bp.final_in, bp.row_of, every))  # (group, d_model)
                 base_logp = self._logprobs(base_final) if kl else None
                 if ref_logp is None:  # the base is the normal model: its distribution is the reference
                     ref_logp = base_logp
 
-                # rows of this group: (ablation a, prompt slot j), sorted by start layer for the wavefront;
-                # the sort is stable, so each ablation's rows stay contiguous
-                a_idx = torch.arange(n_abl).repeat_interleave(len(group))
-                j_idx = torch.arange(len(group)).repeat(n_abl)
+                # rows of this group: (ablation a, base row b: one prompt, or several packed), sorted by start
+                # layer for the wavefront; the sort is stable, so each ablation's rows stay contiguous
+                a_idx = torch.arange(n_abl).repeat_interleave(bp.n_rows)
+                b_idx = torch.arange(bp.n_rows).repeat(n_abl)
                 row_start = start[a_idx]
                 order = torch.argsort(row_start, stable=True)
-                a_idx, j_idx, row_start = a_idx[order], j_idx[order], row_start[order]
+                a_idx, b_idx, row_start = a_idx[order], b_idx[order], row_start[order]
                 g_idx = torch.as_tensor(group)
 
                 same = row_start >= n_layers  # rows identical to the base pass
                 if same.any():
+                    r, j = bp.members(b_idx[same])  # (ablation, prompt) pairs of those rows
+                    a_same = a_idx[same][r]
                     if hidden:
-                        hidden_out[a_idx[same], g_idx[j_idx[same]]] = base_final[j_idx[same]].cpu()
+                        hidden_out[a_same, g_idx[j]] = base_final[j].cpu()
                     if kl:
-                        kl_out[a_idx[same], g_idx[j_idx[same]]] = kl_from_logprobs(
-                            ref_logp[j_idx[same]], base_logp[j_idx[same]]).double().cpu()
+                        kl_out[a_same, g_idx[j]] = kl_from_logprobs(ref_logp[j], base_logp[j]).double().cpu()
+                    if progress:
+                        progress(len(j))
                 todo = torch.nonzero(~same).flatten()
-                # a row costs its suffix; each ablation's prefix row is shared by the group's prompts
-                per_row = bp.width + bp.prefix_len / len(group)
+                # a row costs its suffix; each ablation's prefix row is shared by the group's rows
+                per_row = bp.width + bp.prefix_len / bp.n_rows
                 chunk_rows = max(1, int(self.token_budget // per_row))
                 for c0 in range(0, len(todo), chunk_rows):
                     rows = todo[c0:c0 + chunk_rows]
-                    out, work, tokens = self._wavefront(hooks, bp, tables, a_idx[rows], j_idx[rows],
-                                                        row_start[rows])
+                    out, r, j, work, tokens = self._wavefront(hooks, bp, tables, a_idx[rows], b_idx[rows],
+                                                              row_start[rows])
+                    a_out, p_out = a_idx[rows][r], g_idx[j]  # out[i] is (ablation a_out[i], prompt p_out[i])
                     layer_rows += work
                     token_layers += tokens
-                    rows_run += len(rows)
+                    rows_run += len(j)
                     if hidden:
-                        hidden_out[a_idx[rows], g_idx[j_idx[rows]]] = out.cpu()
+                        hidden_out[a_out, p_out] = out.cpu()
                     if kl:
                         logp = self._logprobs(out)
-                        kl_out[a_idx[rows], g_idx[j_idx[rows]]] = kl_from_logprobs(
-                            ref_logp[j_idx[rows].to(self.device)], logp).double().cpu()
+                        kl_out[a_out, p_out] = kl_from_logprobs(ref_logp[j.to(self.device)], logp).double().cpu()
                     if progress:
-                        progress(len(rows))
-                if progress and same.any():
-                    progress(int(same.sum()))
+                        progress(len(j))
                 del bp
         return ScanResult(hidden_out, kl_out, rows_run, layer_rows, token_layers)
 
     def _base_pass(self, prompts: Sequence[Sequence[int]]) -> BasePass:
-        return BasePass.run(self.model, self.arch, prompts, self.pad_id, self.device, self.prefix_reuse)
+        return BasePass.run(self.model, self.arch, prompts, self.pad_id, self.device, self.prefix_reuse,
+                            self.pack_tokens)
 
     def _wavefront(self, hooks: HeadHooks, bp: BasePass, tables: HeadTables, a_idx: torch.Tensor,
-                   j_idx: torch.Tensor, row_start: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """Run rows (sorted by start layer) from their start layer to the top; return final-norm states,
-        the layers x rows and the layers x tokens computed.
+                   b_idx: torch.Tensor, row_start: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+        """Run rows (ablation a_idx[i] on base row b_idx[i], sorted by start layer) from their start layer to
+        the top. Return the final-norm states of every (row r, prompt j) pair (prompt j in row r's base row):
+        states (pairs, d_model), r, j; and the layers x (ablation, prompt) rows and layers x tokens computed.
 
         At layer l the active rows are those with start <= l: a prefix of the sorted rows. A row joins with
         the base pass's residual entering its start layer, which equals its own residual there. With a shared
@@ -246,7 +260,8 @@ class ScanEngine:
         first = int(row_start[0])
         counts = torch.bincount(row_start, minlength=n_layers + 1).cumsum(0)  # active rows per layer
         row_tables = tables.select(a_idx)
-        j_dev = j_idx.to(self.device)
+        b_dev = b_idx.to(self.device)
+        prompts_done = bp.prompts_per_row()[b_idx].cumsum(0)  # (rows,) (ablation, prompt) rows up to each
         if bp.prefix_len:
             # one prefix row per ablation present, in row order (so also sorted by start layer)
             uniq, slot, runs = torch.unique_consecutive(a_idx, return_inverse=True, return_counts=True)
@@ -262,7 +277,7 @@ class ScanEngine:
             n_active = int(counts[layer])
             n_have = 0 if h is None else h.shape[0]
             if n_active > n_have:
-                joining = bp.calls[layer].hidden.index_select(0, j_dev[n_have:n_active])
+                joining = bp.calls[layer].hidden.index_select(0, b_dev[n_have:n_active])
                 h = joining if h is None else torch.cat([h, joining], dim=0)  # (active, S, d_model)
             cache = None
             if bp.prefix_len:
@@ -284,13 +299,14 @@ class ScanEngine:
                                  recorder.values.index_select(0, rows_slot))
             hooks.clear()
             hooks.set_layer(layer, row_tables.select(torch.arange(n_active)), self.device, self.dtype)
-            with (mlp_at(self.model, self.arch, layer, bp.last.to(self.device).index_select(0, j_dev[:n_active]))
+            with (mlp_at(self.model, self.arch, layer, bp.last_index(b_idx[:n_active]).to(self.device))
                   if top else contextlib.nullcontext()):
-                h = bp.calls[layer].run(h, j_dev[:n_active], cache)
-            work += n_active
+                h = bp.calls[layer].run(h, b_dev[:n_active], cache)
+            work += int(prompts_done[n_active - 1])
             tokens += n_active * bp.width
         hooks.clear()
-        return self._final(bp.last_states(h, j_dev)), work, tokens
+        r, j = bp.members(b_idx)
+        return self._final(bp.last_states(h, r, j)), r, j, work, tokens
 
 
 

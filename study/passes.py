@@ -126,19 +126,33 @@ class LayerCall:
 
 @contextlib.contextmanager
 def mlp_at(model: nn.Module, arch: Arch, layer: int, positions: torch.Tensor) -> Iterator[None]:
-    """Run `layer`'s MLP at one position per row only (`positions`: (rows,)); the layer's residual add
-    broadcasts its output back over the sequence, so only those positions of the layer's output are right.
-    For the top layer, where only the last position is read, that skips the MLP everywhere else."""
+    """Run `layer`'s MLP at a few positions per row only (`positions`: (rows,) or (rows, k)); the layer's
+    output is right at those positions only. For the top layer, where only the last position of each prompt is
+    read, that skips the MLP everywhere else."""
+    positions = positions.view(positions.shape[0], -1)  # (rows, k)
+    rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1)
+    width: list[int] = []
+
     def keep(module: nn.Module, args: tuple) -> tuple:
         x = args[0]  # (rows, seq, d_model)
-        rows = torch.arange(x.shape[0], device=x.device)
-        return (x[rows, positions.to(x.device)].unsqueeze(1), *args[1:])  # (rows, 1, d_model)
+        width[:] = [x.shape[1]]
+        return (x[rows, positions], *args[1:])  # (rows, k, d_model)
 
-    handle = arch.mlp(model, layer).register_forward_pre_hook(keep)
+    def spread(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        # one position: the layer's residual add broadcasts it over the sequence; several: put them back
+        if positions.shape[1] == 1:
+            return out
+        full = out.new_zeros((out.shape[0], width[0], out.shape[2]))
+        full[rows, positions] = out
+        return full
+
+    handles = [arch.mlp(model, layer).register_forward_pre_hook(keep),
+               arch.mlp(model, layer).register_forward_hook(spread)]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def _captured_forward(model: nn.Module, arch: Arch, **inputs: Any) -> tuple[list[LayerCall], torch.Tensor]:
@@ -161,49 +175,130 @@ def _captured_forward(model: nn.Module, arch: Arch, **inputs: Any) -> tuple[list
     return [LayerCall(layer, *captured[i], batch=batch) for i, layer in enumerate(layers)], final_in[0]
 
 
+def pack_rows(lengths: Sequence[int], cap: int) -> list[list[int]]:
+    """Prompts (by suffix length) packed into the fewest rows of about `cap` tokens, balanced so that the
+    longest row (what every row is padded to) is short: longest prompt first, each into the emptiest row.
+    Each row lists its prompts; empty rows are dropped."""
+    n_rows = min(len(lengths), max(1, -(-sum(lengths) // max(cap, 1))))
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    load = [0] * n_rows
+    for j in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        k = min(range(n_rows), key=load.__getitem__)
+        rows[k].append(j)
+        load[k] += lengths[j]
+    return [r for r in rows if r]
+
+
+def _segment_mask(model: nn.Module, segments: torch.Tensor, prefix: int, cache: Cache | None,
+                  positions: torch.Tensor) -> Any:
+    """The 4D mask of packed rows, in the form the model's attention implementation takes (built by
+    transformers' own mask code): causal, and a token sees the shared prefix and its own prompt's tokens only.
+
+    `segments`: (rows, S) each token's prompt slot within its row (padding: a slot of its own)."""
+    from transformers.masking_utils import create_causal_mask
+
+    rows = segments.shape[0]
+    seen = torch.cat([segments.new_full((rows, prefix), -1), segments], dim=1)  # (rows, prefix + S)
+
+    def same_prompt(batch_idx, head_idx, q_idx, kv_idx):
+        kv = seen[batch_idx, kv_idx]
+        return (kv < 0) | (kv == seen[batch_idx, q_idx])
+
+    dtype = next(model.parameters()).dtype
+    shape_only = torch.empty((rows, segments.shape[1], 0), dtype=dtype, device=segments.device)
+    return create_causal_mask(config=model.config, inputs_embeds=shape_only, attention_mask=None,
+                              past_key_values=cache, position_ids=positions, and_mask_function=same_prompt,
+                              allow_is_causal_skip=False)
+
+
 @dataclass
 class BasePass:
     """A group's base forward, layer by layer.
 
-    prefix_len P > 0: `prefix_calls` ran the shared prefix (1 row); `calls` ran the suffixes (prompts, S)
-    right padded, attending to the prefix through the model's own cache. P = 0: `calls` ran the whole prompts (right padded), no cache. `last[j]`: the index of prompt j's
-    last token in the suffix axis; `final_in`: (prompts, S, d_model) the final norm's input.
+    prefix_len P > 0: `prefix_calls` ran the shared prefix (1 row); `calls` ran the suffixes (rows, S) right
+    padded, attending to the prefix through the model's own cache. P = 0: `calls` ran the whole prompts, no cache.
+    A row holds one prompt, or several packed one after another (`pack_rows`; a mask keeps each to itself and
+    the prefix), which saves the padding of short prompts. Prompt j is row `row_of[j]`, its last token at
+    `last[j]` there; `final_in`: (rows, S, d_model) the final norm's input.
     """
 
     prefix_len: int
     prefix_calls: list[LayerCall]
     calls: list[LayerCall]
     final_in: torch.Tensor
+    row_of: torch.Tensor  # (prompts,) long
     last: torch.Tensor  # (prompts,) long
 
     @property
     def width(self) -> int:
         return self.final_in.shape[1]
 
-    def last_states(self, states: torch.Tensor, prompt_rows: torch.Tensor) -> torch.Tensor:
-        """(rows, S, d_model) -> (rows, 1, d_model): each row's state at its prompt's last token."""
-        idx = self.last.to(states.device).index_select(0, prompt_rows)
-        return states[torch.arange(states.shape[0], device=states.device), idx].unsqueeze(1)
+    @property
+    def n_rows(self) -> int:
+        return self.final_in.shape[0]
+
+    def prompts_per_row(self) -> torch.Tensor:
+        """(rows,) how many prompts each row holds."""
+        return torch.bincount(self.row_of, minlength=self.n_rows)
+
+    def members(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For rows of states that replay base rows `rows` ((R,) long): every (state row r, prompt j) pair with
+        prompt j in base row rows[r], as two (pairs,) tensors, r ascending."""
+        hit = self.row_of.unsqueeze(0) == rows.cpu().unsqueeze(1)  # (R, prompts)
+        return torch.nonzero(hit, as_tuple=True)
+
+    def last_states(self, states: torch.Tensor, state_rows: torch.Tensor,
+                    prompts: torch.Tensor) -> torch.Tensor:
+        """(R, S, d_model) -> (pairs, 1, d_model): the state at prompt prompts[i]'s last token in row state_rows[i]."""
+        idx = self.last.to(states.device).index_select(0, prompts.to(states.device))
+        return states[state_rows.to(states.device), idx].unsqueeze(1)
+
+    def last_index(self, rows: torch.Tensor) -> torch.Tensor:
+        """(R, k) the last-token positions of the prompts in base rows `rows` (repeated to k per row)."""
+        r, j = self.members(rows)
+        k = int(torch.bincount(r, minlength=len(rows)).max())
+        out = torch.empty((len(rows), k), dtype=torch.long)
+        for i in range(len(rows)):  # rows x k is small: the prompts of a chunk's rows
+            mine = self.last[j[r == i]]
+            out[i] = mine.repeat((k + len(mine) - 1) // len(mine))[:k]
+        return out
 
     @classmethod
     def run(cls, model: nn.Module, arch: Arch, prompts: Sequence[Sequence[int]], pad_id: int,
-            device: torch.device, reuse_prefix: bool = True) -> "BasePass":
-        """The base forward of `prompts` on `model` as it stands (hooks or edits of a base ablation active)."""
+            device: torch.device, reuse_prefix: bool = True, pack_tokens: int = 0) -> "BasePass":
+        """The base forward of `prompts` on `model` as it stands (hooks or edits of a base ablation active).
+        `pack_tokens` > 0 packs prompts into rows of up to that many suffix tokens (0: a row per prompt)."""
         n = len(prompts)
         prefix = shared_prefix_len(prompts) if reuse_prefix and n > 1 else 0
         window = sliding_window(model)
-        if prefix and window is not None and max(len(p) for p in prompts) > window - 1:
+        fits_window = window is None or max(len(p) for p in prompts) <= window - 1
+        if prefix and not fits_window:
             prefix = 0  # a sliding-window cache keeps only part of the prefix: run whole prompts instead
         suffixes = [list(p[prefix:]) for p in prompts]
-        width = max(len(s) for s in suffixes)
-        ids = torch.full((n, width), pad_id, dtype=torch.long)
-        mask = torch.zeros((n, prefix + width), dtype=torch.long)
+        # packed rows carry a full causal mask to every layer: only where no window cuts a prompt
+        rows = pack_rows([len(s) for s in suffixes], pack_tokens) if pack_tokens and fits_window else []
+        if not rows or all(len(r) == 1 for r in rows):
+            rows = [[j] for j in range(n)]
+        packed = len(rows) < n
+        width = max(sum(len(suffixes[j]) for j in r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), prefix + width), dtype=torch.long)
         mask[:, :prefix] = 1
-        for j, s in enumerate(suffixes):
-            ids[j, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-            mask[j, prefix:prefix + len(s)] = 1
-        positions = (prefix + torch.arange(width)).expand(n, width)
-        last = torch.as_tensor([len(s) - 1 for s in suffixes], dtype=torch.long)
+        positions = (prefix + torch.arange(width)).repeat(len(rows), 1)
+        segments = torch.full((len(rows), width), n, dtype=torch.long)  # padding: a slot of its own
+        row_of = torch.empty(n, dtype=torch.long)
+        last = torch.empty(n, dtype=torch.long)
+        for i, members in enumerate(rows):
+            at = 0
+            for j in members:
+                s = suffixes[j]
+                ids[i, at:at + len(s)] = torch.as_tensor(s, dtype=torch.long)
+                mask[i, prefix + at:prefix + at + len(s)] = 1
+                positions[i, at:at + len(s)] = prefix + torch.arange(len(s))
+                segments[i, at:at + len(s)] = j
+                row_of[j], last[j] = i, at + len(s) - 1
+                at += len(s)
+            positions[i, at:] = prefix + torch.arange(width - at)  # padding: within every position table
         prefix_calls: list[LayerCall] = []
         cache = None
         if prefix:
@@ -212,8 +307,11 @@ class BasePass:
             prefix_calls, _ = _captured_forward(
                 model, arch, input_ids=prefix_ids, position_ids=torch.arange(prefix, device=device)[None],
                 past_key_values=cache, use_cache=True)
-            cache.batch_repeat_interleave(n)  # every suffix attends to the same prefix
+            cache.batch_repeat_interleave(len(rows))  # every row attends to the same prefix
+        positions = positions.to(device)
+        attention = (_segment_mask(model, segments.to(device), prefix, cache, positions) if packed
+                     else mask.to(device))
         calls, final_in = _captured_forward(
-            model, arch, input_ids=ids.to(device), attention_mask=mask.to(device),
-            position_ids=positions.to(device), past_key_values=cache, use_cache=bool(prefix))
-        return cls(prefix, prefix_calls, calls, final_in, last)
+            model, arch, input_ids=ids.to(device), attention_mask=attention, position_ids=positions,
+            past_key_values=cache, use_cache=bool(prefix))
+        return cls(prefix, prefix_calls, calls, final_in, row_of, last)

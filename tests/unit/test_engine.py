@@ -128,6 +128,53 @@ def test_sliding_window_shorter_than_the_prompts_runs_whole_prompts():
     assert fast.token_layers == whole.token_layers
 
 
+@pytest.mark.parametrize("arch", sorted(CONFIGS) + sorted(QK_NORM_CONFIGS))
+@pytest.mark.parametrize("shared", [False, True], ids=["no-prefix", "prefix"])
+def test_packed_rows_equal_naive(arch, shared):
+    """Short prompts packed into shared rows (each masked to itself and the shared prefix): the same scores as
+    one full forward per (ablation, prompt) and as a row per prompt, with less work; small packs force several
+    rows of several prompts each (the top layer then reads several last positions per row)."""
+    model = tiny_model(arch, **_WIDE.get(arch, {}))
+    prompts = _prefixed_prompts() if shared else random_prompts(7, lo=2, hi=9, seed=3)
+    shape = ScanEngine(model, 0).arch.shape
+    ablations = _every_op(arch, shape) + [Ablation(heads=(Head(0, 1), Head(2, 0)), eps=1e-4), Ablation()]
+    ref = naive_scan(model, prompts, ablations)
+    padded = ScanEngine(model, 0, token_budget=64, pack_tokens=0).scan(prompts, ablations)
+    for pack in (12, 256):
+        packed = ScanEngine(model, 0, token_budget=64, pack_tokens=pack).scan(prompts, ablations)
+        torch.testing.assert_close(packed.hidden, ref.hidden, atol=1e-9, rtol=0)
+        torch.testing.assert_close(packed.kl, ref.kl, atol=1e-9, rtol=0)
+        assert packed.token_layers < padded.token_layers  # the padding was not computed
+        assert packed.rows_run == padded.rows_run == ref.rows_run - len(prompts)  # the empty ablation: base
+    torch.testing.assert_close(padded.kl, ref.kl, atol=1e-9, rtol=0)
+    assert ref.kl.max() > 1e-6
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
+def test_packed_rows_with_base_ablation_equal_naive(arch):
+    model = tiny_model(arch)
+    shape = ScanEngine(model, 0).arch.shape
+    base = Ablation(heads=(Head(1, 2),), eps=1e-5)
+    cands = [base.with_head(h) for h in all_heads(shape.n_layers, shape.n_heads) if h not in base.heads]
+    prompts = random_prompts(6, lo=2, hi=9, seed=4)
+    fast = ScanEngine(model, 0, token_budget=64, pack_tokens=10).scan(prompts, [*cands, base], base=base)
+    ref = naive_scan(model, prompts, [*cands, base])
+    torch.testing.assert_close(fast.hidden, ref.hidden, atol=1e-9, rtol=0)
+    torch.testing.assert_close(fast.kl, ref.kl, atol=1e-9, rtol=0)
+
+
+def test_pack_rows_balances_rows_and_places_every_prompt_once():
+    from study.passes import pack_rows
+
+    lengths = [25, 20, 19, 19, 19, 19, 15, 14]  # SmolLM2's chat suffixes of 8 AdvBench prompts
+    assert pack_rows(lengths, 256) == [[0, 1, 2, 3, 4, 5, 6, 7]]
+    rows = pack_rows(lengths, 64)
+    assert sorted(j for r in rows for j in r) == list(range(8)) and len(rows) == 3
+    loads = [sum(lengths[j] for j in r) for r in rows]
+    assert max(loads) - min(loads) <= max(lengths)  # balanced: the longest row is what every row is padded to
+    assert pack_rows([300, 5], 64) == [[0], [1]]  # a prompt longer than a row gets one of its own
+
+
 def test_shared_prefix_len():
     from study.passes import shared_prefix_len
 
