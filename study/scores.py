@@ -46,6 +46,8 @@ def kl_from_logprobs(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor
     p = ref.exp()  # (..., vocab)
     diff = ref - other  # (..., vocab); NaN where both are -inf, +inf where only `other` is -inf
     term = p * diff  # (..., vocab)
+    if bool(torch.isfinite(diff).all()):  # the usual case: every term is finite (0 where p underflowed)
+        return term.sum(dim=-1)  # (...)
     # Where p is 0 the product may be 0·inf or 0·NaN: the term is 0, unless ref has (underflowed) mass
     # that `other` excludes, which makes the divergence infinite.
     inf_term = (ref > -math.inf) & (other == -math.inf)  # (..., vocab)

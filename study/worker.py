@@ -114,7 +114,9 @@ class Worker:
     @property
     def engine(self) -> ScanEngine:
         if self._engine is None:
-            self._engine = ScanEngine(self.lm.model, self.lm.tokenizer.pad_token_id, token_budget=self.token_budget)
+            # the worker never edits its model's weights: a prompt block's base pass serves all its shards
+            self._engine = ScanEngine(self.lm.model, self.lm.tokenizer.pad_token_id, token_budget=self.token_budget,
+                                      keep_bases=True)
         return self._engine
 
     def generator(self, backend: str) -> Generator:

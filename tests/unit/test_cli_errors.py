@@ -89,3 +89,36 @@ def test_version_and_help_examples(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     assert "examples:" in text and "headstudy run" in text
+
+
+def test_vllm_backend_refuses_a_family_it_cannot_ablate_before_any_work(tmp_path, capsys):
+    """A q-norm family (Qwen3) under `--backend vllm`: vLLM's head edits would be undone by the norm. Refused
+    from the model's config alone, before an engine (or the model) loads; the hf backend takes the same model."""
+    import importlib.util
+
+    from transformers import Qwen3Config
+
+    from study.generation import VLLM_MODEL_TYPES, check_vllm_model
+    from study.models import model_shape
+
+    folder = tmp_path / "qwen3-config-only"
+    Qwen3Config(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2).save_pretrained(folder)
+    assert model_shape(str(folder)).model_type == "qwen3" and "qwen3" not in VLLM_MODEL_TYPES
+    out = tmp_path / "out"
+    code, err = _run(capsys, "asr", "--model", str(folder), "--heads", "L0H0", "--backend", "vllm",
+                     "--executor", "local", "--out", str(out))
+    assert code == 2 and len(err.splitlines()) == 1 and not out.exists()
+    if importlib.util.find_spec("vllm") is None:
+        assert "needs vLLM" in err
+    else:
+        assert "cannot ablate heads" in err and "'qwen3'" in err and "--backend hf" in err
+        check_vllm_model("smollm2-135m-instruct", model_shape("smollm2-135m-instruct"))  # llama: accepted
+
+
+def test_vllm_model_types_are_the_vllm_edit_table():
+    """`study` names the model types vLLM can edit as data (it never imports actors); they are that table's keys."""
+    from actors.vllm_ext import VLLM_ARCHITECTURES
+    from study.generation import VLLM_MODEL_TYPES
+
+    assert sorted(VLLM_ARCHITECTURES) == sorted(VLLM_MODEL_TYPES)

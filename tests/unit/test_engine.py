@@ -220,3 +220,40 @@ def test_cache_budget_bounds_prompt_groups_and_outputs_on_request():
     assert h.kl is None and h.hidden.shape == (12, 4, 32)
     with pytest.raises(ValueError):
         one.scan(prompts, ablations, kl=False, hidden=False)
+
+
+def test_kept_base_passes_serve_later_scans_and_stay_within_the_cache(monkeypatch):
+    """`keep_bases`: shards of one prompt block (and Sahara's candidate blocks over one group) reuse the group's
+    base pass and the normal reference instead of running them again; the values are those of a fresh engine."""
+    from study import passes
+
+    model = tiny_model("llama")
+    prompts = random_prompts(5, lo=3, hi=9, seed=7)
+    heads = all_heads(3, 4)
+    base = Ablation(heads=(Head(0, 1),))
+    blocks = [[Ablation(heads=(h,)) for h in heads[:6]], [Ablation(heads=(h,)) for h in heads[6:]]]
+    sahara = [base.with_head(h) for h in heads if h not in base.heads]
+    runs = []
+    monkeypatch.setattr(passes.BasePass, "run", classmethod(
+        lambda cls, *a, _run=passes.BasePass.run.__func__, **k: runs.append(1) or _run(cls, *a, **k)))
+
+    kept = ScanEngine(model, 0, token_budget=10_000, keep_bases=True)
+    got = [kept.scan(prompts, b) for b in blocks] + [kept.scan(prompts, sahara[:5], base=base),
+                                                     kept.scan(prompts, sahara[5:], base=base)]
+    assert len(runs) == 2  # the normal pass once, the base ablation's once
+    fresh = ScanEngine(model, 0, token_budget=10_000)
+    want = [fresh.scan(prompts, b) for b in blocks] + [fresh.scan(prompts, sahara[:5], base=base),
+                                                       fresh.scan(prompts, sahara[5:], base=base)]
+    assert len(runs) == 2 + 6  # a fresh engine runs them for every call (with a base: the normal one too)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.kl, b.kl, atol=0, rtol=0)
+        torch.testing.assert_close(a.hidden, b.hidden, atol=0, rtol=0)
+    torch.testing.assert_close(got[2].kl, naive_scan(model, prompts, sahara[:5]).kl, atol=1e-9, rtol=0)
+
+    kept.forget()
+    kept.scan(prompts, blocks[0])
+    assert len(runs) == 9
+    tight = ScanEngine(model, 0, token_budget=10_000, keep_bases=True, cache_bytes=1)  # room for one pass only
+    tight.scan(prompts, blocks[0])
+    tight.scan(prompts[:3], blocks[0])
+    assert len(tight._bases) == 1
