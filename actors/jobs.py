@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from actors.cluster import check_reachable
-from study.config import StudyConfig
+from study.spec import StudyConfig
 from study.errors import UsageError
 
 log = logging.getLogger(__name__)

@@ -162,14 +162,14 @@ def _values(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, Any]:
 
 
 def _single(args: argparse.Namespace, extra: Sequence[str]):
-    from study.config import one_experiment
+    from study.spec import one_experiment
 
     return one_experiment(args.command, _values(args, (*_SHARED, *_DEFAULTS, *extra)), _values(args, _EXECUTION),
                           args.out)
 
 
 def _study(args: argparse.Namespace):
-    from study.config import load_study
+    from study.spec import load_study
 
     study = load_study(args.config)
     return study.with_overrides(_values(args, _DEFAULTS), _values(args, _EXECUTION))
@@ -238,7 +238,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
 
 
 def _cmd_submit(args: argparse.Namespace) -> None:
-    from study.config import load_study
+    from study.spec import load_study
 
     study = load_study(args.config).with_overrides(_values(args, _DEFAULTS),
                                                    _values(args, ("actors", "cpus_per_actor", "gpus_per_actor")))
@@ -280,7 +280,7 @@ def _card_line(card: dict) -> str:
 
 
 def _cmd_configs(args: argparse.Namespace) -> None:
-    from study.config import packaged_configs
+    from study.spec import packaged_configs
 
     for path in sorted(packaged_configs().glob("*.yaml")):
         first = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
@@ -288,7 +288,7 @@ def _cmd_configs(args: argparse.Namespace) -> None:
 
 
 def _cmd_surgery(args: argparse.Namespace) -> None:
-    from study.config import one_experiment
+    from study.spec import one_experiment
 
     values = _values(args, ("model", "revision", "heads", "op", "eps", "device", "dtype"))
     _run(one_experiment("surgery", {**values, "checkpoint": args.out}, {}, args.out), args)

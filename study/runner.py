@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from study.config import StudyConfig
+from study.spec import StudyConfig
 from study.errors import UsageError
 from study.executor import Executor, LocalExecutor, ModelStats, execute, make_executor
 from study.shards import GenShard

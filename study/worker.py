@@ -156,6 +156,7 @@ class Worker:
             raise ValueError(f"shard for {shard.model.label!r} sent to the worker of {self.ref.label!r}")
         if isinstance(shard, GenShard):
             return self.generate(shard)
+        _ = self.lm  # scoring needs the model: load it (with its tokenizer) first, not a tokenizer on its own too
         ids = self.token_ids(shard.prompts)
         labels = [a.label for a in shard.ablations]
         if shard.measure == "kl":

@@ -124,7 +124,7 @@ def swaps_figure(swaps: Table, published: Sequence[Mapping[str, Any]] | None = N
     """One row per aligned model of one (format, harmful dataset): ASR of every recipe (harmful, metric asr;
     Wilson 95% error bars), over-refusal (benign, refusal_rate) beside it, and, when measured, the safety
     heads' Ships KL ablated together inside each mixed model (log scale). Bars carry gid `asr:<recipe>`,
-    `refusal:<recipe>`, `ships:<recipe>`. `published`: dicts like study.config.Published (experiment `swap`,
+    `refusal:<recipe>`, `ships:<recipe>`. `published`: dicts like study.spec.Published (experiment `swap`,
     model, metric asr | refusal_rate; see `_published` for where each number goes), drawn as white diamonds. `judge` None takes the first judge and names it in the title."""
     df = as_frame(swaps, "swaps")
     harm = df[(df["kind"] == "harmful") & (df["metric"] == "asr")]

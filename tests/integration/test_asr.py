@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from study.cli import main
-from study.config import StudyConfig, build
+from study.config import build
+from study.spec import StudyConfig
 from study.generation import sample_seed
 from study.judges import get_judge
 from study.runner import run_study

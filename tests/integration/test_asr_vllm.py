@@ -61,7 +61,8 @@ def test_surgery_checkpoint_generates_like_the_hook_ablation_in_transformers_and
 
 def test_vllm_engines_in_two_ray_actors_write_the_hf_texts(tmp_path):
     """One vLLM engine per model actor (each bound to its own core), the same texts as HF in this process."""
-    from study.config import StudyConfig, build
+    from study.config import build
+    from study.spec import StudyConfig
     from study.runner import run_study
 
     def spec(out, backend, executor):

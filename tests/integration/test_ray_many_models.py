@@ -8,7 +8,8 @@ import pytest
 import ray
 
 from actors.ray_executor import RayExecutor
-from study.config import ExecutionConfig, StudyConfig, build
+from study.config import ExecutionConfig, build
+from study.spec import StudyConfig
 from study.runner import run_study
 from tests.integration.test_runner import assert_same_tables, spec
 from tests.model_folders import tiny_llama_folder

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from study.ablation import Ablation
-from study.config import StudyConfig, SubspaceSpec, build
+from study.config import SubspaceSpec, build
+from study.spec import StudyConfig
 from study.engine import naive_scan
 from study.executor import LocalExecutor
 from study.heads import all_heads

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from study.config import load_study
+from study.spec import load_study
 from study.cli import main
 from study.runner import run_study
 from tests.planted_family import ALWAYS_HEAD, OWN_A, OWN_B, PLANTED, SHARED, family_folders, write_prompt_files

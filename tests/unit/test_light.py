@@ -33,7 +33,8 @@ def test_plan_and_validation_import_no_heavy_module(tmp_path):
     (folder / "config.json").write_text(json.dumps(dict(model_type="gpt2", n_layer=2, n_head=3, n_embd=12)))
     proc = run_blocked(f"""
         from study.cli import main
-        from study.config import build, StudyConfig
+        from study.config import build
+        from study.spec import StudyConfig
         from study.runner import plan_study
         assert main(["plan"]) == 0                      # the built-in quickstart, from another directory
         assert main(["plan", "quickstart", "--out", "o"]) == 0
@@ -95,7 +96,8 @@ def test_shard_ids_are_stable_and_cover_what_changes_a_value():
     ({"defaults": {"limit": 2}}, "runs nothing"),
 ])
 def test_bad_study_specs(spec, needle):
-    from study.config import StudyConfig, build
+    from study.config import build
+    from study.spec import StudyConfig
     from study.errors import UsageError
 
     with pytest.raises(UsageError, match=needle):

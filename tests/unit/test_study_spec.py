@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from study.config import load_study
+from study.spec import load_study
 from study.errors import UsageError
 
 
@@ -89,7 +89,7 @@ def test_bad_specs_name_the_file_and_the_field(tmp_path, body, needle):
 
 
 def test_every_builtin_spec_validates():
-    from study.config import packaged_configs
+    from study.spec import packaged_configs
 
     names = sorted(p.stem for p in packaged_configs().glob("*.yaml"))
     assert {"paper", "quickstart"} <= set(names)
