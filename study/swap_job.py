@@ -45,9 +45,9 @@ class SwapJob(ScanJob):
     def __init__(self, cfg: SwapConfig, out: Path) -> None:
         super().__init__(cfg, out)
         base_shape = model_shape(cfg.base, cfg.base_revision)
-        if base_shape != self.shape:
-            raise UsageError(f"swap: {cfg.model!r} and its base {cfg.base!r} differ in shape ({self.shape} vs "
-                             f"{base_shape}): a swap needs two models of one architecture")
+        if base_shape != self.shape:  # from the configs: before any weight loads (a vocabulary too)
+            raise UsageError(f"swap: {cfg.model!r} and its base {cfg.base!r} differ ({self.shape.differences(base_shape)})"
+                             f": a swap needs two models of one architecture and vocabulary")
         self.decoding = cfg.decoding_spec
         self.judges = [get_judge(n) for n in cfg.judges]
         self.benign: PromptSet | None = None

@@ -130,3 +130,20 @@ def test_swap_values_name_their_recipe_and_need_heads():
         Swap(recipe=Recipe.HEADS_INTO_BASE, aligned="a", base="b")
     with pytest.raises(ValueError):
         Swap(recipe=Recipe.ALIGNED, aligned="a", base="b")
+
+
+def test_a_swap_with_another_vocabulary_is_refused_from_the_configs(tmp_path):
+    """The swap job compares the two configs (no weights): a different vocabulary is one line, before any work."""
+    from transformers import LlamaConfig
+
+    from study.config import SwapConfig, build
+    from study.swap_job import SwapJob
+
+    common = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2)
+    LlamaConfig(vocab_size=61, **common).save_pretrained(tmp_path / "aligned")
+    LlamaConfig(vocab_size=70, **common).save_pretrained(tmp_path / "base")
+    cfg = build(SwapConfig, dict(model=str(tmp_path / "aligned"), base=str(tmp_path / "base"), heads="L0H1"))
+    with pytest.raises(UsageError, match=r"differ \(vocab_size 61 vs 70\).*vocabulary"):
+        SwapJob(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
