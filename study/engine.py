@@ -318,7 +318,7 @@ class ScanEngine:
                                  recorder.values.index_select(0, rows_slot))
             hooks.clear()
             hooks.set_layer(layer, row_tables.select(torch.arange(n_active)), self.device, self.dtype)
-            with (mlp_at(self.model, self.arch, layer, bp.last_index(b_idx[:n_active]).to(self.device))
+            with (mlp_at(self.model, self.arch, layer, bp.row_lasts[b_idx[:n_active]].to(self.device))
                   if top else contextlib.nullcontext()):
                 h = bp.calls[layer].run(h, b_dev[:n_active], cache)
             work += int(prompts_done[n_active - 1])
@@ -326,7 +326,6 @@ class ScanEngine:
         hooks.clear()
         r, j = bp.members(b_idx)
         return self._final(bp.last_states(h, r, j)), r, j, work, tokens
-
 
 
 @dataclass

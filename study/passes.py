@@ -228,6 +228,7 @@ class BasePass:
     final_in: torch.Tensor
     row_of: torch.Tensor  # (prompts,) long
     last: torch.Tensor  # (prompts,) long
+    row_lasts: torch.Tensor  # (rows, k) long: the last tokens of each row's prompts, repeated to the most a row has
 
     @property
     def width(self) -> int:
@@ -257,16 +258,6 @@ class BasePass:
         """(R, S, d_model) -> (pairs, 1, d_model): the state at prompt prompts[i]'s last token in row state_rows[i]."""
         idx = self.last.to(states.device).index_select(0, prompts.to(states.device))
         return states[state_rows.to(states.device), idx].unsqueeze(1)
-
-    def last_index(self, rows: torch.Tensor) -> torch.Tensor:
-        """(R, k) the last-token positions of the prompts in base rows `rows` (repeated to k per row)."""
-        r, j = self.members(rows)
-        k = int(torch.bincount(r, minlength=len(rows)).max())
-        out = torch.empty((len(rows), k), dtype=torch.long)
-        for i in range(len(rows)):  # rows x k is small: the prompts of a chunk's rows
-            mine = self.last[j[r == i]]
-            out[i] = mine.repeat((k + len(mine) - 1) // len(mine))[:k]
-        return out
 
     @classmethod
     def run(cls, model: nn.Module, arch: Arch, prompts: Sequence[Sequence[int]], pad_id: int,
@@ -319,4 +310,6 @@ class BasePass:
         calls, final_in = _captured_forward(
             model, arch, input_ids=ids.to(device), attention_mask=attention, position_ids=positions,
             past_key_values=cache, use_cache=bool(prefix))
-        return cls(prefix, prefix_calls, calls, final_in, row_of, last)
+        k = max(len(r) for r in rows)
+        row_lasts = torch.stack([last[torch.as_tensor(r * k)[:k]] for r in rows])  # (rows, k)
+        return cls(prefix, prefix_calls, calls, final_in, row_of, last, row_lasts)
