@@ -189,6 +189,15 @@ def pack_rows(lengths: Sequence[int], cap: int) -> list[list[int]]:
     return [r for r in rows if r]
 
 
+# attention implementations whose mask transformers materializes from a mask function (so a packed row's
+# prompts can be kept apart); flash attention takes only padding or position-based packing
+PACKABLE_ATTENTION = ("sdpa", "eager")
+
+
+def takes_packed_rows(model: nn.Module) -> bool:
+    return getattr(model.config, "_attn_implementation", None) in PACKABLE_ATTENTION
+
+
 def _segment_mask(model: nn.Module, segments: torch.Tensor, prefix: int, cache: Cache | None,
                   positions: torch.Tensor) -> Any:
     """The 4D mask of packed rows, in the form the model's attention implementation takes (built by
@@ -272,7 +281,8 @@ class BasePass:
             prefix = 0  # a sliding-window cache keeps only part of the prefix: run whole prompts instead
         suffixes = [list(p[prefix:]) for p in prompts]
         # packed rows carry a full causal mask to every layer: only where no window cuts a prompt
-        rows = pack_rows([len(s) for s in suffixes], pack_tokens) if pack_tokens and fits_window else []
+        packable = pack_tokens and fits_window and takes_packed_rows(model)
+        rows = pack_rows([len(s) for s in suffixes], pack_tokens) if packable else []
         if not rows or all(len(r) == 1 for r in rows):
             rows = [[j] for j in range(n)]
         packed = len(rows) < n

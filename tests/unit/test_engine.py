@@ -257,3 +257,23 @@ def test_kept_base_passes_serve_later_scans_and_stay_within_the_cache(monkeypatc
     tight.scan(prompts, blocks[0])
     tight.scan(prompts[:3], blocks[0])
     assert len(tight._bases) == 1
+
+
+def test_packing_with_eager_attention_and_only_where_the_mask_can_say_it():
+    """Eager attention takes the packed mask as an additive float mask: still equal to naive. An attention
+    implementation whose mask transformers does not build from a mask function (flash) gets a row per prompt."""
+    from study.passes import BasePass, takes_packed_rows
+
+    model = tiny_model("llama", attn="eager")
+    prompts = random_prompts(6, lo=2, hi=9, seed=8)
+    ablations = _all_single("llama", ScanEngine(model, 0).arch.shape, Op.UNDIFF_Q, 1e-5)
+    packed = ScanEngine(model, 0, pack_tokens=16).scan(prompts, ablations)
+    torch.testing.assert_close(packed.kl, naive_scan(model, prompts, ablations).kl, atol=1e-9, rtol=0)
+    assert takes_packed_rows(model)
+    arch = ScanEngine(model, 0).arch
+    assert BasePass.run(model, arch, prompts, 0, torch.device("cpu"), pack_tokens=256).n_rows == 1
+    model.config._attn_implementation = "flash_attention_2"  # only read by the decision (no forward runs)
+    try:
+        assert not takes_packed_rows(model)
+    finally:
+        model.config._attn_implementation = "eager"
