@@ -24,7 +24,7 @@ from study.models import LoadedModel, load_model, load_tokenizer
 from study.prompts import encode
 from study.interventions import ablated
 from study.scores import generalized_ships_batch, token_nll
-from study.shards import AnyShard, GenShard, ModelRef, PromptBlock, Shard
+from study.shards import AnyShard, GenShard, ModelRef, PromptBlock
 
 log = logging.getLogger(__name__)
 
