@@ -32,7 +32,7 @@ from study.ablation import Ablation
 from study.interventions import HeadHooks, HeadTables, ablated, first_divergent_layer
 from study.architectures import Arch
 from study.passes import BasePass, KVRecorder, PrefixKV, mlp_at
-from study.scores import kl_from_logprobs, log_softmax_fp
+from study.scores import kl_from_logits, kl_from_logprobs, log_softmax_fp
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ ACCELERATOR_TOKEN_BUDGET = 16384
 # cache) and the reference/base log-probs. On an accelerator: this share of the memory free at start.
 CPU_CACHE_BYTES = 2 << 30
 ACCELERATOR_CACHE_SHARE = 0.25
-LOGIT_BYTES = 256 << 20  # float64 log-probs computed at once (rows x vocab x 8 bytes)
+LOGIT_BYTES = 256 << 20  # float64 (rows, vocab) blocks held at once (rows x vocab x 8 bytes)
 # suffix tokens packed into one row at most: packing saves the padding of short prompts, and costs attention
 # scores between the prompts of a row that the mask then discards (rows x (prefix + row)); a few hundred keeps
 # that a small share of a layer's work
@@ -113,11 +113,8 @@ class ScanEngine:
         self._unembed: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     # ------------------------------------------------------------------------------------------ helpers
-    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(rows, d_model) final-norm states -> (rows, vocab) log-probs, LM head in float32 or better."""
-        step = max(1, LOGIT_BYTES // (self.vocab * 8))
-        if hidden.shape[0] > step:  # bound the float64 (rows, vocab) blocks held at once
-            return torch.cat([self._logprobs(hidden[i:i + step]) for i in range(0, hidden.shape[0], step)])
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(rows, d_model) final-norm states -> (rows, vocab) logits, the LM head in float32 or better."""
         if self._unembed is None:
             head = self.model.get_output_embeddings()
             bias = getattr(head, "bias", None)
@@ -125,10 +122,22 @@ class ScanEngine:
                              None if bias is None else bias.detach().to(self.out_dtype))
         weight, bias = self._unembed
         logits = hidden.to(self.out_dtype) @ weight.T  # (rows, vocab)
-        if bias is not None:
-            logits = logits + bias
+        return logits if bias is None else logits + bias
+
+    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(rows, d_model) final-norm states -> (rows, vocab) float64 log-probs (after any softcap)."""
+        step = max(1, LOGIT_BYTES // (self.vocab * 8))
+        if hidden.shape[0] > step:  # bound the float64 (rows, vocab) blocks held at once
+            return torch.cat([self._logprobs(hidden[i:i + step]) for i in range(0, hidden.shape[0], step)])
         # log-softmax and KL in float64: small KLs are differences of nearly equal log-probs
-        return log_softmax_fp(logits.double(), self.arch.logit_softcap(self.model))
+        return log_softmax_fp(self._logits(hidden).double(), self.arch.logit_softcap(self.model))
+
+    def _kl(self, ref_logp: torch.Tensor, hidden: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        """KL(ref_logp[which[i]] ‖ the next-token distribution of final-norm state hidden[i]), float64 (rows,)."""
+        step = max(1, LOGIT_BYTES // (self.vocab * 8))
+        softcap = self.arch.logit_softcap(self.model)
+        return torch.cat([kl_from_logits(ref_logp, self._logits(hidden[i:i + step]), which[i:i + step], softcap)
+                          for i in range(0, hidden.shape[0], step)])
 
     def _final(self, resid_last: torch.Tensor) -> torch.Tensor:
         """(rows, 1, d_model) pre-norm last-position residual -> (rows, d_model) final-norm state."""
@@ -256,8 +265,7 @@ class ScanEngine:
                     if hidden:
                         hidden_out[a_out, p_out] = out.cpu()
                     if kl:
-                        logp = self._logprobs(out)
-                        kl_out[a_out, p_out] = kl_from_logprobs(ref_logp[j.to(self.device)], logp).double().cpu()
+                        kl_out[a_out, p_out] = self._kl(ref_logp, out, j.to(self.device)).cpu()
                     if progress:
                         progress(len(j))
                 del bp, kept
