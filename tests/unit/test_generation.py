@@ -49,6 +49,31 @@ def test_greedy_equals_model_generate_per_row_under_mixed_ablations(arch):
         assert got[3] != reference(model, prompts[3], 12)  # the ablation reached the decoding steps
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_shared_prefix_runs_once_per_ablation_and_decodes_like_model_generate(arch):
+    """Prompts that start alike (a chat template): the prefix runs once per distinct ablation of the batch and
+    every row still decodes what plain transformers decodes with that ablation in its weights."""
+    model = tiny_model(arch)
+    gen = generator(model)
+    head = random_prompts(1, lo=6, hi=6, seed=3)[0]
+    tails = random_prompts(5, lo=1, hi=5, seed=4)
+    assert len({t[0] for t in tails}) > 1  # the prompts part after the head
+    prompts = [head + tail for tail in tails]
+    ab1, ab2 = Ablation(heads=parse_heads("L0H1,L2H3")), Ablation(heads=parse_heads("L1H0"), op=Op.SCALE_V, eps=1e-3)
+    ablations = [ab1, Ablation(), ab2, ab1, Ablation()]  # three distinct ablations over five rows
+    shapes: list[tuple[int, ...]] = []
+    embed = model.get_input_embeddings().register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape)))
+    try:
+        got = gen.generate(prompts, ablations, parse_decoding("greedy", max_new_tokens=8), [0] * 5)
+    finally:
+        embed.remove()
+    assert shapes[0] == (3, 6)  # the shared prefix: one row per distinct ablation
+    assert shapes[1] == (5, max(map(len, tails)))  # then each prompt's own tokens, left padded to the longest
+    for p, ab, tokens in zip(prompts, ablations, got):
+        with weights_edited(model, ab):
+            assert tokens == reference(model, p, 8), ab.label
+
+
 def test_sampling_is_seeded_per_row_not_per_batch():
     model = tiny_model("llama")
     decoding = parse_decoding("topk", max_new_tokens=10)
