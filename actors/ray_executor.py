@@ -4,7 +4,8 @@
   shared among the models of a round; a model that gets none now waits and is served when another model's
   work is done and its pool is released, so several models never deadlock on resources.
 - Each actor holds its model for the whole run (every round, every experiment) unless its slot is needed by a
-  waiting model.
+  waiting model. A released pool's actors are not killed but handed to the next model (`ModelActor.load`):
+  a new process would pay torch's and transformers' imports again (~3.5 s of a ~5 s actor start on a CPU).
 - Faults: an actor that dies is restarted by Ray (`max_restarts`); the shard it held is queued again (shards
   are idempotent, and the driver keeps only the first result of each), up to `max_retries` times per shard.
   An actor that cannot be restarted is replaced.
@@ -44,6 +45,7 @@ class _Member:
     ready_ref: Any | None  # None once the model is loaded
     busy: set = field(default_factory=set)  # refs of shards in flight
     core_slot: int | None = None  # which block of this machine's cores its engine threads are bound to
+    pid: int | None = None  # the actor's process, once it answered
 
 
 @dataclass
@@ -62,6 +64,8 @@ class RayExecutor(Executor):
         super().__init__()
         self.cfg = cfg
         self.pools: dict[ModelRef, _Pool] = {}
+        self._spare: list[_Member] = []  # actors of released pools, model dropped, for the next pool
+        self.pids: dict[str, set[int]] = {}  # the processes that served each model (by label, as `stats`)
         self.owns_ray = connect(cfg)
         try:
             self.slots: Slots = actor_slots(cfg)
@@ -107,6 +111,11 @@ class RayExecutor(Executor):
                       "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
     def _new_member(self, pool: _Pool) -> _Member:
+        self.stats_for(pool.model).actors = max(self.stats_for(pool.model).actors, len(pool.members) + 1)
+        if self._spare:  # a released pool's actor: same process, another model
+            member = self._spare.pop()
+            member.ready_ref = member.handle.load.remote(pool.model, pool.options.device, pool.options.token_budget)
+            return member
         slot, env = self._core_binding()
         options: dict[str, Any] = dict(num_cpus=self.slots.num_cpus, num_gpus=self.slots.num_gpus,
                                        max_restarts=ACTOR_RESTARTS, max_task_retries=0)
@@ -114,7 +123,6 @@ class RayExecutor(Executor):
             options["runtime_env"] = {"env_vars": env}
         handle = ModelActor.options(**options).remote(
             pool.model, pool.options.device, pool.options.token_budget, self.slots.num_cpus, **self.actor_options)
-        self.stats_for(pool.model).actors = max(self.stats_for(pool.model).actors, len(pool.members) + 1)
         return _Member(handle, handle.ready.remote(), core_slot=slot)
 
     def _drop(self, member: _Member) -> None:
@@ -125,13 +133,22 @@ class RayExecutor(Executor):
         while len(pool.members) < target:
             pool.members.append(self._new_member(pool))
 
-    def _release(self, model: ModelRef) -> None:
+    def _release(self, model: ModelRef, keep: bool = True) -> None:
+        """End a model's pool; its actors drop the model and wait for the next pool (`keep`) or are killed."""
         pool = self.pools.pop(model, None)
         if pool is None:
             return
         for m in pool.members:
-            self._drop(m)
+            self._retire(m) if keep else self._drop(m)
         log.info("ray: released the pool of %s", model.label)
+
+    def _retire(self, member: _Member) -> None:
+        """An actor whose pool no longer needs it: it drops its model and waits for the next pool."""
+        if member.busy:  # shards in flight (never, for a pool released when done): not reusable as is
+            self._drop(member)
+            return
+        member.handle.unload.remote()  # ordered before the next model's `load`
+        self._spare.append(member)
 
     # -------------------------------------------------------------------------------------------- run
     def run(self, shards: Sequence[Shard], options: dict[ModelRef, WorkerOptions]) -> Iterator[
@@ -156,7 +173,7 @@ class RayExecutor(Executor):
             pool = self.pools.setdefault(m, _Pool(m, options.get(m, WorkerOptions())))
             if len(pool.members) > targets[m]:
                 for extra in pool.members[targets[m]:]:
-                    self._drop(extra)
+                    self._retire(extra)
                 del pool.members[targets[m]:]
             self._grow(pool, targets[m])
         in_flight: dict[Any, tuple[_Pool, _Member, Shard]] = {}
@@ -220,8 +237,9 @@ class RayExecutor(Executor):
             for member in pool.members:
                 if member.ready_ref == ref:
                     try:
-                        ray.get(ref)
+                        member.pid = ray.get(ref)
                         member.ready_ref = None
+                        self.pids.setdefault(pool.model.label, set()).add(member.pid)
                     except _ACTOR_LOST as err:  # restarts exhausted: replace the actor
                         log.warning("ray: an actor of %s is gone (%s); starting a new one", pool.model.label,
                                     type(err).__name__)
@@ -243,11 +261,13 @@ class RayExecutor(Executor):
                     type(err).__name__, n)
         self.stats_for(shard.model).retries += 1
         queues.setdefault(shard.model, deque()).appendleft(shard)
-        if member.ready_ref is None:  # wait until Ray has restarted it (the model loads again)
-            member.ready_ref = member.handle.ready.remote()
+        if member.ready_ref is None:  # wait until Ray has restarted it: rebuilt with its first model, so say which
+            member.ready_ref = member.handle.load.remote(pool.model, pool.options.device, pool.options.token_budget)
 
     def close(self) -> None:
         for model in list(self.pools):
-            self._release(model)
+            self._release(model, keep=False)
+        while self._spare:
+            self._drop(self._spare.pop())
         if self.owns_ray and ray.is_initialized():
             ray.shutdown()

@@ -67,6 +67,33 @@ def test_actor_killed_from_the_driver_mid_scan(cluster, tiny, tmp_path):
         assert max(abs(x - y) for x, y in zip(a["kl"], b["kl"])) <= 1e-12 * max(1.0, max(a["kl"]))
 
 
+def test_a_handed_on_actor_restarted_by_ray_loads_its_new_model(cluster, tiny, tmp_path):
+    """One slot, two models: the second takes over the first's actor process; killed mid-scan, Ray rebuilds it
+    with the FIRST model's arguments, and the executor tells it which model it serves now."""
+    other = str(tiny_llama_folder(tmp_path / "other", seed=5))
+    jobs = [plan_study(spec(m, tmp_path / f"x{i}", heads=1, prompts=1)).jobs[0] for i, m in enumerate((tiny, other))]
+    shards = [s for job in jobs for s in job.pending()]
+    options = {job.model: job.options for job in jobs}
+    expected = execute(LocalExecutor(), None, shards, options)
+    got = {}
+    with RayExecutor(ExecutionConfig(cpus_per_actor=2)) as ex:
+        assert ex.slots.count == 1
+        killed = False
+        for shard, batch in ex.run(shards, options):
+            got[shard.id] = batch
+            if shard.model == jobs[1].model and not killed:
+                assert ex.pids[other] == ex.pids[tiny]  # the same process, handed on
+                ray.kill(ex.pools[jobs[1].model].members[0].handle, no_restart=False)
+                killed = True
+        assert killed and ex.stats[other].retries >= 1
+        assert len(ex.pids[other]) == 2  # the handed-on process, then its restart
+    assert set(got) == {s.id for s in shards}
+    for shard in shards:
+        a, b = expected.table(shard).to_pydict(), got[shard.id].to_pydict()
+        assert a["ablation"] == b["ablation"] and a["prompt_id"] == b["prompt_id"]
+        assert max(abs(x - y) for x, y in zip(a["kl"], b["kl"])) <= 1e-12 * max(1.0, max(a["kl"]))
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--actors", "0"], "actors"),
     (["--cpus-per-actor", "64"], "cpus-per-actor"),

@@ -33,6 +33,8 @@ def test_three_models_two_gpu_slots(gpu_cluster, tmp_path):
         result = run_study(spec("", tmp_path / "ray", heads=4, models=models, executor="ray"), executor=ex)
         assert set(ex.stats) == set(models)
         assert all(ex.stats[m].shards > 0 and ex.stats[m].actors == 1 for m in models)
+        # a waiting model takes over the process of a model that is done (in every round): two processes in all
+        assert set(ex.pids) == set(models) and len(set().union(*ex.pids.values())) == 2
     assert result.computed == sum(s.shards for s in result.stats.values())
     assert_same_tables(tmp_path / "local", tmp_path / "ray", rtol=1e-10)
     groups = {j.cfg.model: j.group for j in result.jobs if j.experiment == "sahara"}
@@ -48,4 +50,5 @@ def test_a_chain_of_waiting_models_each_gets_the_slot_it_inherits(gpu_cluster, t
                                                    defaults=dict(dtype="float64", limit=2, shard_heads=8),
                                                    execution=dict(executor="ray"))), executor=ex)
         assert all(ex.stats[m].shards > 0 and ex.stats[m].actors == 1 for m in models)
+        assert len(set().union(*ex.pids.values())) == 2  # five models, two processes: each handed on
     assert result.computed == sum(s.shards for s in result.stats.values())
