@@ -9,7 +9,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from study import __version__
 from study.ablation import DEFAULT_OP, SCORING_EPS, SURGERY_EPS
@@ -72,8 +72,15 @@ def _scan_args(p: argparse.ArgumentParser) -> None:
     _common(p)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, as every other bad input gets (argparse prints its usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
+    top = _Parser(
         prog="headstudy", description="Find the attention heads an LLM's safety depends on (Ships, generalized "
                                       "Ships, Sahara) and measure what removing them does.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)

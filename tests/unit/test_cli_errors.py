@@ -35,6 +35,18 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("argv,needle", [(["ships", "--no-such-option", "x"], "--no-such-option"),
+                                         (["sahara", "--steps", "two"], "two"), (["ships"], "--out"),
+                                         (["nosuch"], "nosuch"), ([], "command")])
+def test_argparse_errors_are_one_line_too(argv, needle, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "out")] if argv[:1] in (["ships"], ["sahara"]) and len(argv) > 1 else []
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, *out])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and needle in err and "--help" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("argv,needle", CASES)
 def test_bad_input_one_line_exit_2_nothing_written(argv, needle, tmp_path, capsys):
     out = tmp_path / "out"
