@@ -45,7 +45,6 @@ class _Member:
     ready_ref: Any | None  # None once the model is loaded
     busy: set = field(default_factory=set)  # refs of shards in flight
     core_slot: int | None = None  # which block of this machine's cores its engine threads are bound to
-    pid: int | None = None  # the actor's process, once it answered
 
 
 @dataclass
@@ -114,7 +113,7 @@ class RayExecutor(Executor):
         self.stats_for(pool.model).actors = max(self.stats_for(pool.model).actors, len(pool.members) + 1)
         if self._spare:  # a released pool's actor: same process, another model
             member = self._spare.pop()
-            member.ready_ref = member.handle.load.remote(pool.model, pool.options.device, pool.options.token_budget)
+            self._load(member, pool)
             return member
         slot, env = self._core_binding()
         options: dict[str, Any] = dict(num_cpus=self.slots.num_cpus, num_gpus=self.slots.num_gpus,
@@ -124,6 +123,11 @@ class RayExecutor(Executor):
         handle = ModelActor.options(**options).remote(
             pool.model, pool.options.device, pool.options.token_budget, self.slots.num_cpus, **self.actor_options)
         return _Member(handle, handle.ready.remote(), core_slot=slot)
+
+    @staticmethod
+    def _load(member: _Member, pool: _Pool) -> None:
+        """Tell an existing actor which model it serves now; `ready_ref` answers once it does."""
+        member.ready_ref = member.handle.load.remote(pool.model, pool.options.device, pool.options.token_budget)
 
     def _drop(self, member: _Member) -> None:
         ray.kill(member.handle, no_restart=True)
@@ -237,9 +241,8 @@ class RayExecutor(Executor):
             for member in pool.members:
                 if member.ready_ref == ref:
                     try:
-                        member.pid = ray.get(ref)
+                        self.pids.setdefault(pool.model.label, set()).add(ray.get(ref))
                         member.ready_ref = None
-                        self.pids.setdefault(pool.model.label, set()).add(member.pid)
                     except _ACTOR_LOST as err:  # restarts exhausted: replace the actor
                         log.warning("ray: an actor of %s is gone (%s); starting a new one", pool.model.label,
                                     type(err).__name__)
@@ -262,7 +265,7 @@ class RayExecutor(Executor):
         self.stats_for(shard.model).retries += 1
         queues.setdefault(shard.model, deque()).appendleft(shard)
         if member.ready_ref is None:  # wait until Ray has restarted it: rebuilt with its first model, so say which
-            member.ready_ref = member.handle.load.remote(pool.model, pool.options.device, pool.options.token_budget)
+            self._load(member, pool)
 
     def close(self) -> None:
         for model in list(self.pools):

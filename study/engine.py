@@ -124,20 +124,23 @@ class ScanEngine:
         logits = hidden.to(self.out_dtype) @ weight.T  # (rows, vocab)
         return logits if bias is None else logits + bias
 
+    def _logit_blocks(self, n_rows: int) -> list[slice]:
+        """Row blocks small enough that one float64 (rows, vocab) block stays within LOGIT_BYTES."""
+        step = max(1, LOGIT_BYTES // (self.vocab * 8))
+        return [slice(i, i + step) for i in range(0, max(n_rows, 1), step)]
+
     def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         """(rows, d_model) final-norm states -> (rows, vocab) float64 log-probs (after any softcap)."""
-        step = max(1, LOGIT_BYTES // (self.vocab * 8))
-        if hidden.shape[0] > step:  # bound the float64 (rows, vocab) blocks held at once
-            return torch.cat([self._logprobs(hidden[i:i + step]) for i in range(0, hidden.shape[0], step)])
         # log-softmax and KL in float64: small KLs are differences of nearly equal log-probs
-        return log_softmax_fp(self._logits(hidden).double(), self.arch.logit_softcap(self.model))
+        softcap = self.arch.logit_softcap(self.model)
+        return torch.cat([log_softmax_fp(self._logits(hidden[b]).double(), softcap)
+                          for b in self._logit_blocks(hidden.shape[0])])
 
     def _kl(self, ref_logp: torch.Tensor, hidden: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
         """KL(ref_logp[which[i]] ‖ the next-token distribution of final-norm state hidden[i]), float64 (rows,)."""
-        step = max(1, LOGIT_BYTES // (self.vocab * 8))
         softcap = self.arch.logit_softcap(self.model)
-        return torch.cat([kl_from_logits(ref_logp, self._logits(hidden[i:i + step]), which[i:i + step], softcap)
-                          for i in range(0, hidden.shape[0], step)])
+        return torch.cat([kl_from_logits(ref_logp, self._logits(hidden[b]), which[b], softcap)
+                          for b in self._logit_blocks(hidden.shape[0])])
 
     def _final(self, resid_last: torch.Tensor) -> torch.Tensor:
         """(rows, 1, d_model) pre-norm last-position residual -> (rows, d_model) final-norm state."""

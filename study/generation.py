@@ -165,7 +165,7 @@ class HFGenerator:
 
         self.lm = lm
         self.arch = Arch.of(lm.model)
-        # rows per batch: a decoding step reads every weight once, so more rows amortise it (on 2 CPU cores,
+        # rows per batch: a decoding step reads every weight once, so more rows amortise it (one CPU thread,
         # SmolLM2, 24 new tokens: 303 ms a row at 16 rows, 205 ms at 64)
         self.batch_rows = batch_rows or 64
         self.pad_id = lm.tokenizer.pad_token_id
@@ -244,8 +244,7 @@ class HFGenerator:
         if prefix:
             kinds = list(dict.fromkeys(ablations))  # the batch's distinct ablations, in first-seen order
             kind_of = torch.tensor([kinds.index(a) for a in ablations], device=device)  # (rows,)
-            for layer in range(self.arch.shape.n_layers):
-                hooks.set_layer(layer, HeadTables.build(kinds, self.arch), device, dtype)
+            self._set_tables(hooks, HeadTables.build(kinds, self.arch), device, dtype)
             head = torch.tensor([list(prompts[0][:prefix])] * len(kinds), device=device)  # (kinds, prefix)
             cache = model(input_ids=head, position_ids=torch.arange(prefix, device=device).expand_as(head),
                           use_cache=True, logits_to_keep=1).past_key_values
@@ -260,9 +259,12 @@ class HFGenerator:
             mask[r, prefix + width - len(s):] = 1
         ids, mask = ids.to(device), mask.to(device)
         pos = ((mask.cumsum(-1) - 1).clamp(min=0))[:, prefix:]  # (rows, width)
-        tables = HeadTables.build(ablations, self.arch)
-        for layer in range(self.arch.shape.n_layers):
-            hooks.set_layer(layer, tables, device, dtype)
+        self._set_tables(hooks, HeadTables.build(ablations, self.arch), device, dtype)
         res = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                     logits_to_keep=1)
         return res, mask, pos
+
+    def _set_tables(self, hooks: Any, tables: Any, device: Any, dtype: Any) -> None:
+        """Every layer's hooks to `tables` (one row per batch row of the next forward)."""
+        for layer in range(self.arch.shape.n_layers):
+            hooks.set_layer(layer, tables, device, dtype)

@@ -73,8 +73,7 @@ def kl_from_logits(ref_logp: torch.Tensor, logits: torch.Tensor, which: torch.Te
     ref = ref_logp.double()  # (refs, vocab)
     p = ref.exp()  # (refs, vocab)
     neg_entropy = torch.where(p > 0, p * ref, 0.0).sum(dim=-1)  # (refs,) Σ p log p, 0·log 0 = 0
-    z = logits.double()  # (rows, vocab)
-    z = _softcap(z, softcap)
+    z = _softcap(logits.double(), softcap)  # (rows, vocab)
     which = which.to(z.device)
     lse = torch.logsumexp(z, dim=-1)  # (rows,)
     pz = (z @ p.T).gather(1, which[:, None]).squeeze(1)  # (rows,) Σ p z with each row's own reference
