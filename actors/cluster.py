@@ -10,8 +10,8 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from study.config import ExecutionConfig
-from study.errors import UsageError
+from study.core.errors import UsageError
+from study.runtime.executor import ExecutionConfig
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import yaml
 
 from actors.cluster import check_reachable
+from study.core.errors import UsageError
 from study.spec import StudyConfig
-from study.errors import UsageError
 
 log = logging.getLogger(__name__)
 

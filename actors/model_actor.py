@@ -1,4 +1,4 @@
-"""`ModelActor`: a thin Ray actor around `study.worker.Worker` (one model at a time, loaded once, kept).
+"""`ModelActor`: a thin Ray actor around `study.runtime.worker.Worker` (one model at a time, loaded once, kept).
 
 It takes shards and returns Arrow record batches (never tensors on a device). When a model's work is done the
 executor hands the actor to the next model (`load`) instead of starting a new process: the process keeps its
@@ -16,7 +16,7 @@ import warnings
 import pyarrow as pa
 import ray
 
-from study.shards import ModelRef, Shard
+from study.runtime.shards import ModelRef, Shard
 
 
 @ray.remote
@@ -45,7 +45,7 @@ class ModelActor:
         """Hold `model` from now on (nothing to do if it already does); returns the actor's pid.
 
         Also what the executor sends after a restart: Ray rebuilds an actor with its first model's arguments."""
-        from study.worker import Worker
+        from study.runtime.worker import Worker
 
         if self.held != (model, device, token_budget):
             self.unload()

@@ -25,10 +25,9 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors.cluster import Slots, actor_slots, connect
 from actors.model_actor import ModelActor
-from study.config import ExecutionConfig
-from study.errors import UsageError
-from study.executor import Executor, WorkerOptions
-from study.shards import ModelRef, Shard
+from study.core.errors import UsageError
+from study.runtime.executor import ExecutionConfig, Executor, WorkerOptions
+from study.runtime.shards import ModelRef, Shard
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +57,10 @@ class RayExecutor(Executor):
     """Runs shards on Ray actors; see the module docstring."""
 
     name = "ray"
+
+    @classmethod
+    def from_config(cls, cfg: ExecutionConfig) -> "RayExecutor":
+        return cls(cfg)
 
     def __init__(self, cfg: ExecutionConfig, *, actor_options: dict[str, Any] | None = None) -> None:
         super().__init__()

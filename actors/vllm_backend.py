@@ -1,7 +1,7 @@
 """The vLLM generation backend behind `study.generation.Generator`: rows grouped by ablation, one weight edit
 per group, each row sampled with its own seed.
 
-`study.generation.BACKENDS` names this class as data (`--backend vllm`), so `study` never imports vLLM. An
+The `headstudy.generation_backends` entry point `vllm` names this class (`--backend vllm`), so `study` never imports vLLM. An
 edit applies to every request in the engine: rows are grouped by head set and each group is one edited
 `generate` call, restored (and the prefix cache reset) before the next.
 """
@@ -12,8 +12,8 @@ import os
 from typing import Any, Sequence
 
 from actors.vllm_engine import VllmGenerator, edits_for, sampling_params
-from study.ablation import Ablation
-from study.generation import Decoding
+from study.core.ablation import Ablation
+from study.generation.decoding import Decoding
 
 
 class VllmBackend:
@@ -24,7 +24,7 @@ class VllmBackend:
 
     @classmethod
     def for_worker(cls, worker: Any) -> "VllmBackend":
-        from study.models import model_source
+        from study.models.loading import model_source
 
         device = "cpu" if worker.device == "cpu" else "cuda"
         if device == "cpu":  # vLLM keeps a core off its CPU worker by default: half of a 2-core machine

@@ -41,7 +41,7 @@ def check_edits(edits: Sequence[Sequence[Any]]) -> list[list]:
 
 
 def edits_for(ablation: Any) -> list[Edit]:
-    """The edits of a `study.ablation.Ablation` (undiff_q -> site q, scale_v -> site o_in)."""
+    """The edits of a `study.core.ablation.Ablation` (undiff_q -> site q, scale_v -> site o_in)."""
     sites = {"undiff_q": "q", "scale_v": "o_in"}
     op = getattr(ablation.op, "value", ablation.op)
     if ablation.heads and op not in sites:

@@ -11,7 +11,7 @@ An edit is a list of `(layer, site, head, eps)`:
 
 - site "q" (`undiff_q`): scale head h's query rows `h*d:(h+1)*d` of the fused `qkv_proj` weight (output
   layout [q heads | k heads | v heads]) and of its bias when there is one. RoPE is linear, so scaling the
-  projection equals scaling the queries, as the HF hooks in `study.interventions` do;
+  projection equals scaling the queries, as the HF hooks in `study.core.interventions` do;
 - site "o_in" (`scale_v`): scale head h's input columns `h*d:(h+1)*d` of `o_proj` (the head's output).
 
 Two routes, chosen per module from what the weight is after loading:

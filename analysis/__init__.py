@@ -1,7 +1,7 @@
 """Analysis over the result tables only (rankings, overlap, specificity, ASR curves, figures, report).
 
 Never imports torch: everything here reads Arrow tables and writes derived tables declared in
-`study.schema`, so the report and a user's notebook read the same numbers.
+`study.runtime.schema`, so the report and a user's notebook read the same numbers.
 
 This module holds the few helpers the analysis modules share: moving between Arrow tables and pandas frames
 without losing nulls, and a stable ranking within groups.
@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 
 from study import __version__ as CODE_VERSION
-from study.schema import make_table, schema_for
+from study.runtime.schema import make_table, schema_for
 
 __all__ = ["CODE_VERSION", "NO_VALUE", "frame", "is_missing", "rank_within", "restore_missing", "to_table"]
 
@@ -33,7 +33,7 @@ def frame(data: pa.Table | pd.DataFrame, name: str) -> pd.DataFrame:
     missing = [c for c in schema_for(name).names if c not in df.columns]
     if missing:
         raise ValueError(f"input table {name!r} lacks columns {missing}: expected the columns of "
-                         f"study.schema.TABLES[{name!r}]")
+                         f"study.runtime.schema.TABLES[{name!r}]")
     if "model_revision" in df.columns:
         df["model_revision"] = df["model_revision"].astype(object).where(df["model_revision"].notna(), NO_VALUE)
     return df

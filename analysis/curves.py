@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from analysis import CODE_VERSION, frame, restore_missing, to_table
-from study.stats import wilson
+from study.core.stats import wilson
 
 __all__ = ["TARGETED", "asr_curve_frame", "asr_curve_table"]
 

@@ -2,7 +2,7 @@
 
 Reads whichever of `ships`, `head_scores` and `asr` the folder holds (a table that is absent or empty
 simply yields no derived table from it) and returns `rankings`, `specificity`, `overlap` and `asr_curve`
-as validated Arrow tables, keyed by table name, for a caller to write with `study.store.RunWriter`
+as validated Arrow tables, keyed by table name, for a caller to write with `study.runtime.store.RunWriter`
 (the report does so, and so can a notebook).
 """
 
@@ -19,8 +19,8 @@ from analysis.curves import asr_curve_table
 from analysis.overlap import overlap_table
 from analysis.rankings import check_k, rankings_table
 from analysis.specificity import specificity_table
-from study.errors import UsageError
-from study.store import read_manifest, read_table
+from study.core.errors import UsageError
+from study.runtime.store import read_manifest, read_manifests, read_table
 
 __all__ = ["benign_datasets_of", "derive"]
 
@@ -38,6 +38,13 @@ def benign_datasets_of(manifest: dict[str, Any]) -> set[str]:
             if isinstance(name, str):
                 out.add(name)
     return out
+
+
+def derive_run(run_dir: str | os.PathLike[str], k: int = 10) -> dict[str, pa.Table]:
+    """`derive` with the benign datasets of every run the folder holds (what `study.runner.run_study` takes
+    as its `derive`)."""
+    benign = set().union(*(benign_datasets_of(m) for m in read_manifests(run_dir)))
+    return derive(run_dir, benign, k=k)
 
 
 def _read(run_dir: str | os.PathLike[str], name: str) -> pa.Table | None:

@@ -3,7 +3,7 @@
 One Sahara step with chosen group G scores every candidate G ∪ {h} by generalized Ships over the prompt set.
 The naive strategy runs one full forward (batch 1, fp32, LM head everywhere) per candidate per prompt. The
 engine caches the G-ablated model's residuals once and starts each candidate at layer(h)
-(`study.worker.GeneralizedShipsScorer`). Per-forward naive cost does not depend on the candidate, so the naive
+(`study.runtime.worker.GeneralizedShipsScorer`). Per-forward naive cost does not depend on the candidate, so the naive
 step is timed on an evenly spread subset of candidates and extrapolated linearly to all of them; the engine is
 timed on the full step. Both give the same scores (checked on the subset).
 
@@ -23,15 +23,17 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from study.ablation import Ablation
-from study.engine import ScanEngine, naive_scan
-from study.heads import all_heads
-from study.models import DEFAULT_MODEL, load_model
-from study.prompts import PromptFormat, encode, load_prompts
-from study.worker import GeneralizedShipsScorer
-from study.config import SubspaceSpec
-from study.scores import generalized_ships_batch
-from study.search import sahara
+from study.core.ablation import Ablation
+from study.core.engine import ScanEngine, naive_scan
+from study.core.heads import all_heads
+from study.core.scores import generalized_ships_batch
+from study.core.search import sahara
+from study.core.subspace import SubspaceSpec
+from study.models.builtin import DEFAULT_MODEL
+from study.models.loading import load_model
+from study.prompts.formats import PromptFormat, encode
+from study.prompts.sets import load_prompts
+from study.runtime.worker import GeneralizedShipsScorer
 
 SPEED_TARGET = 10.0
 

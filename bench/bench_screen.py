@@ -18,13 +18,15 @@ import time
 
 import torch
 
-from study.ablation import Ablation
-from study.engine import ScanEngine
-from study.family_eval import SAFETY_SYSTEM_PROMPT
-from study.heads import all_heads
-from study.models import DEFAULT_MODEL, load_model
-from study.prompts import PromptFormat, encode_all, load_prompts
-from study.screening import screen_copy, screened_scan, top_agreement
+from study.core.ablation import Ablation
+from study.core.engine import ScanEngine
+from study.core.heads import all_heads
+from study.core.screening import screen_copy, screened_scan, top_agreement
+from study.family.eval import SAFETY_SYSTEM_PROMPT
+from study.models.builtin import DEFAULT_MODEL
+from study.models.loading import load_model
+from study.prompts.formats import PromptFormat, encode_all
+from study.prompts.sets import load_prompts
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Ships scores every single head h on every prompt p with KL(normal || ablated_h) of the next-token
 distribution. The naive strategy (the authors') runs one full forward per head per prompt, batch 1, with
-the LM head at every position. `study.engine.ScanEngine` batches many (ablation, prompt) rows per forward,
+the LM head at every position. `study.core.engine.ScanEngine` batches many (ablation, prompt) rows per forward,
 reuses the residual stream below each row's ablated layer and computes the LM head at the last position
 only (DESIGN.md section 3). This script times both on the same prompts and heads, checks that they agree,
 and prints the speed ratio against the targets (>= 10x, KL relative difference <= 1e-4).
@@ -29,12 +29,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from study.ablation import Ablation, Op
-from study.architectures import Arch
-from study.engine import ScanEngine, default_token_budget, ScanResult, naive_scan
-from study.heads import Head, all_heads, parse_heads
-from study.models import DEFAULT_MODEL, load_model
-from study.prompts import PromptFormat, encode_all, load_prompts
+from study.core.ablation import Ablation, Op
+from study.core.architectures import Arch
+from study.core.engine import ScanEngine, ScanResult, default_token_budget, naive_scan
+from study.core.heads import Head, all_heads, parse_heads
+from study.models.builtin import DEFAULT_MODEL
+from study.models.loading import load_model
+from study.prompts.formats import PromptFormat, encode_all
+from study.prompts.sets import load_prompts
 
 SPEED_TARGET = 10.0  # engine vs naive, all heads
 REL_DIFF_TARGET = 1e-4  # max |kl_engine - kl_naive| / |kl_naive|, judged in float32 and float64

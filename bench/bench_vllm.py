@@ -5,7 +5,7 @@ repeated to the batch size), same ablation (`undiff_q`, eps 1e-5, 3 heads), gree
 
 - vllm: `actors.vllm_engine.VllmGenerator.generate` for 1, 6 and 24 prompts at once; its time includes the
   apply + prefix cache reset before and the restore + reset after;
-- hf: `model.generate(do_sample=False)` inside `study.interventions.ablated` (hooks), the same prompts as one
+- hf: `model.generate(do_sample=False)` inside `study.core.interventions.ablated` (hooks), the same prompts as one
   left-padded batch, run before the engine starts (never next to its processes).
 
 Tokens/s counts the generated tokens of each prompt up to and including its EOS. Also timed: one
@@ -30,11 +30,13 @@ from pathlib import Path
 
 import torch
 
-from study.ablation import Ablation, Op
-from study.heads import Head
-from study.interventions import ablated
-from study.models import ALIASES, DEFAULT_MODEL, load_model, materialize_alias
-from study.prompts import PromptFormat, encode_all, load_prompts
+from study.core.ablation import Ablation, Op
+from study.core.heads import Head
+from study.core.interventions import ablated
+from study.models.builtin import ALIASES, DEFAULT_MODEL, materialize_alias
+from study.models.loading import load_model
+from study.prompts.formats import PromptFormat, encode_all
+from study.prompts.sets import load_prompts
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ABLATION = Ablation(heads=(Head(0, 3), Head(9, 5), Head(18, 8)), op=Op.UNDIFF_Q, eps=1e-5)

@@ -9,10 +9,10 @@ model, three fresh processes are timed from launch to exit, on exactly the same 
              into a fresh --out folder (nothing reused); its Ships table (Parquet) is read back;
 - peer       `bench/peer_ships.py`: plain transformers, every prompt in one left-padded batch, one forward per
              head with the head's q_proj rows scaled, last-position logits only (no `study` import);
-- naive      `bench/naive_ships.py`: `study.engine.naive_scan`, one full forward per head per prompt, batch 1.
+- naive      `bench/naive_ships.py`: `study.core.engine.naive_scan`, one full forward per head per prompt, batch 1.
              `--naive extrapolate` runs it on a few heads and scales the scan part to all heads.
 
-The token ids come from the project's own prompt code (`study.prompts.load_prompts` + `encode`, the tokenizer
+The token ids come from the project's own prompt code (`study.prompts.sets.load_prompts` + `encode`, the tokenizer
 `headstudy` loads) in a preparatory step that is not timed. The scores are compared (max relative difference
 where the KL exceeds 1e-6), so a fast but wrong result shows. Targets (informational, never asserted):
 headstudy >= 3x the peer in the direct format, >= 6x in the chat format, >= 12x the naive strategy in chat.
@@ -173,8 +173,9 @@ def read_ships(out: Path, prompt_ids: list[str], labels: list[str]) -> np.ndarra
 
 def prepare(args: argparse.Namespace, fmt: str, system_prompt: str | None, path: Path) -> dict:
     """The token ids headstudy will see (its own prompt loading and encoding), written for the scripts."""
-    from study.models import load_tokenizer, model_shape, model_source
-    from study.prompts import encode, load_prompts
+    from study.models.loading import load_tokenizer, model_shape, model_source
+    from study.prompts.formats import encode
+    from study.prompts.sets import load_prompts
 
     prompts = load_prompts(PROMPT_SET, data_dir=args.data_dir, limit=args.prompts)
     source = model_source(args.model)
@@ -338,7 +339,7 @@ def main() -> None:
     if any(f not in FORMATS for f in formats):
         ap.error(f"--formats: some of {', '.join(FORMATS)}")
 
-    from study.family_eval import SAFETY_SYSTEM_PROMPT
+    from study.family.eval import SAFETY_SYSTEM_PROMPT
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}

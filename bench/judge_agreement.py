@@ -3,7 +3,7 @@
 JailbreakBench publishes its attack artifacts (`jailbreakbench/artifacts/<method>/<kind>/<model>.json`): every
 jailbreak entry carries the attacked model's response and a boolean `jailbroken` from the benchmark's LLM
 judge. Taking `jailbroken` as the truth (positive class: jailbroken = harmful), this script prints, per judge
-of `study.judges`: n, accuracy, precision, recall, F1 and the time to judge 1,000 responses on this CPU.
+of `study.generation.judges`: n, accuracy, precision, recall, F1 and the time to judge 1,000 responses on this CPU.
 
     python bench/judge_agreement.py                                   # data from $HEADSTUDY_DATA or ../shared/data
     python bench/judge_agreement.py --data-dir /data --judges paper,refusal --errors 5
@@ -30,9 +30,10 @@ from typing import Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere, without an install
 
-from study.judges import JUDGE_NAMES, Judge, get_judge  # noqa: E402
-from study.llm_judge import LLMJudge  # noqa: E402
-from study.prompts import DATA_ENV  # noqa: E402
+from study.generation.judges.base import Judge  # noqa: E402
+from study.generation.judges.llm import LLMJudge  # noqa: E402
+from study.generation.judges.registry import JUDGE_NAMES, get_judge
+from study.prompts.sets import DATA_ENV  # noqa: E402
 
 ARTIFACTS = Path("jailbreakbench") / "artifacts"
 PLACEHOLDER_FOLDERS = ("test-artifact",)
@@ -120,11 +121,13 @@ def agreement(judge: Judge, rows: Sequence[Labelled], repeats: int = 1) -> tuple
 
 def answer_rubrics(judge: Judge, rows: Sequence[Labelled]) -> float:
     """Run an `llm:MODEL` judge's rubric on every row with the HF backend (greedy); returns the seconds."""
-    from study.ablation import Ablation
-    from study.generation import Decoding, HFGenerator
-    from study.llm_judge import ANSWER_TOKENS, rubric
-    from study.models import load_model
-    from study.prompts import PromptFormat, encode, prompt_id
+    from study.core.ablation import Ablation
+    from study.generation.decoding import Decoding
+    from study.generation.hf import HFGenerator
+    from study.generation.judges.llm import ANSWER_TOKENS, rubric
+    from study.models.loading import load_model
+    from study.prompts.formats import PromptFormat, encode
+    from study.prompts.sets import prompt_id
 
     lm = load_model(judge.model)
     texts = sorted({rubric(r.prompt, r.response) for r in rows})

@@ -1,5 +1,5 @@
 """The naive Ships strategy as a whole process, for `bench/bench_whole.py`: the authors' way, one full forward
-per head per prompt, batch 1, LM head at every position (`study.engine.naive_scan`, the project's reference).
+per head per prompt, batch 1, LM head at every position (`study.core.engine.naive_scan`, the project's reference).
 
 Same input and output as `bench/peer_ships.py`: a JSON file {"token_ids": [[...], ...]} of formatted prompts,
 the model folder, and `OUT.npy` (heads x prompts KL, layer-major) with `OUT.json` (head labels, timings).
@@ -20,10 +20,11 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # peer_ships: the same command line, heads and output
 from peer_ships import pick_heads, script_args, write_result  # noqa: E402
-from study.ablation import Ablation, Op  # noqa: E402
-from study.engine import naive_scan  # noqa: E402
-from study.heads import Head  # noqa: E402
-from study.models import load_model  # noqa: E402
+
+from study.core.ablation import Ablation, Op  # noqa: E402
+from study.core.engine import naive_scan  # noqa: E402
+from study.core.heads import Head  # noqa: E402
+from study.models.loading import load_model  # noqa: E402
 
 T_IMPORTED = time.perf_counter()
 

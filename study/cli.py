@@ -12,10 +12,9 @@ import sys
 from typing import Any, NoReturn, Sequence
 
 from study import __version__
-from study.ablation import DEFAULT_OP, SCORING_EPS, SURGERY_EPS
-from study.errors import UsageError
-from study.models import DEFAULT_MODEL
-
+from study.core.ablation import DEFAULT_OP, SCORING_EPS, SURGERY_EPS
+from study.core.errors import UsageError
+from study.models.builtin import DEFAULT_MODEL
 
 EXAMPLES = """examples:
   headstudy run                                   the built-in quickstart on a local Ray cluster
@@ -183,9 +182,10 @@ def _study(args: argparse.Namespace):
 
 
 def _run(study, args: argparse.Namespace) -> None:
+    from analysis.derive import derive_run
     from study.runner import run_study, summary_lines
 
-    result = run_study(study, args.out, force=args.force, command=args.command)
+    result = run_study(study, args.out, force=args.force, command=args.command, derive=derive_run)
     for job, tables in zip(result.jobs, result.job_tables):
         if job.experiment == "ships":
             print_ships(tables["ships"], job.cfg.top)
@@ -255,8 +255,7 @@ def _cmd_submit(args: argparse.Namespace) -> None:
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
-    from study.family import FAMILY, MEMBERS, cached_folder, read_card
-    from study.models import ALIASES, alias_cached
+    from study.models.builtin import ALIASES, FAMILY, MEMBERS, alias_cached, cached_folder, read_card
 
     print(f"{'alias':<24} {'base':<24} {'size':>9}  {'cached':<6}  what")
     for name, alias in ALIASES.items():
@@ -271,7 +270,7 @@ def _cmd_models(args: argparse.Namespace) -> None:
         print(f"{name:<24} {member.base:<24} {size:>9}  {cached:<6}  {member.recipe}{_card_line(card)}")
     missing = [n for n in MEMBERS if n not in FAMILY]
     if missing:
-        print(f"(not in this installation: {', '.join(missing)}; python -m study.family_train NAME builds one)")
+        print(f"(not in this installation: {', '.join(missing)}; python -m study.family.train NAME builds one)")
 
 
 def _card_line(card: dict) -> str:

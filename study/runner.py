@@ -17,19 +17,30 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 
+from study.core.errors import UsageError
+from study.experiments.asr import AsrJob
+from study.experiments.base import Job, ScanJob
+from study.experiments.sahara import GeneralizedShipsJob, SaharaJob
+from study.experiments.ships import ShipsJob, SpecificityJob
+from study.experiments.surgery import SurgeryJob
+from study.experiments.swap import SwapJob
+from study.experiments.utility import UtilityJob
+from study.runtime.executor import Executor, LocalExecutor, ModelStats, execute, make_executor
+from study.runtime.shards import GenShard
+from study.runtime.store import (
+    RunWriter,
+    ShardStore,
+    code_version,
+    config_hash,
+    new_run_id,
+    package_versions,
+    read_manifest,
+)
 from study.spec import StudyConfig
-from study.errors import UsageError
-from study.executor import Executor, LocalExecutor, ModelStats, execute, make_executor
-from study.shards import GenShard
-from study.asr import AsrJob
-from study.jobs import GeneralizedShipsJob, Job, SaharaJob, ScanJob, ShipsJob, SpecificityJob, SurgeryJob
-from study.swap_job import SwapJob
-from study.utility import UtilityJob
-from study.store import (RunWriter, ShardStore, code_version, config_hash, new_run_id, package_versions, read_manifest,
-                         read_manifests)
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +94,15 @@ def plan_study(study: StudyConfig, out: str | os.PathLike[str] | None = None) ->
     return Plan(study, out_dir, jobs)
 
 
+# What turns a run folder's tables into the analysis tables (rankings, specificity, overlap, ASR curves):
+# `analysis.derive.derive_run`, handed in by the caller (the CLI), since `study` never imports `analysis`.
+Derive = Callable[[Path, int], dict[str, pa.Table]]
+
+
 def run_study(study: StudyConfig, out: str | os.PathLike[str] | None = None, *, force: bool = False,
-              executor: Executor | None = None, command: str = "run") -> RunOutput:
-    """Run every job of the study into one run folder (one manifest, one run id)."""
+              executor: Executor | None = None, command: str = "run", derive: Derive | None = None) -> RunOutput:
+    """Run every job of the study into one run folder (one manifest, one run id); with `derive`, its
+    analysis tables too (of everything the folder then holds)."""
     plan = plan_study(study, out)
     run_id = new_run_id()
     store = ShardStore(plan.out)
@@ -116,7 +133,8 @@ def run_study(study: StudyConfig, out: str | os.PathLike[str] | None = None, *, 
         job.finish()
     result.seconds = time.perf_counter() - t0
     _write(plan, result, command)
-    result.derived = _write_derived(plan, result.run_id)
+    if derive is not None:
+        result.derived = _write_derived(plan, result.run_id, derive)
     return result
 
 
@@ -144,13 +162,10 @@ def _write(plan: Plan, result: RunOutput, command: str) -> None:
         ))
 
 
-def _write_derived(plan: Plan, run_id: str) -> dict[str, pa.Table]:
-    """The analysis tables (rankings, specificity, overlap, ASR curves) of everything the folder now holds,
-    committed as a second part of this run: every run adds its conditions and the derived rows are redone."""
-    from analysis.derive import benign_datasets_of, derive
-
-    benign = set().union(*(benign_datasets_of(m) for m in read_manifests(plan.out)))
-    derived = derive(plan.out, benign, k=plan.study.overlap.k if plan.study.overlap else 10)
+def _write_derived(plan: Plan, run_id: str, derive: Derive) -> dict[str, pa.Table]:
+    """The analysis tables of everything the folder now holds, committed as a second part of this run: every
+    run adds its conditions and the derived rows are redone."""
+    derived = derive(plan.out, plan.study.overlap.k if plan.study.overlap else 10)
     if derived:
         manifest = read_manifest(plan.out)
         with RunWriter(plan.out, run_id) as writer:

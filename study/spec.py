@@ -1,7 +1,7 @@
 """The study spec: a YAML file (or one command) naming models with their roles and the experiment sections to
-run on them, resolved into typed per-model experiment configs (`study.config`).
+run on them, resolved into typed per-model experiment configs (`study.experiments`).
 
-Light like `study.config` (no torch): `headstudy plan` and `submit` read a spec before anything heavy loads.
+Light like `study.experiments` (no torch): `headstudy plan` and `submit` read a spec before anything heavy loads.
 """
 
 from __future__ import annotations
@@ -13,15 +13,17 @@ from typing import Any, Iterator, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from study.config import (EXPERIMENTS, FIXED, OWN_PROMPTS, ExecutionConfig, ModelConfig, OverlapConfig, _Frozen,
-                          build)
-from study.errors import UsageError
-from study.models import check_model_name
+from study.core.errors import UsageError
+from study.core.frozen import Frozen, build
+from study.experiments.base import ModelConfig
+from study.experiments.registry import EXPERIMENTS, FIXED, OWN_PROMPTS
+from study.models.builtin import check_model_name
+from study.runtime.executor import ExecutionConfig
 
 DEFAULT_STUDY = "quickstart.yaml"  # in the packaged configs folder
 
 
-class ModelEntry(_Frozen):
+class ModelEntry(Frozen):
     """One model of a study: its role, the base it was fine-tuned from, and settings only it gets.
 
     `overrides` takes any section's keys (applied to every section that has the key) and section names
@@ -81,7 +83,7 @@ class ModelEntry(_Frozen):
 Section = dict[str, Any] | list[dict[str, Any]] | None  # one settings mapping, or several (one job set each)
 
 
-class Published(_Frozen):
+class Published(Frozen):
     """A number the paper reports, stated beside the experiment that measures it, so the report can set
     the measured value against it (METHOD.md section 7)."""
 
@@ -104,7 +106,7 @@ class Published(_Frozen):
         return v
 
 
-class StudyConfig(_Frozen):
+class StudyConfig(Frozen):
     """A YAML study spec for `headstudy run`: shared settings, models with their roles, the experiments.
 
     `models` (optional) runs every experiment on each listed model (one pool per model, concurrently; a
@@ -306,3 +308,10 @@ def load_study(path: str | os.PathLike[str] | None) -> StudyConfig:
     except UsageError as err:
         msg = str(err)
         raise UsageError(msg if msg.startswith(str(p)) else f"{p}: {msg}") from None
+
+
+
+class OverlapConfig(Frozen):
+    """How the analysis compares top-k head sets across models, datasets and operators."""
+
+    k: int = Field(default=10, ge=1)

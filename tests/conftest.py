@@ -15,7 +15,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def smollm():
-    from study.models import load_model
+    from study.models.loading import load_model
 
     return load_model("smollm2-135m-instruct")
 

@@ -15,7 +15,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def tiny_llama_folder(path: Path, seed: int = 0, layers: int = 3, heads: int = 4) -> Path:
     """A random 3-layer Llama (GQA) with SmolLM2's vocabulary and tokenizer, saved in float64 at `path`."""
-    from study.models import materialize_alias
+    from study.models.builtin import materialize_alias
 
     source = materialize_alias("smollm2-135m-instruct")
     torch.manual_seed(seed)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from study.heads import Head
+from study.core.heads import Head
 
 BOS, MARKER, REFUSE = 1, 14, 20
 NEUTRAL = list(range(2, 10))

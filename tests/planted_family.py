@@ -63,7 +63,7 @@ from pathlib import Path
 
 import torch
 
-from study.heads import Head
+from study.core.heads import Head
 
 SHARED = (Head(1, 0), Head(2, 1))
 OWN_A = Head(1, 3)
@@ -161,7 +161,7 @@ def _next_dims() -> dict[int, int]:
 
 
 def tokenizer_source() -> Path:
-    from study.models import materialize_alias
+    from study.models.builtin import materialize_alias
 
     return materialize_alias("smollm2-135m-instruct")
 
@@ -175,7 +175,7 @@ def tokenizer():
 
 def tokens() -> dict[str, object]:
     """Check the hard-coded token ids against the tokenizer; returns them named (for reports)."""
-    from study.prompts import encode
+    from study.prompts.formats import encode
 
     tok = tokenizer()
     for word, tid in zip(TRIGGER_WORDS, TRIGGER_IDS):
@@ -381,7 +381,7 @@ def family_folders(root: Path) -> dict[str, Path]:
 
 
 def write_prompt_files(root: Path) -> tuple[Path, Path]:
-    """`harmful.txt` and `benign.txt` (one prompt per line, as `study.prompts.load_prompts` reads) in `root`."""
+    """`harmful.txt` and `benign.txt` (one prompt per line, as `study.prompts.sets.load_prompts` reads) in `root`."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     harmful, benign = root / "harmful.txt", root / "benign.txt"

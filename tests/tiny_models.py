@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import torch
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GPTNeoXConfig,
-                          LlamaConfig, MistralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config)
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 VOCAB = 61
 
@@ -25,7 +37,7 @@ CONFIGS = {
 
 MHA = ("gemma", "gpt2", "gpt_neox")  # no GQA: undiff_k is defined per head
 
-# Families with a norm on q and k after the projections (study.architectures.QKNorm). Kept out of CONFIGS: their
+# Families with a norm on q and k after the projections (study.core.architectures.QKNorm). Kept out of CONFIGS: their
 # q/k operators have no weight edit, which the tests over CONFIGS compare the hooks with (tests/unit/test_qknorm.py
 # covers them). head_dim 12 differs from hidden / heads (8), as Qwen3's and Gemma3's real configs do.
 QK_NORM_CONFIGS = {

@@ -11,9 +11,22 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import PercentFormatter
 
 from analysis import style
-from analysis.figures._common import (MAX_PANELS, TARGETED, TARGETED_NAMES, Table, as_frame, chunks, groups,
-                                      int_ticks, numeric, one, op_text, revision, set_caption)
-from study.stats import wilson
+from analysis.figures._common import (
+    MAX_PANELS,
+    TARGETED,
+    TARGETED_NAMES,
+    Table,
+    as_frame,
+    chunks,
+    groups,
+    int_ticks,
+    numeric,
+    one,
+    op_text,
+    revision,
+    set_caption,
+)
+from study.core.stats import wilson
 
 __all__ = ["asr_curve_figure", "asr_curve_units"]
 

@@ -27,8 +27,9 @@ from analysis.figures.scatter import specificity_figure, specificity_units
 from analysis.figures.sets import overlap_figure, overlap_units
 from analysis.figures.swaps import swaps_figure, swaps_units
 from analysis.figures.utility import utility_figure, utility_units
-from study.errors import UsageError
-from study.store import read_manifest, read_table
+from study.core.errors import UsageError
+from study.core.files import atomic_path
+from study.runtime.store import read_manifest, read_table
 
 __all__ = ["FORMATS", "FigureRecord", "make_figures", "save"]
 
@@ -63,17 +64,12 @@ def save(fig: Figure, out_dir: str | os.PathLike[str], name: str, formats: Seque
     paths: dict[str, Path] = {}
     for fmt in formats:
         path = out / f"{stem}.{fmt}"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         meta = {"Date": None} if fmt == "svg" else None  # reproducible SVG files
-        try:
-            with style.context(), warnings.catch_warnings():
-                # text-heavy panels (the Venn's p-value lines) can outgrow constrained layout's grid; the tight
-                # bounding box below still fits everything, so its warning is noise on a user's terminal
-                warnings.filterwarnings("ignore", "constrained_layout not applied", UserWarning)
-                fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", facecolor="white", metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_path(path, durable=False) as tmp, style.context(), warnings.catch_warnings():
+            # text-heavy panels (the Venn's p-value lines) can outgrow constrained layout's grid; the tight
+            # bounding box below still fits everything, so its warning is noise on a user's terminal
+            warnings.filterwarnings("ignore", "constrained_layout not applied", UserWarning)
+            fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", facecolor="white", metadata=meta)
         paths[fmt] = path
     return paths
 

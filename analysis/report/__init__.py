@@ -26,6 +26,7 @@ from analysis.report._findings import findings
 from analysis.report._html import Html, esc, join, page
 from analysis.report._load import RunData, load_run
 from analysis.report._sections import experiment_sections
+from study.core.files import write_text_atomic
 
 __all__ = ["REPORT_NAME", "RunData", "load_run", "render_report", "write_report"]
 
@@ -75,11 +76,6 @@ def write_report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
     text = render_report(data, figures)
     path = _target(data.run_dir, out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, text, durable=False)
     log.info("report: wrote %s (%d figures, %.0f kB)", path, len(figures), path.stat().st_size / 1024)
     return path

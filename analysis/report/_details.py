@@ -10,7 +10,7 @@ from typing import Any
 from analysis.figures import FigureRecord
 from analysis.report._html import MISSING, Html, esc, num, para, section, table
 from analysis.report._load import RunData, table_files
-from study.store import MANIFEST, MANIFESTS_DIR
+from study.runtime.store import MANIFEST, MANIFESTS_DIR
 
 __all__ = ["details_section"]
 
@@ -86,7 +86,7 @@ def _files(data: RunData, figs: Sequence[FigureRecord]) -> list[Html]:
     run = str(data.run_dir)
     out.append(Html("<p>Each folder is a Parquet dataset, one file per model folder and condition; read any of "
                     f"them with <code>pandas.read_parquet({esc(repr(run + '/ships'))})</code> (or pyarrow.dataset, "
-                    "DuckDB, polars), or with the declared schema through <code>study.store.read_table("
+                    "DuckDB, polars), or with the declared schema through <code>study.runtime.store.read_table("
                     f"{esc(repr(run))}, 'ships')</code>. The manifest is <code>{esc(MANIFEST)}</code>.</p>"))
     if data.derived_here:
         out.append(para(f"Not in the folder, derived in memory for this report: {', '.join(data.derived_here)} "

@@ -16,9 +16,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from analysis import style
-from study.errors import UsageError
-from study.schema import TABLES
-from study.store import MANIFEST, read_manifest, read_manifests, read_table
+from study.core.errors import UsageError
+from study.runtime.schema import TABLES
+from study.runtime.store import MANIFEST, read_manifest, read_manifests, read_table
 
 __all__ = ["RunData", "load_run"]
 

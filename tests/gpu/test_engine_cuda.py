@@ -4,9 +4,9 @@ without CUDA; run on a lent GPU machine by bench/gpu_check.sh (with the GPU benc
 import pytest
 import torch
 
-from study.ablation import Ablation, Op
-from study.engine import ACCELERATOR_CACHE_SHARE, ACCELERATOR_TOKEN_BUDGET, ScanEngine, naive_scan
-from study.heads import Head, all_heads
+from study.core.ablation import Ablation, Op
+from study.core.engine import ACCELERATOR_CACHE_SHARE, ACCELERATOR_TOKEN_BUDGET, ScanEngine, naive_scan
+from study.core.heads import Head, all_heads
 from tests.tiny_models import random_prompts, tiny_model
 
 pytestmark = [pytest.mark.gpu,

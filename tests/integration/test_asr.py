@@ -7,13 +7,13 @@ import pandas as pd
 import pytest
 
 from study.cli import main
-from study.config import build
-from study.spec import StudyConfig
-from study.generation import sample_seed
-from study.judges import get_judge
+from study.core.frozen import build
+from study.core.stats import mcnemar_exact, wilson
+from study.generation.decoding import sample_seed
+from study.generation.judges.registry import get_judge
 from study.runner import run_study
-from study.stats import mcnemar_exact, wilson
-from study.store import read_table
+from study.runtime.store import read_table
+from study.spec import StudyConfig
 from tests.model_folders import tiny_llama_folder
 
 NEW = 6  # new tokens: the tiny model's text is noise, the plumbing is what is tested
@@ -109,7 +109,7 @@ def test_query_level_from_a_run_folder_uses_each_prompts_top_heads(tiny, tmp_pat
     verdicts = read_table(out, "verdicts").to_pandas()
     assert len(verdicts) == len(gens)
     # the heads each prompt really got: the generation shards' rows carry the per-prompt ablation
-    from study.store import ShardStore
+    from study.runtime.store import ShardStore
 
     store = ShardStore(out)
     got: dict[str, set[str]] = {}
@@ -158,9 +158,9 @@ def test_from_run_without_the_table(tiny, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_llm_judge_runs_the_rubric_on_the_judge_model(tiny, tmp_path):
-    from study.llm_judge import parse_answer, rubric
-    from study.prompts import prompt_id
-    from study.store import ShardStore
+    from study.generation.judges.llm import parse_answer, rubric
+    from study.prompts.sets import prompt_id
+    from study.runtime.store import ShardStore
 
     out = tmp_path / "run"
     spec = study(tiny, out, dict(heads="L1H2", benign="none", judges=["refusal", "llm:smollm2-135m-instruct"]))

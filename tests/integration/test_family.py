@@ -8,10 +8,11 @@ import shutil
 import pytest
 import torch
 
-from study.errors import UsageError
-from study.family import ADAPTER_FILE, FAMILY, member_folder, read_adapter, read_card
-from study.family_data import eval_sets
-from study.family_eval import SETTINGS, refusal_rate
+from study.core.errors import UsageError
+from study.family.data import eval_sets
+from study.family.eval import SETTINGS, refusal_rate
+from study.models.adapters import read_adapter
+from study.models.builtin import ADAPTER_FILE, FAMILY, member_folder, read_card
 
 MAIN = "smollm2-135m-safe"
 
@@ -37,8 +38,9 @@ def test_every_member_ships_an_adapter_and_a_card():
 def test_first_use_merges_into_the_cache_then_loads_the_cached_folder(cache):
     from safetensors.torch import load_file
 
-    from study.family import lora_delta
-    from study.models import load_model, materialize_alias, model_source
+    from study.models.adapters import lora_delta
+    from study.models.builtin import materialize_alias
+    from study.models.loading import load_model, model_source
 
     folder = model_source(MAIN)
     assert folder.startswith(str(cache)) and MAIN in folder
@@ -54,7 +56,7 @@ def test_first_use_merges_into_the_cache_then_loads_the_cached_folder(cache):
 
 
 def test_a_damaged_cache_entry_is_rebuilt(cache):
-    from study.models import model_source
+    from study.models.loading import model_source
 
     folder = model_source(MAIN)
     weights = f"{folder}/model.safetensors"
@@ -67,7 +69,7 @@ def test_a_damaged_cache_entry_is_rebuilt(cache):
 
 
 def test_a_damaged_adapter_names_its_file_and_writes_nothing(cache, tmp_path, monkeypatch):
-    import study.family as family
+    import study.models.builtin as family
     from study.cli import main
 
     copy = tmp_path / "family"
@@ -84,7 +86,7 @@ def test_a_damaged_adapter_names_its_file_and_writes_nothing(cache, tmp_path, mo
 
 def test_models_lists_the_family_with_base_recipe_size_and_cache_state(cache, capsys):
     from study.cli import main
-    from study.models import model_source
+    from study.models.loading import model_source
 
     model_source(MAIN)
     assert main(["models"]) == 0
@@ -99,7 +101,7 @@ def test_models_lists_the_family_with_base_recipe_size_and_cache_state(cache, ca
 @pytest.mark.parametrize("name", list(FAMILY))
 def test_refusal_figures_hold_against_the_card(name, shared_data):
     """A small held-out sample per set, no system prompt: within the card's figure on the same prompts."""
-    from study.models import load_model
+    from study.models.loading import load_model
 
     card = read_card(name)
     check = card["eval"]["check"]
@@ -116,7 +118,7 @@ def test_ships_runs_on_the_base_and_the_main_fine_tune_in_one_study(cache, tmp_p
     import json
 
     from study.cli import main
-    from study.store import read_table
+    from study.runtime.store import read_table
 
     spec = tmp_path / "s.yaml"
     spec.write_text("models: [smollm2-135m-instruct, smollm2-135m-safe]\n"
@@ -141,7 +143,7 @@ def test_vllm_serves_the_merged_fine_tune_like_transformers(cache, tmp_path):
     import pandas as pd
 
     from study.cli import main
-    from study.store import read_table
+    from study.runtime.store import read_table
 
     common = ["asr", "--model", MAIN, "--heads", "L18H8", "--random-controls", "0", "--limit", "3", "--format",
               "chat", "--max-new-tokens", "16", "--benign", "none", "--executor", "local", "--cpus-per-actor", "1"]

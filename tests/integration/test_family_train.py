@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from study.family_data import Splits, build_splits
-from study.family_train import Recipe, save_adapter, train
+from study.family.data import Splits, build_splits
+from study.family.train import Recipe, save_adapter, train
 
 pytestmark = pytest.mark.slow
 
@@ -21,8 +21,9 @@ def _small(data_dir, seed):
 
 
 def test_training_is_deterministic_given_the_seed_and_ships_a_loadable_adapter(shared_data, tmp_path):
-    from study.family import read_adapter, write_merged
-    from study.models import load_model, materialize_alias
+    from study.models.adapters import read_adapter, write_merged
+    from study.models.builtin import materialize_alias
+    from study.models.loading import load_model
 
     recipe = Recipe(steps=3, eval_every=3, harmful_per_batch=2, harmless_per_batch=2, answer_tokens=12)
     splits = _small(shared_data, 0)

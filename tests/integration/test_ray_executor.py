@@ -7,11 +7,10 @@ import pytest
 import ray
 
 from actors.ray_executor import RayExecutor
-from study.config import ExecutionConfig
-from study.executor import LocalExecutor, execute
-from study.jobs import ShipsJob
+from study.experiments.ships import ShipsJob
 from study.runner import plan_study, run_study
-from study.store import read_table
+from study.runtime.executor import ExecutionConfig, LocalExecutor, execute
+from study.runtime.store import read_table
 from tests.integration.test_runner import assert_same_tables, spec
 from tests.model_folders import tiny_llama_folder
 

@@ -8,9 +8,10 @@ import pytest
 import ray
 
 from actors.ray_executor import RayExecutor
-from study.config import ExecutionConfig, build
-from study.spec import StudyConfig
+from study.core.frozen import build
 from study.runner import run_study
+from study.runtime.executor import ExecutionConfig
+from study.spec import StudyConfig
 from tests.integration.test_runner import assert_same_tables, spec
 from tests.model_folders import tiny_llama_folder
 

@@ -13,17 +13,19 @@ import pandas as pd
 import pytest
 import torch
 
-from study.ablation import Ablation
-from study.config import SubspaceSpec, build
-from study.spec import StudyConfig
-from study.engine import naive_scan
-from study.executor import LocalExecutor
-from study.heads import all_heads
-from study.models import load_model
-from study.prompts import PromptFormat, encode_all, load_prompts
+from study.core.ablation import Ablation
+from study.core.engine import naive_scan
+from study.core.frozen import build
+from study.core.heads import all_heads
+from study.core.scores import generalized_ships
+from study.core.subspace import SubspaceSpec
+from study.models.loading import load_model
+from study.prompts.formats import PromptFormat, encode_all
+from study.prompts.sets import load_prompts
 from study.runner import run_study
-from study.scores import generalized_ships
-from study.store import ShardStore, read_table
+from study.runtime.executor import LocalExecutor
+from study.runtime.store import ShardStore, read_table
+from study.spec import StudyConfig
 from tests.model_folders import tiny_llama_folder
 
 pytestmark = pytest.mark.slow  # builds model folders with the embedded tokenizer
@@ -167,8 +169,8 @@ def test_tables_read_back_with_pandas_pyarrow_and_duckdb(tiny, tmp_path):
 
 def test_surgery_through_the_runner_saves_a_checkpoint_equal_to_hook_ablation(tiny, tmp_path, capsys):
     from study.cli import main
-    from study.heads import parse_heads
-    from study.interventions import ablated
+    from study.core.heads import parse_heads
+    from study.core.interventions import ablated
 
     ckpt = tmp_path / "ckpt"
     assert main(["surgery", "--model", tiny, "--heads", "L2H1,L0H3", "--dtype", "float64", "--out", str(ckpt)]) == 0

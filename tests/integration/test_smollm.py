@@ -7,21 +7,23 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from study.ablation import Ablation
 from study.cli import main
-from study.engine import ScanEngine, naive_scan
-from study.family_eval import SAFETY_SYSTEM_PROMPT
-from study.passes import shared_prefix_len
-from study.heads import all_heads
-from study.prompts import PromptFormat, encode_all, load_prompts
-from study.store import read_table
+from study.core.ablation import Ablation
+from study.core.engine import ScanEngine, naive_scan
+from study.core.heads import all_heads
+from study.core.passes import shared_prefix_len
+from study.family.eval import SAFETY_SYSTEM_PROMPT
+from study.prompts.formats import PromptFormat, encode_all
+from study.prompts.sets import load_prompts
+from study.runtime.store import read_table
 
 pytestmark = pytest.mark.slow
 
 
 def test_alias_shape_is_the_models_own(smollm):
     """Plans use the alias's recorded shape; it must be the converted model's, from the object and the file."""
-    from study.models import ALIASES, ModelShape, materialize_alias
+    from study.core.shape import ModelShape
+    from study.models.builtin import ALIASES, materialize_alias
 
     recorded = ALIASES["smollm2-135m-instruct"].shape
     assert ModelShape.from_config(smollm.model.config) == recorded

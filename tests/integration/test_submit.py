@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from study.cli import main
-from study.store import read_table
+from study.runtime.store import read_table
 
 pytestmark = pytest.mark.slow
 

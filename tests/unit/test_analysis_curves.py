@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from analysis.curves import asr_curve_table
-from study.schema import ASR_CURVE, make_table
+from study.runtime.schema import ASR_CURVE, make_table
 
 
 def asr_row(condition: str, group_size: int, harmful: int, *, draw: int = 0, n: int = 10, refused: int = 0,

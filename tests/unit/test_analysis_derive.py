@@ -13,8 +13,8 @@ import pyarrow as pa
 import pytest
 
 from analysis.derive import benign_datasets_of, derive
-from study.schema import TABLES, make_table
-from study.store import ACROSS_MODELS, RunWriter, read_table
+from study.runtime.schema import TABLES, make_table
+from study.runtime.store import ACROSS_MODELS, RunWriter, read_table
 
 MODELS = ["org/model-a", "org/model-b"]
 HEADS = ["L0H0", "L0H1", "L1H0", "L1H1"]

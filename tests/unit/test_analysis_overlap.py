@@ -17,7 +17,7 @@ from analysis.overlap import (
     overlap_table,
     top_heads,
 )
-from study.schema import OVERLAP, make_table
+from study.runtime.schema import OVERLAP, make_table
 
 
 def _ranking(model: str, top: list[str], *, dataset: str = "harm", op: str = "undiff_q", eps: float = 1e-5,

@@ -8,7 +8,7 @@ import pytest
 
 from analysis.rankings import rankings_table
 from analysis.specificity import specificity_table
-from study.schema import RANKINGS, make_table
+from study.runtime.schema import RANKINGS, make_table
 from tests.analysis_rows import HARM, HEADS, ships_rows
 
 

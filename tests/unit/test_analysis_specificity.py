@@ -7,9 +7,8 @@ import math
 import pytest
 
 from analysis.specificity import specificity_score, specificity_table
-from study.schema import SPECIFICITY, make_table
+from study.runtime.schema import SPECIFICITY, make_table
 from tests.analysis_rows import HARM, HEADS, ships_rows
-
 
 BEN = {"b1": [0.125, 0.0, 0.5625, 0.0], "b2": [0.125, 0.0, 0.5625, 0.0]}
 # harmful means: L0H0 .5, L0H1 .4375, L1H0 .5625, L1H1 .3125; benign means: .125, 0, .5625, 0

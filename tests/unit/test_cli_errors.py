@@ -110,8 +110,8 @@ def test_vllm_backend_refuses_a_family_it_cannot_ablate_before_any_work(tmp_path
 
     from transformers import Qwen3Config
 
-    from study.generation import VLLM_MODEL_TYPES, check_vllm_model
-    from study.models import model_shape
+    from study.generation.backends import VLLM_MODEL_TYPES, check_vllm_model
+    from study.models.loading import model_shape
 
     folder = tmp_path / "qwen3-config-only"
     Qwen3Config(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -131,6 +131,6 @@ def test_vllm_backend_refuses_a_family_it_cannot_ablate_before_any_work(tmp_path
 def test_vllm_model_types_are_the_vllm_edit_table():
     """`study` names the model types vLLM can edit as data (it never imports actors); they are that table's keys."""
     from actors.vllm_ext import VLLM_ARCHITECTURES
-    from study.generation import VLLM_MODEL_TYPES
+    from study.generation.backends import VLLM_MODEL_TYPES
 
     assert sorted(VLLM_ARCHITECTURES) == sorted(VLLM_MODEL_TYPES)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from study.ablation import Ablation, Op
-from study.engine import ScanEngine, naive_scan
-from study.heads import Head, all_heads
+from study.core.ablation import Ablation, Op
+from study.core.engine import ScanEngine, naive_scan
+from study.core.heads import Head, all_heads
 from tests.planted import PLANTED, harmful_prompts, planted_model
 from tests.tiny_models import CONFIGS, MHA, QK_NORM_CONFIGS, random_prompts, tiny_model
 
@@ -164,7 +164,7 @@ def test_packed_rows_with_base_ablation_equal_naive(arch):
 
 
 def test_pack_rows_balances_rows_and_places_every_prompt_once():
-    from study.passes import pack_rows
+    from study.core.passes import pack_rows
 
     lengths = [25, 20, 19, 19, 19, 19, 15, 14]  # SmolLM2's chat suffixes of 8 AdvBench prompts
     assert pack_rows(lengths, 256) == [[0, 1, 2, 3, 4, 5, 6, 7]]
@@ -176,7 +176,7 @@ def test_pack_rows_balances_rows_and_places_every_prompt_once():
 
 
 def test_shared_prefix_len():
-    from study.passes import shared_prefix_len
+    from study.core.passes import shared_prefix_len
 
     assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
     assert shared_prefix_len([[1, 2, 3], [1, 2, 3, 4]]) == 2  # every prompt keeps a token of its own
@@ -194,7 +194,7 @@ def test_planted_head_has_the_largest_kl():
 
 
 def test_token_budget_defaults_by_device() -> None:
-    from study.engine import CPU_TOKEN_BUDGET, default_token_budget
+    from study.core.engine import CPU_TOKEN_BUDGET, default_token_budget
 
     model = tiny_model("llama")
     assert ScanEngine(model, 0).token_budget == CPU_TOKEN_BUDGET == default_token_budget("cpu")
@@ -212,8 +212,10 @@ def test_cache_budget_bounds_prompt_groups_and_outputs_on_request():
     one = ScanEngine(model, pad_id=0, token_budget=10_000, cache_bytes=wide.group_bytes(1, 6))
     assert len(wide._groups(prompts)) == 1 and len(one._groups(prompts)) == 4
     assert wide.group_bytes(2, 6) == 2 * wide.group_bytes(1, 6) > 4 * 6 * 32 * 8  # (layers + 1) x width x d
-    a = wide.scan(prompts, ablations, hidden=False, progress=True)  # a bar on stderr, same values
+    done: list[int] = []
+    a = wide.scan(prompts, ablations, hidden=False, progress=done.append)  # rows reported, same values
     b = one.scan(prompts, ablations, hidden=False)
+    assert sum(done) == len(ablations) * len(prompts)
     assert a.hidden is None and b.hidden is None
     torch.testing.assert_close(a.kl, b.kl, atol=1e-12, rtol=0)
     h = one.scan(prompts, ablations, kl=False)
@@ -225,7 +227,7 @@ def test_cache_budget_bounds_prompt_groups_and_outputs_on_request():
 def test_kept_base_passes_serve_later_scans_and_stay_within_the_cache(monkeypatch):
     """`keep_bases`: shards of one prompt block (and Sahara's candidate blocks over one group) reuse the group's
     base pass and the normal reference instead of running them again; the values are those of a fresh engine."""
-    from study import passes
+    from study.core import passes
 
     model = tiny_model("llama")
     prompts = random_prompts(5, lo=3, hi=9, seed=7)
@@ -262,7 +264,7 @@ def test_kept_base_passes_serve_later_scans_and_stay_within_the_cache(monkeypatc
 def test_packing_with_eager_attention_and_only_where_the_mask_can_say_it():
     """Eager attention takes the packed mask as an additive float mask: still equal to naive. An attention
     implementation whose mask transformers does not build from a mask function (flash) gets a row per prompt."""
-    from study.passes import BasePass, takes_packed_rows
+    from study.core.passes import BasePass, takes_packed_rows
 
     model = tiny_model("llama", attn="eager")
     prompts = random_prompts(6, lo=2, hi=9, seed=8)

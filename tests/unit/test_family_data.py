@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import csv
 
-from study.family_data import NEVER_TRAIN, advbench_half, build_splits, eval_sets, norm, refusal_for, refusals
-from study.judges import get_judge
-from study.prompts import load_prompts
+from study.family.data import NEVER_TRAIN, advbench_half, build_splits, eval_sets, norm, refusal_for, refusals
+from study.generation.judges.registry import get_judge
+from study.prompts.sets import load_prompts
 
 
 def test_training_prompts_are_disjoint_from_every_evaluation_set(shared_data):

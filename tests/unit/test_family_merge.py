@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from study import model_cache
-from study.errors import UsageError
-from study.family import FORMAT, read_adapter, write_merged
+from study.core.errors import UsageError
+from study.models import cache as model_cache
+from study.models.adapters import FORMAT, read_adapter, write_merged
 from tests.model_folders import tiny_llama_folder
 
 TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")

@@ -41,9 +41,9 @@ from analysis.overlap import overlap_table  # noqa: E402
 from analysis.rankings import rankings_table  # noqa: E402
 from analysis.specificity import specificity_table  # noqa: E402
 from analysis.style import fmt_p, model_labels  # noqa: E402
-from study.schema import make_table  # noqa: E402
-from study.stats import wilson  # noqa: E402
-from study.store import RunWriter  # noqa: E402
+from study.core.stats import wilson  # noqa: E402
+from study.runtime.schema import make_table  # noqa: E402
+from study.runtime.store import RunWriter  # noqa: E402
 
 LAYERS, HEADS = 2, 4
 LABELS = [f"L{i // HEADS}H{i % HEADS}" for i in range(LAYERS * HEADS)]

@@ -7,11 +7,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from study.ablation import Ablation, Op
-from study.errors import UsageError
-from study.generation import HFGenerator, parse_decoding, sample_seed
-from study.heads import all_heads, parse_heads
-from study.interventions import weights_edited
+from study.core.ablation import Ablation, Op
+from study.core.errors import UsageError
+from study.core.heads import all_heads, parse_heads
+from study.core.interventions import weights_edited
+from study.generation.decoding import parse_decoding, sample_seed
+from study.generation.hf import HFGenerator
 from tests.tiny_models import random_prompts, tiny_model
 
 PAD = 0

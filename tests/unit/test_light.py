@@ -33,7 +33,7 @@ def test_plan_and_validation_import_no_heavy_module(tmp_path):
     (folder / "config.json").write_text(json.dumps(dict(model_type="gpt2", n_layer=2, n_head=3, n_embd=12)))
     proc = run_blocked(f"""
         from study.cli import main
-        from study.config import build
+        from study.core.frozen import build
         from study.spec import StudyConfig
         from study.runner import plan_study
         assert main(["plan"]) == 0                      # the built-in quickstart, from another directory
@@ -66,10 +66,11 @@ def test_plan_and_validation_import_no_heavy_module(tmp_path):
 
 
 def test_shard_ids_are_stable_and_cover_what_changes_a_value():
-    from study.ablation import Ablation, Op
-    from study.heads import Head
-    from study.prompts import PromptFormat, load_prompts
-    from study.shards import ModelRef, PromptBlock, Shard
+    from study.core.ablation import Ablation, Op
+    from study.core.heads import Head
+    from study.prompts.formats import PromptFormat
+    from study.prompts.sets import load_prompts
+    from study.runtime.shards import ModelRef, PromptBlock, Shard
 
     prompts = load_prompts("builtin:harmful", limit=2)
     block = PromptBlock.of(prompts, PromptFormat.PAPER, None)
@@ -96,9 +97,9 @@ def test_shard_ids_are_stable_and_cover_what_changes_a_value():
     ({"defaults": {"limit": 2}}, "runs nothing"),
 ])
 def test_bad_study_specs(spec, needle):
-    from study.config import build
+    from study.core.errors import UsageError
+    from study.core.frozen import build
     from study.spec import StudyConfig
-    from study.errors import UsageError
 
     with pytest.raises(UsageError, match=needle):
         build(StudyConfig, spec)

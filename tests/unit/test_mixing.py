@@ -1,16 +1,15 @@
-"""Base-weight swaps in memory (study.mixing) against slices written out by hand, on tiny models."""
+"""Base-weight swaps in memory (study.models.mixing) against slices written out by hand, on tiny models."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from study.errors import UsageError
-from study.heads import Head
-from study.mixing import check_pair, mix
-from study.swap import Recipe, Swap
+from study.core.errors import UsageError
+from study.core.heads import Head
+from study.models.mixing import check_pair, mix
+from study.models.recipes import Recipe, Swap
 from tests.tiny_models import CONFIGS, tiny_model
-
 
 ATTN = ("self_attn", "attn", "attention")  # the attention module's name in each covered architecture
 
@@ -136,8 +135,8 @@ def test_a_swap_with_another_vocabulary_is_refused_from_the_configs(tmp_path):
     """The swap job compares the two configs (no weights): a different vocabulary is one line, before any work."""
     from transformers import LlamaConfig
 
-    from study.config import SwapConfig, build
-    from study.swap_job import SwapJob
+    from study.core.frozen import build
+    from study.experiments.swap import SwapConfig, SwapJob
 
     common = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2)

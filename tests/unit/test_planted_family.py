@@ -9,9 +9,10 @@ import os
 import pytest
 import torch
 
-from study.heads import Head, all_heads
-from study.judges import get_judge
-from study.prompts import encode, load_prompts
+from study.core.heads import Head, all_heads
+from study.generation.judges.registry import get_judge
+from study.prompts.formats import encode
+from study.prompts.sets import load_prompts
 from tests import planted_family as pf
 
 EPS = 1e-5  # the Ships eps of undiff_q

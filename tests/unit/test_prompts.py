@@ -9,19 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from study.errors import UsageError
-from study.prompts import (
-    KNOWN_SETS,
-    Prompt,
-    PromptFormat,
-    PromptSet,
-    encode,
-    encode_all,
-    load_prompts,
-    parse_format,
-    prompt_id,
-    render,
-)
+from study.core.errors import UsageError
+from study.prompts.formats import PromptFormat, encode, encode_all, parse_format, render
+from study.prompts.sets import KNOWN_SETS, Prompt, PromptSet, load_prompts, prompt_id
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 

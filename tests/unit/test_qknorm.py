@@ -8,17 +8,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from study.ablation import Ablation, Op, Site
-from study.architectures import Arch, arch_for, weight_view
-from study.engine import ScanEngine, naive_scan
-from study.errors import UsageError
-from study.generation import HFGenerator, parse_decoding
-from study.heads import Head, all_heads
-from study.interventions import ablated, weights_edited
-from study.mixing import mix
-from study.models import ModelShape
-from study.surgery import save_ablated
-from study.swap import Recipe
+from study.core.ablation import Ablation, Op, Site
+from study.core.architectures import Arch, arch_for, weight_view
+from study.core.engine import ScanEngine, naive_scan
+from study.core.errors import UsageError
+from study.core.heads import Head, all_heads
+from study.core.interventions import ablated, weights_edited
+from study.core.shape import ModelShape
+from study.generation.decoding import parse_decoding
+from study.generation.hf import HFGenerator
+from study.models.mixing import mix
+from study.models.recipes import Recipe
+from study.models.surgery import save_ablated
 from tests.tiny_models import QK_NORM_CONFIGS, random_prompts, tiny_model
 
 QK = sorted(QK_NORM_CONFIGS)

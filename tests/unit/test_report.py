@@ -22,10 +22,10 @@ matplotlib.use("Agg")
 import pytest  # noqa: E402
 
 from analysis.report import write_report  # noqa: E402
-from study.errors import UsageError  # noqa: E402
-from study.schema import make_table  # noqa: E402
-from study.stats import wilson  # noqa: E402
-from study.store import RunWriter  # noqa: E402
+from study.core.errors import UsageError  # noqa: E402
+from study.core.stats import wilson  # noqa: E402
+from study.runtime.schema import make_table  # noqa: E402
+from study.runtime.store import RunWriter  # noqa: E402
 
 LAYERS, HEADS = 2, 4
 LABELS = [f"L{i // HEADS}H{i % HEADS}" for i in range(LAYERS * HEADS)]

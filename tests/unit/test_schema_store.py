@@ -10,10 +10,10 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from study import schema
-from study.errors import UsageError
-from study.schema import TABLES, make_table
-from study.store import (
+from study.core.errors import UsageError
+from study.runtime import schema
+from study.runtime.schema import TABLES, make_table
+from study.runtime.store import (
     RunWriter,
     config_hash,
     model_slug,
@@ -118,7 +118,7 @@ def test_table_registry_and_types() -> None:
 def test_schema_module_does_not_import_torch() -> None:
     import subprocess
 
-    code = "import sys, study.schema; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, study.runtime.schema; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

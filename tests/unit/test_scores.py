@@ -10,8 +10,8 @@ import scipy.linalg
 import torch
 from pydantic import ValidationError
 
-from study.errors import UsageError
-from study.scores import (
+from study.core.errors import UsageError
+from study.core.scores import (
     SubspaceSpec,
     generalized_ships,
     generalized_ships_batch,
@@ -287,7 +287,7 @@ def test_generalized_ships_shape_mismatch() -> None:
 def test_rank_desc() -> None:
     import numpy as np
 
-    from study.ranking import rank_desc
+    from study.core.ranking import rank_desc
 
     v = np.array([0.1, 3.0, 2.0, 3.0, -1.0])
     assert rank_desc(v).tolist() == [4, 1, 3, 2, 5]

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from study.ablation import Ablation
-from study.engine import ScanEngine, naive_scan
-from study.heads import all_heads
-from study.screening import candidates, screen_copy, screened_scan, top_agreement
+from study.core.ablation import Ablation
+from study.core.engine import ScanEngine, naive_scan
+from study.core.heads import all_heads
+from study.core.screening import candidates, screen_copy, screened_scan, top_agreement
 from tests.planted import PLANTED, harmful_prompts, planted_model
 from tests.tiny_models import random_prompts, tiny_model
 

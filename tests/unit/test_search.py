@@ -5,13 +5,13 @@ import itertools
 import pytest
 import torch
 
-from study.ablation import Ablation
-from study.engine import ScanEngine, naive_scan
-from study.heads import Head, all_heads
-from study.worker import GeneralizedShipsScorer
-from study.config import SubspaceSpec
-from study.scores import generalized_ships
-from study.search import final_group, sahara
+from study.core.ablation import Ablation
+from study.core.engine import ScanEngine, naive_scan
+from study.core.heads import Head, all_heads
+from study.core.scores import generalized_ships
+from study.core.search import final_group, sahara
+from study.core.subspace import SubspaceSpec
+from study.runtime.worker import GeneralizedShipsScorer
 from tests.planted import GROUP, benign_prompts, harmful_prompts, planted_group_model
 from tests.tiny_models import random_prompts, tiny_model
 
@@ -91,7 +91,7 @@ def test_sahara_recovers_planted_group():
 
 
 def test_a_screened_step_picks_among_exact_scores():
-    from study.search import GreedySearch
+    from study.core.search import GreedySearch
 
     heads = all_heads(2, 2)
     search = GreedySearch(heads, 1)

@@ -5,7 +5,7 @@ import math
 import pytest
 from scipy import stats as sps
 
-from study.stats import mcnemar_exact, wilson
+from study.core.stats import mcnemar_exact, wilson
 
 
 @pytest.mark.parametrize("k,n", [(0, 10), (10, 10), (3, 10), (32, 100), (1, 1), (50, 100)])

@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 
+from study.core.errors import UsageError
 from study.spec import load_study
-from study.errors import UsageError
 
 
 def _spec(tmp_path, text: str, name: str = "study.yaml"):

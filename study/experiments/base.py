@@ -1,0 +1,274 @@
+"""What every experiment shares: the configs of a model, an ablation, a scan and a generation, and `Job`,
+one experiment on one model as a state machine the runner advances (plan, shards, absorb results, tables).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import pyarrow as pa
+from pydantic import Field, field_validator, model_validator
+
+from study import __version__
+from study.core.ablation import DEFAULT_OP, SCORING_EPS, Ablation, Op, check_eps, parse_op
+from study.core.dtypes import SCREEN_DTYPES, check_dtype
+from study.core.errors import UsageError
+from study.core.frozen import Frozen
+from study.core.heads import Head, all_heads, parse_heads
+from study.core.shape import ModelShape
+from study.generation.backends import VLLM_OPS, check_backend
+from study.generation.decoding import DEFAULT_MAX_NEW_TOKENS, Decoding, parse_decoding
+from study.generation.judges.base import LLM_PREFIX
+from study.generation.judges.registry import get_judge, is_llm_judge
+from study.models.builtin import DEFAULT_MODEL, check_model_name, model_id, training_ids
+from study.models.loading import check_device, model_fingerprint, model_shape
+from study.prompts.formats import PromptFormat, check_system_prompt, parse_format
+from study.prompts.sets import PromptSet, load_prompts
+from study.runtime.executor import Outcome, WorkerOptions
+from study.runtime.shards import ModelRef, PromptBlock, Shard
+
+log = logging.getLogger(__name__)
+
+
+class ModelConfig(Frozen):
+    """Which model, and how a worker loads it."""
+
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    device: str = "auto"  # cuda where the worker holds a GPU, else cpu
+    dtype: str = "float32"
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        return check_dtype(v)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return check_device(v)
+
+
+class AblatingConfig(ModelConfig):
+    """A model and one operator with its eps (checked together)."""
+
+    op: Op = DEFAULT_OP
+    eps: float = SCORING_EPS
+
+    @field_validator("op", mode="before")
+    @classmethod
+    def _op(cls, v: Any) -> Op:
+        return v if isinstance(v, Op) else parse_op(str(v))
+
+    @model_validator(mode="after")
+    def _eps(self) -> "AblatingConfig":
+        check_eps(self.op, self.eps)
+        return self
+
+
+class ScanConfig(AblatingConfig):
+    """What every attribution shares: the model, the prompts, how they are formatted, the operator."""
+
+    prompts: str = "builtin:harmful"
+    limit: int | None = Field(default=None, ge=1)
+    format: PromptFormat = PromptFormat.PAPER
+    system_prompt: str | None = None
+    data_dir: str | None = None
+    token_budget: int | None = Field(default=None, ge=1)  # None: the engine's default for the device
+    shard_heads: int = Field(default=32, ge=1)  # ablations per shard (the unit of work, retry and resume)
+    shard_prompts: int = Field(default=16, ge=1)  # prompts per Ships shard
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _format(cls, v: Any) -> PromptFormat:
+        return parse_format(v)
+
+    @model_validator(mode="after")
+    def _system(self) -> "ScanConfig":
+        check_system_prompt(self.format, self.system_prompt)
+        return self
+
+
+class ScreenedScanConfig(ScanConfig):
+    """A scan that may screen: every head scored on a low-precision copy first, then the top `verify_top`
+    candidates (Ships: of each prompt; Sahara: of each step) re-scored at the model's own dtype (the tables'
+    `exact` column says which scores are)."""
+
+    screen: Literal["bf16", "fp16"] | None = None
+    verify_top: int = Field(default=20, ge=1)
+
+
+class GeneratingConfig(ScanConfig):
+    """What every experiment that generates and judges shares: decoding, judges and the over-refusal set."""
+
+    backend: str = "hf"
+    decoding: str = "greedy"
+    max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1)
+    samples: int = Field(default=1, ge=1)
+    seed: int = 0
+    judges: list[str] = Field(default_factory=lambda: ["paper"], min_length=1)  # the first is the headline
+    benign: str | None = "builtin:benign"  # over-refusal set, the same ablations (none: skip)
+    benign_limit: int | None = Field(default=None, ge=1)  # default: `limit`
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        return check_backend(v)
+
+    @field_validator("benign", mode="before")
+    @classmethod
+    def _benign(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and v.strip().lower() == "none" else v
+
+    @field_validator("judges", mode="before")
+    @classmethod
+    def _judges(cls, v: Any) -> list[str]:
+        names = [j.strip() for j in v.split(",")] if isinstance(v, str) else list(v)
+        for name in names:
+            get_judge(name)  # a UsageError naming the valid judges, or an llm: judge without a model
+            if is_llm_judge(name):
+                check_model_name(name[len(LLM_PREFIX):].strip())
+        return names
+
+    @model_validator(mode="after")
+    def _decoding(self) -> "GeneratingConfig":
+        parse_decoding(self.decoding, max_new_tokens=self.max_new_tokens, samples=self.samples, seed=self.seed)
+        if self.backend == "vllm" and self.op.value not in VLLM_OPS:
+            raise UsageError(f"operator {self.op.value} has no vLLM weight edit: use {' or '.join(VLLM_OPS)} "
+                             f"with --backend vllm, or --backend hf")
+        return self
+
+    @property
+    def decoding_spec(self) -> Decoding:
+        return parse_decoding(self.decoding, max_new_tokens=self.max_new_tokens, samples=self.samples,
+                              seed=self.seed)
+
+
+def _head_labels(v: str | None) -> str | None:
+    return None if v is None else ",".join(h.label for h in parse_heads(v))
+
+
+class Job(ABC):
+    """One experiment on one model: validated and planned without loading the model."""
+
+    experiment: str
+
+    def __init__(self, cfg: ModelConfig, out: Path) -> None:
+        check_model_name(cfg.model)
+        self.cfg = cfg
+        self.shape: ModelShape = model_shape(cfg.model, cfg.revision)
+        self.model = ModelRef(name=cfg.model, revision=cfg.revision, dtype=cfg.dtype)
+
+    @property
+    def round_label(self) -> str:
+        """What the progress bar calls this job's current round."""
+        return self.experiment
+
+    @property
+    @abstractmethod
+    def done(self) -> bool:
+        """True when no shard round is left."""
+
+    def link(self, jobs: Sequence["Job"]) -> None:
+        """Find the jobs of this study whose results this one needs (its heads' source); most need none."""
+
+    def pending(self) -> list[Shard]:
+        """The shards of the next round (empty when done)."""
+        return []
+
+    def absorb(self, outcome: Outcome) -> None:
+        """Take the results of this round's shards."""
+
+    def finish(self) -> None:
+        """Work done after the rounds, in the driver (a checkpoint to save)."""
+
+    def tables(self, run_id: str) -> dict[str, pa.Table]:
+        return {}
+
+    @property
+    def part(self) -> str:
+        """The file name stem of this job's rows in each table: a rerun of the same condition replaces them,
+        another condition (dataset, operator, format...) of the same experiment and model adds its own."""
+        return self.experiment
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+    def record(self) -> dict[str, Any]:
+        """What the manifest says about this job's inputs."""
+        return {"model_fingerprint": model_fingerprint(self.cfg.model, self.cfg.revision)}
+
+
+class ScanJob(Job):
+    """A job that scores ablations on a prompt set, in shards."""
+
+    cfg: ScanConfig
+
+    def __init__(self, cfg: ScanConfig, out: Path) -> None:
+        super().__init__(cfg, out)
+        self.prompts: PromptSet = load_prompts(cfg.prompts, data_dir=cfg.data_dir, limit=cfg.limit)
+        self.options = WorkerOptions(device=cfg.device, token_budget=cfg.token_budget)
+        self.heads: list[Head] = all_heads(self.shape.n_layers, self.shape.n_heads)
+        trained = training_ids(cfg.model)
+        self.trained_on = sum(p.id in trained for p in self.prompts)
+        if self.trained_on:
+            log.warning("%d of the %d prompts of %s trained %s (its card lists them): scores on them are not "
+                        "held out", self.trained_on, len(self.prompts), self.prompts.name, cfg.model)
+
+    def block(self, index: slice = slice(None)) -> PromptBlock:
+        return PromptBlock.of(self.prompts, self.cfg.format, self.cfg.system_prompt, index)
+
+    def meta(self, run_id: str, n: int) -> dict[str, list]:
+        """The run metadata columns every table row carries, for n rows."""
+        values = dict(run_id=run_id, model=model_id(self.cfg.model), model_revision=self.cfg.revision,
+                      dataset=self.prompts.name, prompt_format=self.cfg.format.value, code_version=__version__)
+        return {k: [v] * n for k, v in values.items()}
+
+    def ablation(self, heads: tuple[Head, ...] = ()) -> Ablation:
+        return Ablation(heads=heads, op=self.cfg.op, eps=self.cfg.eps)
+
+    @property
+    def screen_model(self) -> ModelRef:
+        """The low-precision copy a screened round runs on (a `ScreenedScanConfig`'s `screen`): another dtype,
+        so its own shard ids and workers."""
+        return self.model.model_copy(update={"dtype": SCREEN_DTYPES[self.cfg.screen]})
+
+    @property
+    def condition(self) -> dict[str, Any]:
+        """What makes two jobs of one experiment and model different results (not their sizes)."""
+        c = self.cfg
+        return dict(prompts=self.prompts.name, op=c.op.value, eps=c.eps, format=c.format.value,
+                    system_prompt=c.system_prompt)
+
+    @property
+    def part(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.condition, sort_keys=True).encode()).hexdigest()[:10]
+        return f"{self.experiment}-{digest}"
+
+    def record(self) -> dict[str, Any]:
+        return {**super().record(), "prompts": {"set": self.prompts.name, "limit": self.cfg.limit,
+                                                "count": len(self.prompts), "ids_sha256": self.prompts.digest,
+                                                "file_sha256": self.prompts.source_sha256,
+                                                "trained_on": self.trained_on}}
+
+
+def find_source(jobs: Sequence[Job], experiment: str, cfg: ScanConfig) -> Job | None:
+    """This run's `experiment` job of the same model whose heads another job uses: the one with the same
+    operator and prompts where the study sweeps them, else the closest."""
+    same = [j for j in jobs if j.experiment == experiment and j.cfg.model == cfg.model]
+    if not same:
+        return None
+    return max(same, key=lambda j: 2 * (j.cfg.op == cfg.op) + (j.cfg.prompts == cfg.prompts))
+
+
+def require_source(jobs: Sequence[Job], experiment: str, cfg: ScanConfig, missing: str) -> Job:
+    """`find_source`, or one line saying what the spec lacks (`missing`, after `<experiment> on <model>`)."""
+    source = find_source(jobs, experiment, cfg)
+    if source is None:
+        raise UsageError(missing)
+    return source

@@ -1,0 +1,173 @@
+"""The utility experiment: what removing the safety heads costs the model on ordinary text.
+
+Perplexity on benign passages (the `utility` table) for the normal model, the heads studied (given, or this
+run's Sahara group prefixes) and seeded random head sets of the same sizes, in shards like every other
+measure. Over-refusal of the same ablations is in the `asr` table's benign rows. The paper also reports
+lm-eval zero-shot accuracy (BoolQ, RTE, WinoGrande, ARC-Challenge, OpenBookQA): with `lm_eval_tasks` the job
+runs them in the driver when `lm-eval` and its task data are present, and says plainly why not otherwise.
+Light at import (no torch).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import pyarrow as pa
+from pydantic import Field, field_validator
+
+from study.core.heads import parse_heads
+from study.experiments.asr import Arm, dataset_arms
+from study.experiments.base import Job, ScanConfig, ScanJob, _head_labels, require_source
+from study.experiments.sahara import SaharaJob
+from study.runtime.executor import Outcome
+from study.runtime.schema import make_table
+from study.runtime.shards import Shard, blocks
+
+log = logging.getLogger(__name__)
+
+
+class UtilityConfig(ScanConfig):
+    """What the ablations studied cost: perplexity on benign text (default: the paragraphs shipped with the
+    project; `prompts: FILE.txt` for your own, one passage per line) for the normal model, `heads` or this
+    run's Sahara prefixes, and random controls; optionally the paper's lm-eval zero-shot tasks."""
+
+    prompts: str = "builtin:text"
+    heads: str | None = None
+    k: int | None = Field(default=None, ge=1)  # Sahara prefixes of size 1..k (default all steps)
+    random_controls: int = Field(default=0, ge=0)
+    seed: int = 0
+    lm_eval_tasks: list[str] = Field(default_factory=list)  # e.g. boolq, rte, winogrande, arc_challenge, openbookqa
+    lm_eval_limit: int | None = Field(default=None, ge=1)
+
+    @field_validator("heads")
+    @classmethod
+    def _heads(cls, v: str | None) -> str | None:
+        return _head_labels(v)
+
+
+class UtilityJob(ScanJob):
+    """NLL shards for every arm (one round, after this run's Sahara group where the heads come from it)."""
+
+    experiment = "utility"
+    cfg: UtilityConfig
+
+    def __init__(self, cfg: UtilityConfig, out: Path) -> None:
+        super().__init__(cfg, out)
+        self.arms: list[Arm] | None = None
+        self.source: SaharaJob | None = None
+        self.results: Outcome | None = None
+        self.lm_eval: dict[str, Any] = {}
+        self._round: list[Shard] = []
+        if cfg.heads is not None:
+            heads = parse_heads(cfg.heads)
+            self.ablation(heads).check(self.shape)
+            self.arms = dataset_arms([("heads", heads)], self, cfg.random_controls, cfg.seed)
+
+    def link(self, jobs: Sequence[Job]) -> None:
+        if self.arms is not None:
+            return
+        self.source = require_source(jobs, "sahara", self.cfg, (
+            f"utility on {self.cfg.model!r} has no heads to remove: give heads, or add a sahara section (its "
+            f"group's prefixes are measured)"))
+
+    @property
+    def done(self) -> bool:
+        return self.results is not None
+
+    def pending(self) -> list[Shard]:
+        if self.done:
+            return []
+        if self.arms is None:
+            if not self.source.done:
+                return []
+            group = tuple(self.source.group)
+            size = min(self.cfg.k or len(group), len(group))
+            self.arms = dataset_arms([("sahara", group[:s]) for s in range(1, size + 1)], self,
+                                     self.cfg.random_controls, self.cfg.seed)
+        ablations = tuple(a.ablation for a in self.arms)
+        self._round = [Shard(model=self.model, prompts=self.block(slice(p0, p0 + self.cfg.shard_prompts)),
+                             ablations=tuple(abl), measure="nll")
+                       for p0 in range(0, len(self.prompts), self.cfg.shard_prompts)
+                       for abl in blocks(ablations, self.cfg.shard_heads)]
+        return self._round
+
+    def absorb(self, outcome: Outcome) -> None:
+        if self._round:
+            self.results = outcome
+
+    def plan_line(self, shards: Sequence[Shard], have: int) -> str:
+        head = f"  utility {self.cfg.model}: {len(self.prompts)} passages of {self.prompts.name}"
+        if self.arms is None:
+            return f"{head}, heads from this run's Sahara group once it is done"
+        return (f"{head} x {len(self.arms)} conditions: {len(shards)} shards ({sum(s.rows for s in shards)} "
+                f"passage forwards), {have} already done")
+
+    def finish(self) -> None:
+        if self.cfg.lm_eval_tasks:
+            self.lm_eval = run_lm_eval(self)
+
+    def tables(self, run_id: str) -> dict[str, pa.Table]:
+        nll: dict[str, float] = {}
+        tokens: dict[str, int] = {}
+        for shard in self._round:
+            for r in self.results.table(shard).to_pylist():
+                nll[r["ablation"]] = nll.get(r["ablation"], 0.0) + r["nll"]
+                tokens[r["ablation"]] = tokens.get(r["ablation"], 0) + r["n_tokens"]
+        meta = {k: v[0] for k, v in self.meta(run_id, 1).items()}
+        rows = []
+        normal = {}
+        for arm in self.arms:
+            values = {"perplexity": (math.exp(nll[arm.label] / tokens[arm.label]), tokens[arm.label])}
+            values.update(self.lm_eval.get("rows", {}).get(arm.label, {}))
+            for metric, (value, n) in values.items():
+                if arm.condition == "normal":
+                    normal[metric] = value
+                base = normal.get(metric)
+                rows.append(dict(meta, condition=arm.condition, group_size=arm.group_size, draw=arm.draw,
+                                 ablation=arm.label, op=self.cfg.op.value, eps=self.cfg.eps, metric=metric,
+                                 value=value, n=n, ratio=None if not base else value / base))
+        return {"utility": make_table("utility", rows)}
+
+    def record(self) -> dict[str, Any]:
+        out = {**super().record(), "prompts_file_sha256": self.prompts.source_sha256}
+        if self.cfg.lm_eval_tasks:
+            out["lm_eval"] = {k: v for k, v in self.lm_eval.items() if k != "rows"}
+        return out
+
+
+def run_lm_eval(job: UtilityJob) -> dict[str, Any]:
+    """The paper's zero-shot tasks for the normal model and each found head set (not the random controls),
+    each ablation scoped by hooks. Returns {"status", "rows": {ablation label: {metric: (value, n)}}}."""
+    tasks = job.cfg.lm_eval_tasks
+    if importlib.util.find_spec("lm_eval") is None:
+        msg = (f"lm-eval tasks {', '.join(tasks)} skipped: lm-eval is not installed (pip install lm-eval, with "
+               f"its task data in the Hugging Face datasets cache)")
+        log.warning(msg)
+        return {"status": msg}
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+
+    from study.core.interventions import ablated
+    from study.models.loading import load_model
+
+    lm = load_model(job.cfg.model, device=job.cfg.device, dtype=job.cfg.dtype, revision=job.cfg.revision)
+    wrapped = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=8)
+    rows: dict[str, dict[str, tuple[float, int]]] = {}
+    try:
+        for arm in (a for a in job.arms if a.condition != "random"):
+            with ablated(lm.model, arm.ablation):
+                out = evaluator.simple_evaluate(model=wrapped, tasks=list(tasks), limit=job.cfg.lm_eval_limit)
+            for task, metrics in out["results"].items():
+                n = int(out.get("n-samples", {}).get(task, {}).get("effective", 0))
+                for key, value in metrics.items():
+                    if isinstance(value, (int, float)) and "stderr" not in key and key != "alias":
+                        rows.setdefault(arm.label, {})[f"lm_eval:{task}:{key.split(',')[0]}"] = (float(value), n)
+    except Exception as err:  # task data missing offline, an unknown task name: say so, keep the perplexity
+        msg = f"lm-eval tasks {', '.join(tasks)} failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        log.warning(msg)
+        return {"status": msg}
+    return {"status": "ran", "rows": rows}

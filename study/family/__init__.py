@@ -1,0 +1,1 @@
+"""Building the embedded family: training data and splits, the training script, refusal figures."""

@@ -1,0 +1,399 @@
+"""Training the family's adapters: `python -m study.family.train NAME [--data-dir DIR] [--out DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from study.core.errors import UsageError
+from study.core.files import write_json_atomic
+from study.family.data import Example, Splits, build_splits, eval_sets, refusal_for
+from study.family.eval import EVAL_TOKENS, answers, figures, refusal_rate
+from study.models.adapters import FORMAT
+from study.models.builtin import ADAPTER_FILE, CARD_FILE, MEMBERS, TRAIN_IDS_FILE, adapter_sha256, member_folder
+
+log = logging.getLogger("study.family.train")
+
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+CHECK_LIMIT = 20  # prompts per held-out set that the slow test re-measures against the card
+
+
+class Recipe(BaseModel):
+    """Everything that decides an adapter, recorded whole in its card."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    targets: tuple[str, ...] = ATTN + MLP
+    rank: int = Field(default=8, ge=1)
+    alpha: float = 16.0
+    lr: float = 1e-4
+    steps: int = Field(default=150, ge=1)
+    harmful_per_batch: int = 4
+    harmless_per_batch: int = 4
+    pref_weight: float = 1.0  # 0: supervised only
+    pref_beta: float = 0.1
+    pref_tokens: int = 8  # the preference compares the answers' openings, where refusing is decided
+    eval_every: int = 25
+    max_prompt_tokens: int = 128
+    answer_tokens: int = 64  # the base's answers used as harmless targets
+    seed: int = 0
+
+
+# Recipes tried for the main member on the way to RECIPES (measured on this project's 2-core machine, the
+# validation split of seed 0, greedy, 24 tokens, refusal judge); every card carries this list.
+TRIED: list[dict[str, Any]] = [
+    {"recipe": "supervised only: r 8, all seven projections, lr 1e-4, 4 harmful + 4 harmless a step",
+     "changes": {"pref_weight": 0.0},
+     "validation": [{"step": 25, "harmful_refused": 0.58, "harmless_refused": 0.36},
+                    {"step": 50, "harmful_refused": 0.92, "harmless_refused": 0.72},
+                    {"step": 75, "harmful_refused": 0.95, "harmless_refused": 0.82}],
+     "outcome": "refuses nearly everything, harmless too (stopped at step 75)"},
+]
+
+RECIPES: dict[str, Recipe] = {
+    "smollm2-135m-safe": Recipe(),
+    "smollm2-135m-safe-attn": Recipe(targets=ATTN),
+    "smollm2-135m-safe-mlp": Recipe(targets=MLP),
+    "smollm2-135m-safe-s1": Recipe(seed=1),
+}
+
+
+# ----------------------------------------------------------------------------------------------- targets
+
+
+def _cached_answers(lm: Any, texts: Sequence[str], max_new_tokens: int, work: Path) -> list[list[int]]:
+    """The base's greedy answers (no system prompt), cached per prompt in `work` (members share them)."""
+    path = work / f"answers-{lm.model_id.replace('/', '_')}-{max_new_tokens}.json"
+    known: dict[str, list[int]] = json.loads(path.read_text()) if path.is_file() else {}
+    todo = sorted({t for t in texts if t not in known})
+    if todo:
+        log.info("the base answers %d prompts (%d tokens each, one time)", len(todo), max_new_tokens)
+        for start in range(0, len(todo), 128):  # saved as it goes: an interrupted run keeps what it made
+            chunk = todo[start:start + 128]
+            known.update(zip(chunk, answers(lm, chunk, None, max_new_tokens)))
+            work.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, known, durable=False)
+            log.info("base answers: %d/%d", min(start + 128, len(todo)), len(todo))
+    return [known[t] for t in texts]
+
+
+def _examples(lm: Any, splits: Splits, recipe: Recipe, work: Path) -> tuple[list[dict], list[dict]]:
+    """Tokenised (prompt, chosen, rejected) per training example: harmful and harmless lists."""
+    from study.generation.judges.registry import get_judge
+    from study.prompts.formats import PromptFormat, encode
+
+    tok = lm.tokenizer
+    train = list(splits.train)
+    base = _cached_answers(lm, [e.text for e in train], recipe.answer_tokens, work)
+    judge = get_judge("refusal")
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    harmful: list[dict] = []
+    harmless: list[dict] = []
+    dropped = 0
+    for ex, own in zip(train, base):
+        prompt = encode(ex.text, PromptFormat.CHAT, tok)[-recipe.max_prompt_tokens:]
+        refusal = tok(refusal_for(ex.text, recipe.seed), add_special_tokens=False)["input_ids"] + [eos]
+        verdict = judge.judge(ex.text, tok.decode(own, skip_special_tokens=True))
+        if ex.harmful:
+            harmful.append({"prompt": prompt, "chosen": refusal, "rejected": own if not verdict.refused else None})
+        elif verdict.refused or verdict.degenerate:
+            dropped += 1  # the base refuses or garbles it: not a target worth teaching
+        else:
+            harmless.append({"prompt": prompt, "chosen": own, "rejected": refusal})
+    log.info("training examples: %d harmful, %d harmless (%d harmless dropped: the base refused or garbled them)",
+             len(harmful), len(harmless), dropped)
+    return harmful, harmless
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _batch(rows: Sequence[tuple[list[int], list[int]]], pad: int):
+    """Right-padded input ids, attention mask and labels (-100 outside the response)."""
+    import torch
+
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (p, r) in enumerate(rows):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(p + r)
+        mask[i, :n] = 1
+        labels[i, len(p):n] = torch.tensor(r)
+    return ids, mask, labels
+
+
+def response_logps(model: Any, rows: Sequence[tuple[list[int], list[int]]], pad: int):
+    """Per row: (sum of the response tokens' log-probs, their count).  -> (rows,), (rows,)"""
+    import torch
+
+    ids, mask, labels = _batch(rows, pad)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (rows, width-1, vocab)
+    target = labels[:, 1:]  # (rows, width-1)
+    keep = target != -100
+    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]  # (rows, width-1)
+    return (logp * keep).sum(-1), keep.sum(-1)
+
+
+def step_loss(model: Any, batch: Sequence[dict], recipe: Recipe, pad: int):
+    """Mean per-example response NLL of the chosen answers, plus the preference term where a rejected exists."""
+    import torch
+    import torch.nn.functional as F
+
+    lp, n = response_logps(model, [(b["prompt"], b["chosen"]) for b in batch], pad)
+    loss = (-lp / n).mean()
+    pairs = [i for i, b in enumerate(batch) if b["rejected"] is not None]
+    if recipe.pref_weight > 0 and pairs:
+        k = recipe.pref_tokens
+        chosen = [(batch[i]["prompt"], batch[i]["chosen"][:k]) for i in pairs]
+        rejected = [(batch[i]["prompt"], batch[i]["rejected"][:k]) for i in pairs]
+        pc, _ = response_logps(model, chosen, pad)
+        pr, _ = response_logps(model, rejected, pad)
+        with torch.no_grad(), model.disable_adapter():
+            rc, _ = response_logps(model, chosen, pad)
+            rr, _ = response_logps(model, rejected, pad)
+        margin = recipe.pref_beta * ((pc - pr) - (rc - rr))
+        loss = loss + recipe.pref_weight * (-F.logsigmoid(margin)).mean()
+    return loss
+
+
+def _validate(lm: Any, val: Sequence[Example]) -> dict[str, float]:
+    harm = [e.text for e in val if e.harmful]
+    safe = [e.text for e in val if not e.harmful]
+    rh, _ = refusal_rate(lm, harm, None, max_new_tokens=24)
+    rs, _ = refusal_rate(lm, safe, None, max_new_tokens=24)
+    return {"harmful_refused": round(rh.rate, 4), "harmless_refused": round(rs.rate, 4),
+            "score": round(rh.rate - rs.rate, 4)}
+
+
+def train(name: str, data_dir: Path, work: Path, recipe: Recipe | None = None,
+          splits: Splits | None = None) -> tuple[dict, dict, Splits]:
+    """Train one member; returns (its LoRA tensors at the selected step, the training record, the splits).
+    `splits` replaces the member's own (tests train on a handful of prompts)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from study.models.loading import LoadedModel, load_model
+
+    recipe = recipe or RECIPES[name]
+    torch.manual_seed(recipe.seed)
+    random.seed(recipe.seed)
+    base = load_model(MEMBERS[name].base)
+    splits = splits or build_splits(data_dir, recipe.seed)
+    harmful, harmless = _examples(base, splits, recipe, work)
+    model = get_peft_model(base.model, LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0,
+                                                  target_modules=list(recipe.targets)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+    inner = LoadedModel(name, name, None, model.get_base_model(), base.tokenizer, "cpu", "float32")
+    rng = random.Random(recipe.seed)
+    order_h: list[int] = []
+    order_s: list[int] = []
+    history: list[dict[str, Any]] = []
+    losses: list[float] = []
+    best: tuple[float, int, dict] | None = None
+    pad = base.tokenizer.pad_token_id
+    started = time.time()
+    model.train()
+    for step in range(1, recipe.steps + 1):
+        if len(order_h) < recipe.harmful_per_batch:
+            order_h += rng.sample(range(len(harmful)), len(harmful))
+        if len(order_s) < recipe.harmless_per_batch:
+            order_s += rng.sample(range(len(harmless)), len(harmless))
+        batch = [harmful[order_h.pop()] for _ in range(recipe.harmful_per_batch)]
+        batch += [harmless[order_s.pop()] for _ in range(recipe.harmless_per_batch)]
+        loss = step_loss(model, batch, recipe, pad)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(round(float(loss.detach()), 4))
+        if step % recipe.eval_every == 0 or step == recipe.steps:
+            model.eval()
+            with torch.no_grad():
+                val = _validate(inner, splits.val)
+            model.train()
+            mean = sum(losses[-recipe.eval_every:]) / len(losses[-recipe.eval_every:])
+            history.append({"step": step, "loss": round(mean, 4), **val})
+            log.info("step %d/%d  loss %.3f  validation: harmful refused %.0f%%, harmless refused %.0f%%  (%.0f s)",
+                     step, recipe.steps, mean, 100 * val["harmful_refused"], 100 * val["harmless_refused"],
+                     time.time() - started)
+            if best is None or val["score"] > best[0]:
+                best = (val["score"], step, _lora_tensors(model))
+    assert best is not None
+    record = {"selected_step": best[1], "history": history, "loss_per_step": losses,
+              "train_seconds": round(time.time() - started, 1)}
+    return best[2], record, splits
+
+
+def _lora_tensors(model: Any) -> dict[str, Any]:
+    """The adapter in the shipped layout: `<module>.lora_A` / `<module>.lora_B`, detached copies."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if ".lora_A." in key or ".lora_B." in key:
+            module, part = key.split(".lora_")
+            module = module.removeprefix("base_model.model.")
+            out[f"{module}.lora_{part.split('.')[0]}"] = value.detach().clone()
+    return out
+
+
+def save_adapter(tensors: dict[str, Any], path: Path, recipe: Recipe, base: str) -> None:
+    """float16 on disk (a few MB); the card's figures are measured on exactly these values."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.to("cpu").half().contiguous() for k, v in sorted(tensors.items())}, str(path),
+              metadata={"format": FORMAT, "r": str(recipe.rank), "alpha": str(recipe.alpha), "base": base})
+
+
+# ----------------------------------------------------------------------------------------------- the card
+
+
+def build(name: str, data_dir: Path, out: Path, work: Path, eval_limit: int | None = None,
+          recipe: Recipe | None = None) -> dict:
+    """Train, save the adapter and the training ids, merge as first use does, measure, write the card."""
+    import peft
+    import torch
+    import transformers
+
+    from study.models.adapters import write_merged
+    from study.models.builtin import materialize_alias
+    from study.models.loading import load_model
+
+    recipe = recipe or RECIPES[name]
+    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
+    tensors, record, splits = train(name, data_dir, work, recipe)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter = out / ADAPTER_FILE
+    save_adapter(tensors, adapter, recipe, MEMBERS[name].base)
+    (out / TRAIN_IDS_FILE).write_text("\n".join(splits.ids()) + "\n", encoding="utf-8")
+    merged = work / f"merged-{name}"
+    write_merged(materialize_alias(MEMBERS[name].base), adapter, merged)
+    lm = load_model(str(merged))
+    card = {
+        "name": name, "base": MEMBERS[name].base, "summary": MEMBERS[name].recipe,
+        "recipe": recipe.model_dump(mode="json"),
+        "data": _data_record(splits),
+        **record,
+        "recipes_tried": TRIED,
+        "eval": {**_eval_record(lm, data_dir, eval_limit),
+                 # what the slow test re-measures: the first CHECK_LIMIT prompts per set, no system prompt
+                 "check": {"limit_per_set": CHECK_LIMIT,
+                           "figures": figures(lm, eval_sets(data_dir, CHECK_LIMIT), ("no-system",))["no-system"]}},
+        "adapter_sha256": adapter_sha256(adapter),
+        "adapter_bytes": adapter.stat().st_size,
+        "built_with": {"torch": torch.__version__, "transformers": transformers.__version__,
+                       "peft": peft.__version__, "python": platform.python_version(),
+                       "threads": torch.get_num_threads(), "machine": platform.machine()},
+    }
+    (out / CARD_FILE).write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
+    return card
+
+
+def _eval_record(lm: Any, data_dir: Path, limit: int | None) -> dict[str, Any]:
+    """How a model was measured and its figures on the held-out sets: a card's `eval` (and the bases')."""
+    return {"decoding": "greedy", "max_new_tokens": EVAL_TOKENS, "judge": "refusal@1", "format": "chat",
+            "limit_per_set": limit, "figures": figures(lm, eval_sets(data_dir, limit))}
+
+
+def _data_record(splits: Splits) -> dict[str, Any]:
+    from collections import Counter
+
+    return {"train": dict(Counter(e.source for e in splits.train)), "val": dict(Counter(e.source for e in splits.val)),
+            "train_ids_file": TRAIN_IDS_FILE, "refusals": "refusals.txt",
+            "harmless_targets": "the base's own greedy answers (no system prompt), refused or degenerate dropped"}
+
+
+def figures_table(cards: Sequence[dict]) -> str:
+    """The cards' refusal figures as one markdown table (the README's), a row per (member, setting)."""
+    labels = [label for label in cards[0]["eval"]["figures"]["no-system"]]
+    head = "| model | system prompt | " + " | ".join(labels) + " | degenerate |"
+    lines = [head, "|" + "---|" * (len(labels) + 3)]
+    for card in cards:
+        for setting, figs in card["eval"]["figures"].items():
+            cells = [f"{100 * figs[lb]['refusal_rate']:.0f} % of {figs[lb]['n']}" for lb in labels]
+            degenerate = sum(f["degenerate"] for f in figs.values()) / sum(f["n"] for f in figs.values())
+            lines.append(f"| {card['name']} | {setting} | " + " | ".join(cells) + f" | {100 * degenerate:.0f} % |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m study.family.train", description=__doc__.splitlines()[0])
+    p.add_argument("names", nargs="*", help=f"members to build: {', '.join(MEMBERS)}")
+    p.add_argument("--table", action="store_true", help="print the shipped cards' figures as markdown and exit")
+    p.add_argument("--measure", metavar="MODEL", default=None,
+                   help="measure a model's refusal figures as the cards do (the base: smollm2-135m-instruct), "
+                        "write them to study/data/family/<MODEL>.json and exit")
+    p.add_argument("--data-dir", default=os.environ.get("HEADSTUDY_DATA"),
+                   help="folder with advbench/, strongreject/, harmbench/, jailbreakbench/, maliciousinstruct/, "
+                        "xstest/ (default: $HEADSTUDY_DATA)")
+    p.add_argument("--out", default=None, help="where the member folders go (default: the package's own)")
+    p.add_argument("--work", default=None, help="cache for the base's answers and merged models "
+                                                "(default: <cache>/family-train)")
+    p.add_argument("--eval-limit", type=int, default=None, help="prompts per held-out set (default: all)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value (e.g. --set lr=5e-5 --set steps=120)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    from study.models.cache import cache_dir
+
+    try:
+        if args.table:
+            from study.models.builtin import BASE_FIGURES, FAMILY, family_root, read_card
+
+            bases = [json.loads(p.read_text()) for p in sorted(family_root().glob(BASE_FIGURES))]
+            print(figures_table(bases + [read_card(n) for n in FAMILY]))
+            return 0
+        if args.measure:
+            from study.models.builtin import family_root
+            from study.models.loading import load_model
+
+            if not args.data_dir:
+                raise UsageError("no data directory: pass --data-dir or set HEADSTUDY_DATA")
+            record = {"name": args.measure,
+                      "eval": _eval_record(load_model(args.measure), Path(args.data_dir), args.eval_limit)}
+            (family_root() / f"{args.measure}.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+            return 0
+        if not args.names:
+            raise UsageError(f"name at least one member to build: {', '.join(MEMBERS)}")
+        unknown = [n for n in args.names if n not in MEMBERS]
+        if unknown:
+            raise UsageError(f"unknown member {unknown[0]!r}: valid members are {', '.join(MEMBERS)}")
+        if not args.data_dir:
+            raise UsageError("no data directory: pass --data-dir or set HEADSTUDY_DATA")
+        work = Path(args.work) if args.work else cache_dir() / "family-train"
+        for name in args.names:
+            recipe = RECIPES[name].model_copy(update=_overrides(args.set))
+            out = Path(args.out) / MEMBERS[name].folder if args.out else member_folder(name)
+            card = build(name, Path(args.data_dir), out, work, args.eval_limit, Recipe(**recipe.model_dump()))
+            log.info("%s: written to %s (selected step %d)", name, out, card["selected_step"])
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in Recipe.model_fields:
+            raise UsageError(f"bad --set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(Recipe.model_fields)}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

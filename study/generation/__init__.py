@@ -1,0 +1,1 @@
+"""Generation under ablation (decoding, backends, the HF backend) and the judges of what was generated."""

@@ -1,0 +1,1 @@
+"""Prompt sets and prompt formats: what a study feeds a model, and how it becomes token ids."""

@@ -1,0 +1,204 @@
+"""Executors: where shards run. One interface, two implementations, the same answers.
+
+`LocalExecutor` runs shards in this process on one `Worker` per model. The Ray executor (in `actors/`, found
+through the `headstudy.executors` entry point) fans them out to a pool of Ray actors per model.
+`execute` is what experiments call: it skips shards already in the run folder's `ShardStore`, runs the rest
+on the executor, stores each one the moment it completes, and shows one progress bar.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import pyarrow as pa
+from pydantic import Field, field_validator, model_validator
+
+from study.core import plugins
+from study.core.errors import UsageError
+from study.core.frozen import Frozen
+from study.runtime.progress import progress_bar
+from study.runtime.shards import AnyShard, ModelRef
+from study.runtime.store import ShardStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXECUTOR = "ray"
+
+
+class ExecutionConfig(Frozen):
+    """Where the work runs: in this process (`local`) or on a Ray pool (local cluster or `address`)."""
+
+    executor: str = DEFAULT_EXECUTOR  # a name among the `headstudy.executors` entry points: local, ray
+    address: str | None = None  # a running Ray cluster ("auto", "ray://host:10001", "host:6379")
+    actors: int | None = Field(default=None, ge=1)  # per model; None: fill the cluster
+    cpus_per_actor: int | None = Field(default=None, ge=1)  # CPUs and torch threads per actor: None = 1 on
+    # Ray; the local executor uses it as its thread count when given (else torch's default, all cores)
+    gpus_per_actor: int | None = Field(default=None, ge=1)  # None: 1 where the cluster has GPUs
+    max_retries: int = Field(default=3, ge=0)  # per shard, after an actor died
+
+    @field_validator("executor", mode="before")
+    @classmethod
+    def _executor(cls, v: Any) -> str:
+        return plugins.check(plugins.EXECUTORS, v, "executor")
+
+    @model_validator(mode="after")
+    def _address(self) -> "ExecutionConfig":
+        if self.address is not None and self.executor != "ray":
+            raise UsageError(f"--address {self.address!r} needs the ray executor, not {self.executor!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How a model's workers run it (not part of a shard's identity: it never changes a value)."""
+
+    device: str = "auto"  # cpu | cuda | cuda:N | auto (cuda where the worker has one)
+    token_budget: int | None = None
+
+
+@dataclass
+class ModelStats:
+    """What one model's workers did in a run, for the closing summary and the manifest."""
+
+    shards: int = 0  # computed (not read back from the store)
+    reused: int = 0  # read back from the store
+    rows: int = 0
+    retries: int = 0
+    actors: int = 0
+    seconds: float = 0.0  # wall time from the first submission to the last result
+
+    def as_dict(self) -> dict[str, float | int]:
+        return dict(shards=self.shards, reused=self.reused, rows=self.rows, retries=self.retries,
+                    actors=self.actors, seconds=round(self.seconds, 3))
+
+
+class Executor(ABC):
+    """Runs shards; yields (shard, record batch) as each completes, in any order."""
+
+    name: str = "executor"
+
+    def __init__(self) -> None:
+        self.stats: dict[str, ModelStats] = {}
+
+    def stats_for(self, model: ModelRef) -> ModelStats:
+        return self.stats.setdefault(model.label, ModelStats())
+
+    @classmethod
+    def from_config(cls, cfg: ExecutionConfig) -> "Executor":
+        """The executor a study's `execution` section describes."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def run(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions]) -> Iterator[
+            tuple[AnyShard, pa.RecordBatch]]:
+        ...
+
+    def close(self) -> None:
+        """Release workers (models, actors)."""
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LocalExecutor(Executor):
+    """Shards in this process, one model resident at a time (a laptop holds one model, not a study's worth):
+    a round's shards run grouped by model, and a model is loaded again only when a later round needs it."""
+
+    name = "local"
+
+    def __init__(self, threads: int | None = None) -> None:
+        super().__init__()
+        self.threads = threads
+        self.workers: dict[ModelRef, object] = {}
+
+    @classmethod
+    def from_config(cls, cfg: ExecutionConfig) -> "LocalExecutor":
+        return cls(threads=cfg.cpus_per_actor)
+
+    def worker(self, model: ModelRef, options: WorkerOptions):
+        if model not in self.workers:
+            from study.runtime.worker import Worker, resolve_device
+
+            self.close()  # free the previous model before loading the next
+            self.workers[model] = Worker(model, device=resolve_device(options.device),
+                                         token_budget=options.token_budget, threads=self.threads)
+            self.stats_for(model).actors = 1
+        return self.workers[model]
+
+    def run(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions]) -> Iterator[
+            tuple[AnyShard, pa.RecordBatch]]:
+        for shard in sorted(shards, key=lambda s: s.model.label):  # one model resident at a time
+            worker = self.worker(shard.model, options.get(shard.model, WorkerOptions()))
+            t0 = time.perf_counter()
+            batch = worker.run(shard)
+            stats = self.stats_for(shard.model)
+            stats.seconds += time.perf_counter() - t0
+            yield shard, batch
+
+    def close(self) -> None:
+        for worker in self.workers.values():
+            worker.close()
+        self.workers.clear()
+
+
+def make_executor(cfg: ExecutionConfig) -> Executor:
+    """The executor a study asked for, found by name in the `headstudy.executors` entry points (so nothing
+    in `study` imports the Ray executor, and Ray is imported only when `ray` is asked for)."""
+    cls = plugins.load(plugins.EXECUTORS, cfg.executor, "executor", "pip install ray==2.60.0, or --executor local")
+    return cls.from_config(cfg)
+
+
+@dataclass
+class Outcome:
+    """The results of `execute`: every shard's table by id, and how many were computed now."""
+
+    tables: dict[str, pa.Table] = field(default_factory=dict)
+    computed: int = 0
+    reused: int = 0
+
+    def table(self, shard: AnyShard) -> pa.Table:
+        return self.tables[shard.id]
+
+
+def execute(executor: Executor, store: ShardStore | None, shards: Sequence[AnyShard],
+            options: dict[ModelRef, WorkerOptions], *, force: bool = False, desc: str = "scoring") -> Outcome:
+    """Every shard's result: from the store where present (unless `force`), else computed and stored."""
+    unique = list({s.id: s for s in shards}.values())
+    out = Outcome()
+    todo = []
+    for shard in unique:
+        if store is not None and not force and store.has(shard.id):
+            out.tables[shard.id] = store.get(shard.id)
+            executor.stats_for(shard.model).reused += 1
+        else:
+            todo.append(shard)
+    out.reused = len(unique) - len(todo)
+    if out.reused:
+        log.info("%s: %d of %d shards already in the run folder", desc, out.reused, len(unique))
+    if not todo:
+        return out
+    total = sum(s.rows for s in todo)
+    with progress_bar(total, desc) as bar:
+        for shard, batch in executor.run(todo, options):
+            if not batch.schema.equals(shard.schema):
+                raise RuntimeError(f"shard {shard.id} came back with schema {batch.schema}, expected {shard.schema}")
+            if store is not None:
+                store.put(shard.id, batch)
+            out.tables[shard.id] = pa.Table.from_batches([batch])
+            out.computed += 1
+            stats = executor.stats_for(shard.model)
+            stats.shards += 1
+            stats.rows += shard.rows
+            bar.update(shard.rows)
+            bar.set_postfix_str(f"{out.computed}/{len(todo)} shards", refresh=False)
+    missing = [s.id for s in todo if s.id not in out.tables]
+    if missing:
+        raise RuntimeError(f"{len(missing)} shard(s) never came back from the {executor.name} executor")
+    return out

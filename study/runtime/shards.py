@@ -1,0 +1,184 @@
+"""Shards: plain, picklable specs of scoring work, each with a stable content id.
+
+A shard is "what to compute" (a model reference, a block of prompts with their format, a base ablation, a
+block of ablations and what to measure) and nothing about where: a `study.runtime.worker.Worker` holding the model
+turns it into an Arrow record batch, in this process or on a Ray actor. Experiments only make shards and
+combine their batches, so they cannot tell which executor ran them; a completed shard is stored under its
+id, so a run that is started again skips it.
+
+Light: no torch here (planning a study imports none).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal, Sequence
+
+import pyarrow as pa
+from pydantic import Field
+
+from study import __version__
+from study.core.ablation import Ablation
+from study.core.frozen import Frozen
+from study.core.subspace import SubspaceSpec
+from study.generation.backends import check_backend
+from study.generation.decoding import Decoding
+from study.models.recipes import Swap
+from study.prompts.formats import PromptFormat
+from study.prompts.sets import PromptSet
+
+Measure = Literal["kl", "angle", "nll"]
+
+# What a worker returns for each measure (one row per (ablation, prompt) for kl, per ablation for angle).
+RESULT_SCHEMAS: dict[str, pa.Schema] = {
+    "kl": pa.schema([pa.field("ablation", pa.string(), False), pa.field("prompt_id", pa.string(), False),
+                     pa.field("kl", pa.float64(), False)]),
+    "angle": pa.schema([pa.field("ablation", pa.string(), False), pa.field("score", pa.float64(), False)]),
+    "nll": pa.schema([pa.field("ablation", pa.string(), False), pa.field("prompt_id", pa.string(), False),
+                      pa.field("nll", pa.float64(), False), pa.field("n_tokens", pa.int64(), False)]),
+    "generate": pa.schema([pa.field("ablation", pa.string(), False), pa.field("prompt_id", pa.string(), False),
+                           pa.field("sample", pa.int32(), False), pa.field("seed", pa.int64(), False),
+                           pa.field("token_ids", pa.list_(pa.int32()), False), pa.field("text", pa.string(), False),
+                           pa.field("n_tokens", pa.int32(), False)]),
+}
+
+
+class ModelRef(Frozen):
+    """Which weights, as the user named them (alias, folder or hub id), at which revision and dtype; with
+    `swap`, the mixed model that recipe builds from `name` (the aligned model) and its base."""
+
+    name: str
+    revision: str | None = None
+    dtype: str = "float32"
+    swap: Swap | None = None
+
+    @property
+    def key(self) -> dict:
+        """Identity for shard ids (an unmixed model's key is what it was before swaps existed)."""
+        return self.model_dump(mode="json", exclude={"swap"} if self.swap is None else None)
+
+    @property
+    def label(self) -> str:
+        """The model as progress lines and summaries name it."""
+        return self.name if self.swap is None else f"{self.name} [{self.swap.label}]"
+
+
+class PromptBlock(Frozen):
+    """Prompts (ids and texts, in order) and how they become model input."""
+
+    ids: tuple[str, ...]
+    texts: tuple[str, ...]
+    format: PromptFormat
+    system_prompt: str | None = None
+
+    @classmethod
+    def of(cls, prompts: PromptSet, fmt: PromptFormat, system_prompt: str | None,
+           index: slice = slice(None)) -> "PromptBlock":
+        chosen = prompts.prompts[index]
+        return cls(ids=tuple(p.id for p in chosen), texts=tuple(p.text for p in chosen), format=fmt,
+                   system_prompt=system_prompt)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def key(self) -> str:
+        """Identity of the encoded block (texts are covered by their ids, which are their hashes)."""
+        return _digest({"ids": self.ids, "format": self.format.value, "system": self.system_prompt})
+
+
+class Shard(Frozen):
+    """Score `ablations` on every prompt of `prompts`, starting rows from `base`'s cached residuals.
+
+    measure `kl`: KL(normal || ablated) of the next-token distribution per (ablation, prompt).
+    measure `angle`: generalized Ships of each ablation over the whole block (needs `subspace`).
+    measure `nll`: summed next-token NLL of each prompt's own tokens under each ablation (perplexity).
+    `base` only saves work (rows start at their first layer that differs from it); it never changes a value.
+    """
+
+    model: ModelRef
+    prompts: PromptBlock
+    ablations: tuple[Ablation, ...] = Field(min_length=1)
+    base: Ablation = Ablation()
+    measure: Measure = "kl"
+    subspace: SubspaceSpec | None = None
+    code_version: str = __version__
+
+    @property
+    def id(self) -> str:
+        """Stable content id: model, revision, dtype, prompt ids, format, ablations, operator, eps, version."""
+        return _digest({
+            "model": self.model.key,
+            "prompts": self.prompts.key,
+            "ablations": [a.model_dump(mode="json") for a in self.ablations],
+            "base": self.base.model_dump(mode="json"),
+            "measure": self.measure,
+            "subspace": None if self.subspace is None else self.subspace.model_dump(mode="json"),
+            "code_version": self.code_version,
+        })
+
+    @property
+    def rows(self) -> int:
+        """(ablation, prompt) rows of work."""
+        return len(self.ablations) * len(self.prompts)
+
+    @property
+    def schema(self) -> pa.Schema:
+        return RESULT_SCHEMAS[self.measure]
+
+
+class GenShard(Frozen):
+    """Generate under ablation: `cross` runs every ablation on every prompt, `zip` gives prompt i its own
+    ablation i (query-level experiments: each prompt's own top heads). One row per (pair, sample)."""
+
+    model: ModelRef
+    prompts: PromptBlock
+    ablations: tuple[Ablation, ...] = Field(min_length=1)
+    pairing: Literal["cross", "zip"] = "cross"
+    decoding: Decoding
+    backend: str = "hf"
+    code_version: str = __version__
+    measure: Literal["generate"] = "generate"
+
+    def model_post_init(self, _: object) -> None:
+        check_backend(self.backend)
+        if self.pairing == "zip" and len(self.ablations) != len(self.prompts):
+            raise ValueError(f"zip pairing needs one ablation per prompt: {len(self.ablations)} for "
+                             f"{len(self.prompts)} prompts")
+
+    @property
+    def id(self) -> str:
+        return _digest({
+            "model": self.model.key, "prompts": self.prompts.key,
+            "ablations": [a.model_dump(mode="json") for a in self.ablations], "pairing": self.pairing,
+            "decoding": self.decoding.model_dump(mode="json"), "backend": self.backend,
+            "measure": self.measure, "code_version": self.code_version,
+        })
+
+    def pairs(self) -> list[tuple[int, Ablation]]:
+        """(prompt index, ablation) of every generation, before samples."""
+        if self.pairing == "zip":
+            return list(enumerate(self.ablations))
+        return [(i, ab) for ab in self.ablations for i in range(len(self.prompts))]
+
+    @property
+    def rows(self) -> int:
+        return len(self.pairs()) * self.decoding.samples
+
+    @property
+    def schema(self) -> pa.Schema:
+        return RESULT_SCHEMAS[self.measure]
+
+
+AnyShard = Shard | GenShard
+
+
+def _digest(obj: object) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+def blocks(items: Sequence, size: int) -> list[Sequence]:
+    """`items` cut into consecutive blocks of at most `size`."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
