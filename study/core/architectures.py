@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch import nn
-from transformers.pytorch_utils import Conv1D
+from typing import TYPE_CHECKING, Any
 
 from study.core.ablation import SITE_OF, Op, Site
 from study.core.errors import UsageError
 from study.core.shape import ModelShape
+
+if TYPE_CHECKING:  # the table and `arch_for` are light (a plan checks a config's architecture without torch)
+    import torch
+    from torch import nn
 
 
 class Layout(str, enum.Enum):
@@ -107,6 +107,15 @@ def arch_for(model_type: str) -> ArchSpec:
     raise UsageError(f"unsupported architecture {model_type!r}: supported model types are {known}")
 
 
+def check_architecture(model: str, shape: ModelShape) -> ArchSpec:
+    """`model`'s row of the table, or one line naming the model, its type and the covered ones: read from the
+    config at plan time, so an uncovered architecture (Mixtral, Falcon...) ends before any actor loads it."""
+    try:
+        return arch_for(shape.model_type)
+    except UsageError as err:
+        raise UsageError(f"model {model!r}: {err}") from None
+
+
 def get_path(root: nn.Module, path: str) -> Any:
     obj: Any = root
     for part in path.split("."):
@@ -117,6 +126,8 @@ def get_path(root: nn.Module, path: str) -> Any:
 def weight_view(module: nn.Module, site: Site) -> torch.Tensor:
     """A projection's weight with the site's feature axis last: output features for q/k, input features for o_in."""
     w = module.weight.data
+    from transformers.pytorch_utils import Conv1D
+
     conv = isinstance(module, Conv1D)  # Conv1D stores (in, out); nn.Linear stores (out, in)
     if site is Site.O_IN:
         return w.T if conv else w  # (out, in)

@@ -34,6 +34,11 @@ def check(group: str, name: str, what: str) -> str:
     return name
 
 
+def module_of(group: str, name: str) -> str:
+    """The module an entry point names (read from metadata, nothing imported)."""
+    return _entries(group)[name].module
+
+
 def load(group: str, name: str, what: str, hint: str = "") -> Any:
     """The object registered as `name`, imported now; a missing dependency is one line with `hint`."""
     check(group, name, what)

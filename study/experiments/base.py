@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 
 from study import __version__
 from study.core.ablation import DEFAULT_OP, SCORING_EPS, Ablation, Op, check_eps, parse_op
+from study.core.architectures import check_architecture
 from study.core.dtypes import SCREEN_DTYPES, check_dtype
 from study.core.errors import UsageError
 from study.core.frozen import Frozen
@@ -26,7 +27,8 @@ from study.generation.decoding import DEFAULT_MAX_NEW_TOKENS, Decoding, parse_de
 from study.generation.judges.base import LLM_PREFIX
 from study.generation.judges.registry import get_judge, is_llm_judge
 from study.models.builtin import DEFAULT_MODEL, check_model_name, model_id, training_ids
-from study.models.loading import check_device, model_fingerprint, model_shape
+from study.models.fingerprint import model_identity
+from study.models.loading import check_device, model_shape
 from study.prompts.formats import PromptFormat, check_system_prompt, parse_format
 from study.prompts.sets import PromptSet, load_prompts
 from study.runtime.executor import Outcome, WorkerOptions
@@ -162,7 +164,10 @@ class Job(ABC):
         check_model_name(cfg.model)
         self.cfg = cfg
         self.shape: ModelShape = model_shape(cfg.model, cfg.revision)
-        self.model = ModelRef(name=cfg.model, revision=cfg.revision, dtype=cfg.dtype)
+        check_architecture(cfg.model, self.shape)
+        self.identity = model_identity(cfg.model, cfg.revision)
+        self.model = ModelRef(name=cfg.model, revision=self.identity.revision, dtype=cfg.dtype,
+                              fingerprint=self.identity.fingerprint)
 
     @property
     def round_label(self) -> str:
@@ -201,7 +206,7 @@ class Job(ABC):
 
     def record(self) -> dict[str, Any]:
         """What the manifest says about this job's inputs."""
-        return {"model_fingerprint": model_fingerprint(self.cfg.model, self.cfg.revision)}
+        return {"model_fingerprint": self.identity.fingerprint, "model_revision_loaded": self.identity.revision}
 
 
 class ScanJob(Job):

@@ -18,6 +18,7 @@ from pydantic import Field, field_validator, model_validator
 
 from study import __version__
 from study.core.ablation import Ablation
+from study.core.architectures import check_architecture
 from study.core.errors import UsageError
 from study.core.heads import Head, parse_heads
 from study.core.stats import wilson
@@ -26,7 +27,8 @@ from study.experiments.base import GeneratingConfig, Job, ScanJob, _head_labels,
 from study.experiments.sahara import SaharaJob
 from study.generation.judges.registry import get_judge, is_llm_judge
 from study.models.builtin import check_model_name, model_id
-from study.models.loading import model_fingerprint, model_shape
+from study.models.fingerprint import model_identity
+from study.models.loading import model_shape
 from study.models.recipes import MIXED_RECIPES, Recipe, Swap, parse_recipe
 from study.prompts.sets import PromptSet, load_prompts
 from study.runtime.executor import Outcome
@@ -93,6 +95,8 @@ class SwapJob(ScanJob):
     def __init__(self, cfg: SwapConfig, out: Path) -> None:
         super().__init__(cfg, out)
         base_shape = model_shape(cfg.base, cfg.base_revision)
+        check_architecture(cfg.base, base_shape)
+        self.base_identity = model_identity(cfg.base, cfg.base_revision)
         if base_shape != self.shape:  # from the configs: before any weight loads (a vocabulary too)
             raise UsageError(f"swap: {cfg.model!r} and its base {cfg.base!r} differ ({self.shape.differences(base_shape)})"
                              f": a swap needs two models of one architecture and vocabulary")
@@ -135,10 +139,12 @@ class SwapJob(ScanJob):
         """(recipe, the model it measures): the two references first, then every mixed recipe asked for."""
         c = self.cfg
         out = [(Recipe.ALIGNED, self.model),
-               (Recipe.BASE, ModelRef(name=c.base, revision=c.base_revision, dtype=c.dtype))]
+               (Recipe.BASE, ModelRef(name=c.base, revision=self.base_identity.revision, dtype=c.dtype,
+                                      fingerprint=self.base_identity.fingerprint))]
         for recipe in c.recipe_list:
             heads = self.safety if recipe.needs_heads else ()
-            swap = Swap(recipe=recipe, aligned=c.model, base=c.base, base_revision=c.base_revision, heads=heads)
+            swap = Swap(recipe=recipe, aligned=c.model, base=c.base, base_revision=self.base_identity.revision,
+                        heads=heads, base_fingerprint=self.base_identity.fingerprint)
             out.append((recipe, self.model.model_copy(update={"swap": swap})))
         return out
 
@@ -235,5 +241,5 @@ class SwapJob(ScanJob):
     def record(self) -> dict[str, Any]:
         extra = {} if self.benign is None else {"benign": {"set": self.benign.name, "count": len(self.benign)}}
         return {**super().record(), **extra, "base": self.cfg.base,
-                "base_fingerprint": model_fingerprint(self.cfg.base, self.cfg.base_revision),
+                "base_fingerprint": self.base_identity.fingerprint,
                 "decoding": self.decoding.model_dump(mode="json"), "judges": [j.label for j in self.judges]}

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,8 +17,6 @@ from study.core.shape import ModelShape
 from study.models.builtin import (
     ALIASES,
     FAMILY,
-    _package_folder,
-    check_member,
     check_model_name,
     materialize_alias,
     materialize_member,
@@ -29,6 +26,11 @@ from study.models.builtin import (
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")  # auto: cuda where the process has one, else cpu
+
+
+def hub_offline() -> bool:
+    """Whether the user asked for no hub access (HF_HUB_OFFLINE)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -51,7 +53,7 @@ def _hub_config(name: str, revision: str | None) -> Path:
     cached = try_to_load_from_cache(name, "config.json", revision=revision)
     if isinstance(cached, str):
         return Path(cached)
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    offline = hub_offline()
     if offline or not _hub_reachable():
         why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached from here"
         raise UsageError(f"model {name!r} is not in the local Hugging Face cache and {why}: download it where "
@@ -80,38 +82,6 @@ def model_shape(name: str, revision: str | None = None) -> ModelShape:
         raise UsageError(f"could not read {config}: {err}") from None
 
 
-def model_fingerprint(name: str, revision: str | None = None) -> str:
-    """What exactly a model name stood for when a run used it: a hub commit where one is known (a 40-hex
-    revision, or the snapshot in the local hub cache), else a hash of the config and the weight files' names
-    and sizes (a local folder, or the package file behind an alias). Never downloads anything."""
-    if revision and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
-        return f"commit:{revision}"
-    if name in FAMILY:
-        return f"adapter:{check_member(name)[:16]}"
-    if name in ALIASES:
-        alias = ALIASES[name]
-        folder = _package_folder(alias.package)
-        files = [folder / alias.gguf_file] if folder else []
-    else:
-        path = Path(name).expanduser()
-        if not path.exists():
-            try:
-                from huggingface_hub import try_to_load_from_cache
-
-                cached = try_to_load_from_cache(name, "config.json", revision=revision)
-            except Exception:
-                cached = None
-            if isinstance(cached, str) and "/snapshots/" in cached:
-                return "commit:" + cached.split("/snapshots/")[1].split("/")[0]
-            return "unknown"
-        files = sorted(f for f in path.iterdir() if f.is_file())
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        h.update(str(f.stat().st_size).encode())
-        if f.name == "config.json":
-            h.update(f.read_bytes())
-    return f"files:{h.hexdigest()[:16]}"
 
 
 @dataclass

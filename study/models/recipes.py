@@ -60,6 +60,7 @@ class Swap(BaseModel):
     base: str
     base_revision: str | None = None
     heads: tuple[Head, ...] = ()
+    base_fingerprint: str | None = None  # the base's content identity (study.models.fingerprint)
 
     @field_validator("heads")
     @classmethod

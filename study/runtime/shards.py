@@ -18,7 +18,6 @@ from typing import Literal, Sequence
 import pyarrow as pa
 from pydantic import Field
 
-from study import __version__
 from study.core.ablation import Ablation
 from study.core.frozen import Frozen
 from study.core.subspace import SubspaceSpec
@@ -27,6 +26,7 @@ from study.generation.decoding import Decoding
 from study.models.recipes import Swap
 from study.prompts.formats import PromptFormat
 from study.prompts.sets import PromptSet
+from study.runtime.identity import scoring_identity
 
 Measure = Literal["kl", "angle", "nll"]
 
@@ -49,9 +49,10 @@ class ModelRef(Frozen):
     `swap`, the mixed model that recipe builds from `name` (the aligned model) and its base."""
 
     name: str
-    revision: str | None = None
+    revision: str | None = None  # a hub model's resolved commit where one is known (pinned at plan time)
     dtype: str = "float32"
     swap: Swap | None = None
+    fingerprint: str | None = None  # the content identity (study.models.fingerprint): part of every shard id
 
     @property
     def key(self) -> dict:
@@ -103,11 +104,12 @@ class Shard(Frozen):
     base: Ablation = Ablation()
     measure: Measure = "kl"
     subspace: SubspaceSpec | None = None
-    code_version: str = __version__
+    code_version: str = Field(default_factory=scoring_identity)
 
     @property
     def id(self) -> str:
-        """Stable content id: model, revision, dtype, prompt ids, format, ablations, operator, eps, version."""
+        """Stable content id: the model's content, dtype, prompt ids, format, ablations, operator, eps, and the
+        identity of the code that computes it."""
         return _digest({
             "model": self.model.key,
             "prompts": self.prompts.key,
@@ -138,7 +140,7 @@ class GenShard(Frozen):
     pairing: Literal["cross", "zip"] = "cross"
     decoding: Decoding
     backend: str = "hf"
-    code_version: str = __version__
+    code_version: str = Field(default_factory=scoring_identity)
     measure: Literal["generate"] = "generate"
 
     def model_post_init(self, _: object) -> None:

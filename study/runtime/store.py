@@ -87,11 +87,13 @@ def package_versions() -> dict[str, str]:
 
 
 def code_version() -> dict[str, Any]:
-    """The package version and, when running from a git checkout, its commit and whether it has changes."""
+    """The package version, the scoring code's identity (what stored shards are keyed by) and, when running
+    from a git checkout, its commit and whether it has changes."""
     from study import __version__
+    from study.runtime.identity import scoring_identity
 
-    out: dict[str, Any] = {"version": __version__}
-    root = Path(__file__).resolve().parents[1]
+    out: dict[str, Any] = {"version": __version__, "scoring": scoring_identity()}
+    root = Path(__file__).resolve().parents[2]  # the checkout holding study/
     if (root / ".git").exists():
         import subprocess
 
