@@ -24,11 +24,10 @@ import pyarrow as pa
 from study.core.errors import UsageError
 from study.experiments.asr import AsrJob
 from study.experiments.base import Job, ScanJob
-from study.experiments.sahara import GeneralizedShipsJob, SaharaJob
-from study.experiments.ships import ShipsJob, SpecificityJob
-from study.experiments.surgery import SurgeryJob
+from study.experiments.registry import JOBS
 from study.experiments.swap import SwapJob
 from study.experiments.utility import UtilityJob
+from study.models.builtin import model_id
 from study.runtime.executor import Executor, LocalExecutor, ModelStats, execute, make_executor
 from study.runtime.shards import GenShard
 from study.runtime.store import (
@@ -80,18 +79,30 @@ def check_out(out: str | os.PathLike[str]) -> Path:
     return p
 
 
-JOBS: dict[str, type[Job]] = {"ships": ShipsJob, "specificity": SpecificityJob, "generalized_ships": GeneralizedShipsJob,
-                              "sahara": SaharaJob, "asr": AsrJob, "swap": SwapJob, "utility": UtilityJob,
-                              "surgery": SurgeryJob}
-
-
 def plan_study(study: StudyConfig, out: str | os.PathLike[str] | None = None) -> Plan:
     """Everything that can be checked and planned without loading a model."""
     out_dir = check_out(out or study.out)
     jobs = [JOBS[name](cfg, out_dir) for name, cfg in study.jobs()]
+    check_distinct_files(jobs)
     for job in jobs:
         job.link(jobs)
     return Plan(study, out_dir, jobs)
+
+
+def check_distinct_files(jobs: list[Job]) -> None:
+    """Two jobs that would write the same table files (same model, experiment and condition) end the plan with
+    one line naming both: the second would replace the first's rows, or the commit would fail after the work."""
+    seen: dict[tuple[str, str], Job] = {}
+    for job in jobs:
+        key = (model_id(job.cfg.model), job.part)
+        if key in seen:
+            other = seen[key]
+            a, b = other.cfg.model_dump(mode="json"), job.cfg.model_dump(mode="json")
+            diff = "; ".join(f"{k} {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b[k]) or "nothing"
+            raise UsageError(f"{job.experiment} on {job.cfg.model!r}: two jobs would write the same table files "
+                             f"(they differ in {diff}, which changes how many rows or how they run, not which "
+                             f"rows): keep one of them, or run the other into another --out folder")
+        seen[key] = job
 
 
 # What turns a run folder's tables into the analysis tables (rankings, specificity, overlap, ASR curves):

@@ -154,20 +154,43 @@ class AsrJob(ScanJob):
         return {**super().condition, "level": self.cfg.level, "decoding": self.decoding.label}
 
     def _arms_from_run(self, run: Path) -> list[Arm]:
-        from study.runtime.store import read_table
 
         if not run.is_dir():
             raise UsageError(f"--from-run {str(run)!r} is not a run folder")
         if self.cfg.level == "dataset":
-            t = read_table(run, "sahara", model=self.cfg.model).to_pandas()
-            if t.empty:
-                raise UsageError(f"--from-run {run}: the sahara table has no rows for {self.cfg.model!r}")
+            t = self._one_search(run, "sahara", ("dataset", "prompt_format", "op", "eps", "subspace", "rank_r",
+                                                 "centered"))
             t = t[t["run_id"] == t["run_id"].iloc[-1]] if t["run_id"].nunique() > 1 else t
             chosen = t[t["chosen"]].sort_values("step")
             return self._sahara_arms([Head(int(r.layer), int(r.head)) for r in chosen.itertuples()])
-        t = read_table(run, "ships", model=self.cfg.model).to_pandas()
+        t = self._one_search(run, "ships", ("dataset", "prompt_format", "op", "eps"))
         return self._query_arms({pid: [Head(int(r.layer), int(r.head)) for r in g.sort_values("rank").itertuples()]
                                  for pid, g in t.groupby("prompt_id")}, f"--from-run {run}")
+
+    def _one_search(self, run: Path, table: str, keys: tuple[str, ...]) -> Any:
+        """The rows of `run`'s `table` for this model of the one search to take heads from: the same operator,
+        eps and format as this job; of several datasets (or subspaces), the one this job's prompts come from;
+        more than one left is refused with the candidates listed (two searches' heads must never mix)."""
+        from study.runtime.store import read_table
+
+        t = read_table(run, table, model=self.cfg.model).to_pandas()
+        if t.empty:
+            raise UsageError(f"--from-run {run}: the {table} table has no rows for {self.cfg.model!r}")
+        c = self.cfg
+        same = t[(t["op"] == c.op.value) & (t["eps"] == c.eps) & (t["prompt_format"] == c.format.value)]
+        if same.empty:
+            found = sorted({f"{r.op} eps {r.eps:g} format {r.prompt_format}" for r in t.itertuples()})
+            raise UsageError(f"--from-run {run}: no {table} rows for {c.model!r} with operator {c.op.value}, eps "
+                             f"{c.eps:g} and format {c.format.value} (it holds: {'; '.join(found)})")
+        groups = {k: g for k, g in same.groupby(list(keys), dropna=False)}
+        if len(groups) > 1:
+            own = {k: g for k, g in groups.items() if k[0] == self.prompts.name}
+            groups = own if own else groups
+        if len(groups) > 1:
+            listed = "; ".join(", ".join(f"{n} {v}" for n, v in zip(keys, k)) for k in sorted(groups, key=str))
+            raise UsageError(f"--from-run {run}: {len(groups)} {table} searches of {c.model!r} fit ({listed}): "
+                             f"run asr on a folder holding one of them, or use the dataset that search used")
+        return next(iter(groups.values()))
 
     def _resolve_linked(self) -> None:
         if isinstance(self.source, SaharaJob):

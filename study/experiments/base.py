@@ -8,11 +8,13 @@ import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
+from pydantic_core import to_jsonable_python
 
 from study import __version__
 from study.core.ablation import DEFAULT_OP, SCORING_EPS, Ablation, Op, check_eps, parse_op
@@ -151,6 +153,21 @@ class GeneratingConfig(ScanConfig):
                               seed=self.seed)
 
 
+# settings that never change a job's rows: where and in what pieces the work runs, what is printed, where a
+# checkpoint goes, which folder a prompt file was found in (its content is the prompts' identity)
+NOT_ROWS = frozenset({"model", "device", "token_budget", "shard_heads", "shard_prompts", "data_dir", "top",
+                      "checkpoint"})
+# settings that change how many rows, not which: the first n prompts, steps, group sizes, samples, controls
+SIZES = frozenset({"limit", "benign_limit", "steps", "k", "samples", "random_controls", "lm_eval_limit"})
+
+
+@cache
+def _defaults(cls: type[ModelConfig]) -> dict[str, Any]:
+    """Each field's default as JSON would show it (a required field gets a value no setting can have)."""
+    return {name: to_jsonable_python(f.get_default(call_default_factory=True)) if not f.is_required() else object()
+            for name, f in cls.model_fields.items()}
+
+
 def _head_labels(v: str | None) -> str | None:
     return None if v is None else ",".join(h.label for h in parse_heads(v))
 
@@ -245,10 +262,18 @@ class ScanJob(Job):
 
     @property
     def condition(self) -> dict[str, Any]:
-        """What makes two jobs of one experiment and model different results (not their sizes)."""
+        """What makes two jobs of one experiment and model different results: every setting that changes which
+        rows the job writes or their values, except how many (`SIZES`: a rerun with more replaces the rows
+        of fewer). Settings at their defaults are left out, so a file's name stays what it was before a
+        setting existed."""
         c = self.cfg
-        return dict(prompts=self.prompts.name, op=c.op.value, eps=c.eps, format=c.format.value,
-                    system_prompt=c.system_prompt)
+        out: dict[str, Any] = dict(prompts=self.prompts.name, op=c.op.value, eps=c.eps, format=c.format.value,
+                                   system_prompt=c.system_prompt)
+        values = c.model_dump(mode="json")
+        for name, default in _defaults(type(c)).items():
+            if name not in out and name not in NOT_ROWS and name not in SIZES and values[name] != default:
+                out[name] = values[name]
+        return out
 
     @property
     def part(self) -> str:

@@ -1,19 +1,22 @@
-"""The experiments a study spec may name: each section's config class, and the settings a section fixes."""
+"""The experiments a study spec may name: each section's config class and job, and the settings a section fixes."""
 
 from __future__ import annotations
 
-from study.experiments.asr import AsrConfig
-from study.experiments.base import ModelConfig
-from study.experiments.sahara import SaharaConfig
-from study.experiments.ships import ShipsConfig, SpecificityConfig
-from study.experiments.surgery import SurgeryConfig
-from study.experiments.swap import SwapConfig
-from study.experiments.utility import UtilityConfig
+from study.experiments.asr import AsrConfig, AsrJob
+from study.experiments.base import Job, ModelConfig
+from study.experiments.sahara import GeneralizedShipsJob, SaharaConfig, SaharaJob
+from study.experiments.ships import ShipsConfig, ShipsJob, SpecificityConfig, SpecificityJob
+from study.experiments.surgery import SurgeryConfig, SurgeryJob
+from study.experiments.swap import SwapConfig, SwapJob
+from study.experiments.utility import UtilityConfig, UtilityJob
 
 EXPERIMENTS: dict[str, type[ModelConfig]] = {
     "ships": ShipsConfig, "specificity": SpecificityConfig, "generalized_ships": SaharaConfig,
     "sahara": SaharaConfig, "asr": AsrConfig, "swap": SwapConfig, "utility": UtilityConfig,
     "surgery": SurgeryConfig}
+JOBS: dict[str, type[Job]] = {
+    "ships": ShipsJob, "specificity": SpecificityJob, "generalized_ships": GeneralizedShipsJob, "sahara": SaharaJob,
+    "asr": AsrJob, "swap": SwapJob, "utility": UtilityJob, "surgery": SurgeryJob}
 # generalized Ships is Sahara's first step, every head scored; perplexity reads raw text, not a prompt
 FIXED = {"generalized_ships": {"steps": 1}, "utility": {"format": "direct", "system_prompt": None}}
 # sections whose own prompt set (benign prompts, benign text) and its limit the study's defaults do not replace

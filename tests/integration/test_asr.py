@@ -181,3 +181,50 @@ def test_llm_judge_runs_the_rubric_on_the_judge_model(tiny, tmp_path):
     assert set(read_table(out, "asr").to_pandas()["judge"]) == {"refusal@1", "llm:smollm2-135m-instruct@1"}
     again = run_study(spec)
     assert again.computed == 0 and again.reused == first.computed
+
+
+def test_two_asr_runs_differing_only_in_heads_keep_both(tiny, tmp_path):
+    """Heads are part of a job's identity: the second run adds its rows beside the first's, not over them."""
+    out = tmp_path / "run"
+    run_study(study(tiny, out, dict(heads="L1H2", benign="none")))
+    run_study(study(tiny, out, dict(heads="L0H1", benign="none")))
+    asr = read_table(out, "asr").to_pandas()
+    heads = asr[asr["condition"] == "heads"]
+    assert sorted(a.split(":")[-1] for a in heads["ablation"]) == ["L0H1", "L1H2"]
+    assert len(asr[asr["condition"] == "normal"]) == 2  # each condition keeps its own normal arm
+    assert len(list((out / "asr").rglob("*.parquet"))) == 2
+
+
+def test_from_run_takes_one_search_and_refuses_a_mixed_folder(tiny, tmp_path, capsys):
+    """Two Sahara searches of one model in a folder (two subspaces) are never interleaved: asr --from-run
+    names both and stops; a folder with one search gives its group."""
+    scored = tmp_path / "sahara"
+    common = ["--model", tiny, "--dtype", "float64", "--limit", "3", "--executor", "local", "--out", str(scored)]
+    assert main(["sahara", "--steps", "1", *common]) == 0
+    asr_args = ["asr", "--model", tiny, "--dtype", "float64", "--limit", "2", "--executor", "local",
+                "--from-run", str(scored), "--max-new-tokens", str(NEW), "--benign", "none"]
+    assert main([*asr_args, "--out", str(tmp_path / "one")]) == 0
+    assert not read_table(tmp_path / "one", "asr").to_pandas().empty
+    assert main(["sahara", "--steps", "1", "--subspace", "right", *common]) == 0
+    capsys.readouterr()
+    assert main([*asr_args, "--out", str(tmp_path / "two")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 sahara searches" in err[0] and "subspace left" in err[0] and "subspace right" in err[0]
+    assert not (tmp_path / "two").exists()
+    assert main([*asr_args, "--op", "scale_v", "--out", str(tmp_path / "three")]) == 2  # no search of that operator
+    assert "no sahara rows" in capsys.readouterr().err
+
+
+def test_jobs_that_would_write_one_file_are_refused_at_plan_time(tiny, tmp_path):
+    from study.core.errors import UsageError
+    from study.experiments.asr import AsrConfig, AsrJob
+    from study.runner import check_distinct_files
+
+    a = AsrJob(build(AsrConfig, dict(model=tiny, heads="L1H2", limit=2)), tmp_path)
+    b = AsrJob(build(AsrConfig, dict(model=tiny, heads="L1H2", limit=3)), tmp_path)  # a size only
+    c = AsrJob(build(AsrConfig, dict(model=tiny, heads="L0H1", limit=3)), tmp_path)
+    d = AsrJob(build(AsrConfig, dict(model=tiny, heads="L1H2", decoding="topk")), tmp_path)
+    assert len({a.part, c.part, d.part}) == 3 and a.part == b.part
+    check_distinct_files([a, c, d])
+    with pytest.raises(UsageError, match=r"asr on .*two jobs would write the same table files .*limit 2 vs 3"):
+        check_distinct_files([a, c, b])
