@@ -48,7 +48,8 @@ def _common(p: argparse.ArgumentParser, *, submitted: bool = False) -> None:
     g.add_argument("--token-budget", type=int, default=None,
                    help="rows x tokens per forward (default 2048 on CPU, 16384 on GPU)")
     g.add_argument("--force", action="store_true", help="recompute every shard, even those already in --out")
-    g.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: info)")
+    g.add_argument("-v", "--verbose", action="count", default=0, help="-v: log each step (info), -vv: debug "
+                   "(default: warnings and errors only)")
 
 
 def _screen_args(p: argparse.ArgumentParser, whose: str) -> None:
@@ -105,7 +106,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="figures and a self-contained report.html from a run folder's tables")
     p.add_argument("run_dir", help="a run folder (the --out of a study)")
-    p.add_argument("-v", "--verbose", action="store_true", help="info logging")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="-v: log each step (info), -vv: debug "
+                   "(default: warnings and errors only)")
 
     p = sub.add_parser("models", help="the built-in model aliases")
     p = sub.add_parser("configs", help="the built-in study specs")
@@ -154,7 +156,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16 or float64")
     p.add_argument("--force", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: info)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="-v: log each step (info), -vv: debug "
+                   "(default: warnings and errors only)")
     return top
 
 
@@ -185,6 +188,7 @@ def _run(study, args: argparse.Namespace) -> None:
     from analysis.derive import derive_run
     from study.runner import run_study, summary_lines
 
+    _interrupted_out[0] = str(args.out or study.out)
     result = run_study(study, args.out, force=args.force, command=args.command, derive=derive_run)
     for job, tables in zip(result.jobs, result.job_tables):
         if job.experiment == "ships":
@@ -204,6 +208,9 @@ def _run(study, args: argparse.Namespace) -> None:
     print("\n".join(summary_lines(result)))
     print(f"wrote {result.out} (run {result.run_id})")
     print(f"report: {_report(result.out)}")
+
+
+_interrupted_out: list[str | None] = [None]  # the run folder a Ctrl-C would leave, for its one line
 
 
 def _report(run_dir) -> str:
@@ -390,7 +397,8 @@ COMMANDS = {"run": _cmd_run, "plan": _cmd_plan, "submit": _cmd_submit, "ships": 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+    verbosity = getattr(args, "verbose", 0) or 0
+    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbosity, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -398,6 +406,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"headstudy: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        out = _interrupted_out[0]
+        kept = (f"finished shards are kept in {out}/shards and the same command resumes from them" if out
+                else "nothing was being written")
+        print(f"headstudy: interrupted: {kept}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -29,6 +29,7 @@ from study.experiments.swap import SwapJob
 from study.experiments.utility import UtilityJob
 from study.models.builtin import model_id
 from study.runtime.executor import Executor, LocalExecutor, ModelStats, execute, make_executor
+from study.runtime.runfolder import FolderLock, recover
 from study.runtime.shards import GenShard
 from study.runtime.store import (
     RunWriter,
@@ -115,6 +116,13 @@ def run_study(study: StudyConfig, out: str | os.PathLike[str] | None = None, *, 
     """Run every job of the study into one run folder (one manifest, one run id); with `derive`, its
     analysis tables too (of everything the folder then holds)."""
     plan = plan_study(study, out)
+    with FolderLock(plan.out):
+        recover(plan.out)  # a killed run's half commit is finished, its leftovers removed
+        return _run(plan, study, force, executor, command, derive)
+
+
+def _run(plan: Plan, study: StudyConfig, force: bool, executor: Executor | None, command: str,
+         derive: Derive | None) -> RunOutput:
     run_id = new_run_id()
     store = ShardStore(plan.out)
     result = RunOutput(run_id, plan.out, plan.jobs)

@@ -37,7 +37,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from study.core.errors import UsageError
-from study.core.files import atomic_path, write_json_atomic
+from study.core.files import atomic_path
+from study.runtime.runfolder import STAGING_PREFIX, commit
 from study.runtime.schema import TABLES
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class RunWriter:
             raise UsageError(f"bad run id {run_id!r}: use letters, digits, '.', '_' and '-' (see new_run_id())")
         self.out_dir = Path(out_dir)
         self.run_id = run_id
-        self.staging = self.out_dir / f".staging-{run_id}"
+        self.staging = self.out_dir / f"{STAGING_PREFIX}{run_id}"
         self._manifest: dict[str, Any] = {}
         self._parts: dict[str, int] = {}  # table -> next part number
         self._staged: list[Path] = []  # relative to staging
@@ -219,15 +220,12 @@ class RunWriter:
             (self.out_dir / name).mkdir(exist_ok=True)  # an empty table still exists
         files: dict[str, list[str]] = {k: list(v) for k, v in self._manifest.get("files", {}).items()}
         for rel in self._staged:
-            final = self.out_dir / rel
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.staging / rel, final)
             files.setdefault(rel.parts[0], []).append(rel.as_posix())
         manifest = {**self._manifest, "run_id": self.run_id, "files": files}
-        (self.out_dir / MANIFESTS_DIR).mkdir(exist_ok=True)
-        write_json_atomic(self.out_dir / MANIFESTS_DIR / f"{self.run_id}.json", manifest, durable=True)
-        write_json_atomic(self.out_dir / MANIFEST, manifest, durable=True)  # last: its presence marks a complete run
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        # all or nothing: a journal first, then the files, the manifest last (its presence marks a complete run)
+        commit(self.out_dir, self.staging, [rel.as_posix() for rel in self._staged], manifest,
+               [f"{MANIFESTS_DIR}/{self.run_id}.json", MANIFEST], self.run_id)
         log.info("run %s: wrote %d file(s) to %s", self.run_id, len(self._staged), self.out_dir)
 
     def _rollback(self) -> None:

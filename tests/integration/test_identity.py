@@ -8,7 +8,6 @@ import os
 import shutil
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from study.core.frozen import build
@@ -119,10 +118,10 @@ def test_code_identity_sees_code_not_comments_or_docstrings(tmp_path):
 
 
 def test_shards_carry_the_model_content_and_the_code_identity(tmp_path, monkeypatch):
-    from study.runtime.shards import ModelRef, PromptBlock, Shard
     from study.core.ablation import Ablation
     from study.core.heads import Head
     from study.prompts.formats import PromptFormat
+    from study.runtime.shards import ModelRef, PromptBlock, Shard
 
     block = PromptBlock(ids=("a",), texts=("x",), format=PromptFormat.DIRECT)
     one = Shard(model=ModelRef(name="m", fingerprint="files:1"), prompts=block, ablations=(Ablation(heads=(Head(0, 0),)),))
