@@ -25,3 +25,30 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared datasets not found at {SHARED_DATA} (they sit beside the project on dev/CI machines)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def fast_tests_stay_light(request, monkeypatch):
+    """The fast subset (`-m "not slow"`) needs neither the embedded model nor Ray: a test not marked slow that
+    converts or merges SmolLM2, or starts Ray, fails here instead of quietly making the subset slow."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+
+    def refuse(what: str):
+        def _refused(*args, **kwargs):
+            raise AssertionError(f"a test outside the slow subset {what}: mark it slow")
+        return _refused
+
+    import sys
+
+    for name in ("study.models.builtin", "study.models.loading"):  # where the names are bound at import
+        module = sys.modules.get(name) or __import__(name, fromlist=["_"])
+        for attr, what in (("materialize_alias", "converts the embedded SmolLM2"),
+                           ("materialize_member", "merges a family member")):
+            if hasattr(module, attr):
+                monkeypatch.setattr(module, attr, refuse(what))
+    try:
+        import ray
+    except ImportError:
+        return
+    monkeypatch.setattr(ray, "init", refuse("starts Ray"))

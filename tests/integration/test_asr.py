@@ -16,6 +16,8 @@ from study.runtime.store import read_table
 from study.spec import StudyConfig
 from tests.model_folders import tiny_llama_folder
 
+pytestmark = pytest.mark.slow  # a model folder with the embedded tokenizer
+
 NEW = 6  # new tokens: the tiny model's text is noise, the plumbing is what is tested
 
 
@@ -156,7 +158,6 @@ def test_from_run_without_the_table(tiny, tmp_path, capsys):
     assert "no table 'sahara'" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_llm_judge_runs_the_rubric_on_the_judge_model(tiny, tmp_path):
     from study.generation.judges.llm import parse_answer, rubric
     from study.prompts.sets import prompt_id

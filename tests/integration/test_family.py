@@ -35,6 +35,7 @@ def test_every_member_ships_an_adapter_and_a_card():
         assert (member_folder(name) / "train_ids.txt").is_file()
 
 
+@pytest.mark.slow
 def test_first_use_merges_into_the_cache_then_loads_the_cached_folder(cache):
     from safetensors.torch import load_file
 
@@ -55,6 +56,7 @@ def test_first_use_merges_into_the_cache_then_loads_the_cached_folder(cache):
     assert lm.model_id == f"headstudy/{MAIN}" and (cache / "models").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_a_damaged_cache_entry_is_rebuilt(cache):
     from study.models.loading import model_source
 
@@ -84,6 +86,7 @@ def test_a_damaged_adapter_names_its_file_and_writes_nothing(cache, tmp_path, mo
     assert not (tmp_path / "out").exists() and not (cache / "models").exists()
 
 
+@pytest.mark.slow
 def test_models_lists_the_family_with_base_recipe_size_and_cache_state(cache, capsys):
     from study.cli import main
     from study.models.loading import model_source
@@ -113,6 +116,7 @@ def test_refusal_figures_hold_against_the_card(name, shared_data):
         assert abs(rate.refused - want) <= max(1, round(0.1 * rate.n)), (label, rate.refused, want)
 
 
+@pytest.mark.slow
 def test_ships_runs_on_the_base_and_the_main_fine_tune_in_one_study(cache, tmp_path, capsys):
     """The cross-model path on the real family: one spec, two models, a table per model, different scores."""
     import json

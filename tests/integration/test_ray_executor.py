@@ -104,8 +104,9 @@ def test_bad_cluster_options_one_line_exit_2_nothing_written(argv, needle, tmp_p
     from study.cli import main
 
     out = tmp_path / "out"
+    was_running = ray.is_initialized()
     assert main(["ships", "--limit", "1", "--out", str(out), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
     assert not out.exists()
-    assert not ray.is_initialized() or ray.is_initialized()  # never left half-started by the command
+    assert ray.is_initialized() == was_running  # the command neither started Ray nor left it half-started

@@ -216,6 +216,7 @@ def test_weight_swaps_have_the_predicted_outcomes(tok, encoded):
 # ----------------------------------------------------------------------------------------------------- folders
 
 
+@pytest.mark.slow
 def test_saved_folders_load_with_auto_classes_and_match_memory(tmp_path, models, tok, encoded):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
