@@ -11,7 +11,6 @@ Started again on the same folder, a run reads finished shards back and computes 
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
@@ -41,8 +40,6 @@ from study.runtime.store import (
     read_manifest,
 )
 from study.spec import StudyConfig
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

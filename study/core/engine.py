@@ -20,7 +20,6 @@ and benchmarked against.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -33,8 +32,6 @@ from study.core.architectures import Arch
 from study.core.interventions import HeadHooks, HeadTables, ablated, first_divergent_layer
 from study.core.passes import BasePass, KVRecorder, PrefixKV, mlp_at
 from study.core.scores import kl_from_logits, kl_from_logprobs, log_softmax_fp
-
-log = logging.getLogger(__name__)
 
 # rows x padded length per forward. On a CPU small blocks win (activations stay in cache and under glibc's
 # mmap threshold: SmolLM2 runs ~2x faster at 2048 than at 16384); accelerators want large ones.

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -22,8 +21,6 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
 from study.core.architectures import Arch
-
-log = logging.getLogger(__name__)
 
 # Layer-call arguments that carry the prompt batch on dim 0 (indexed per row) or never do (passed through).
 BATCHED_ARGS = frozenset({"attention_mask", "position_ids", "position_embeddings", "encoder_attention_mask"})

@@ -5,13 +5,10 @@
 from __future__ import annotations
 
 import enum
-import logging
 from dataclasses import dataclass, fields
 from typing import Any
 
 from study.core.errors import UsageError
-
-log = logging.getLogger(__name__)
 
 
 class Site(str, enum.Enum):

@@ -12,7 +12,6 @@ degenerate: an ablation that breaks a small model's text must not read as "it st
 
 from __future__ import annotations
 
-import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +40,6 @@ from study.prompts.sets import PromptSet, load_prompts, prompt_id
 from study.runtime.executor import Outcome
 from study.runtime.schema import make_table
 from study.runtime.shards import GenShard, ModelRef, PromptBlock, blocks
-
-log = logging.getLogger(__name__)
 
 
 class AsrConfig(GeneratingConfig):

@@ -4,7 +4,6 @@ Config and job.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,6 @@ from study.core.heads import parse_heads
 from study.experiments.base import AblatingConfig, Job
 from study.models.builtin import model_id
 from study.runtime.store import model_slug
-
-log = logging.getLogger(__name__)
 
 
 class SurgeryConfig(AblatingConfig):

@@ -9,7 +9,6 @@ aligned model. The `swaps` table holds one row per (recipe, prompt kind, metric,
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,8 +33,6 @@ from study.prompts.sets import PromptSet, load_prompts
 from study.runtime.executor import Outcome
 from study.runtime.schema import make_table
 from study.runtime.shards import AnyShard, GenShard, ModelRef, PromptBlock, Shard, blocks
-
-log = logging.getLogger(__name__)
 
 
 class SwapConfig(GeneratingConfig):

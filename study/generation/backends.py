@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import logging
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from study.core import plugins
@@ -17,8 +16,6 @@ from study.generation.decoding import Decoding
 if TYPE_CHECKING:
 
     from study.core.shape import ModelShape
-
-log = logging.getLogger(__name__)
 
 
 class Generator(Protocol):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import logging
 from typing import TYPE_CHECKING, Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,8 +13,6 @@ from study.core.errors import UsageError
 if TYPE_CHECKING:
     import torch
 
-
-log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 128  # the paper's setting
 

@@ -4,7 +4,6 @@ shared prefix computed once per ablation.
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any, Sequence
 
 from study.core.ablation import Ablation
@@ -14,8 +13,6 @@ if TYPE_CHECKING:
     import torch
 
     from study.models.loading import LoadedModel
-
-log = logging.getLogger(__name__)
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
 from study.core.errors import UsageError
-
-log = logging.getLogger(__name__)
 
 FORMAT = "headstudy-lora/1"  # the adapter files' metadata format
 

@@ -9,7 +9,6 @@ import hashlib
 import importlib.resources
 import importlib.util
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,6 @@ from study.core.shape import ModelShape
 from study.models import cache as model_cache
 from study.models.adapters import write_merged
 from study.models.cache import cache_dir
-
-log = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter.safetensors"
 CARD_FILE = "card.json"
@@ -142,7 +139,6 @@ def cached_folder(name: str) -> Path | None:
         return None
     folder, key = _cache_entry(name, adapter_sha256(path))
     return folder if model_cache.problem(folder, key) is None else None
-
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,6 @@ from study.models.builtin import (
     materialize_member,
     model_id,
 )
-
-log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")  # auto: cuda where the process has one, else cpu
 
@@ -80,8 +77,6 @@ def model_shape(name: str, revision: str | None = None) -> ModelShape:
         return ModelShape.from_config(json.loads(config.read_text(encoding="utf-8")))
     except (OSError, ValueError) as err:
         raise UsageError(f"could not read {config}: {err}") from None
-
-
 
 
 @dataclass

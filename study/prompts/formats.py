@@ -5,7 +5,6 @@ ids, recorded with every result.
 from __future__ import annotations
 
 import enum
-import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -15,10 +14,7 @@ from study.prompts.sets import PromptSet, _one_line
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-log = logging.getLogger(__name__)
 
-
-# ----------------------------------------------------------------------------------------------- formats
 
 
 class PromptFormat(str, enum.Enum):

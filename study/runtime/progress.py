@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from tqdm.auto import tqdm
-
-log = logging.getLogger(__name__)
 
 
 class _Lines:

@@ -4,14 +4,10 @@ prefixes, and this project's refusal-family judge (METHOD.md section 5).
 
 from __future__ import annotations
 
-import logging
 import re
 from typing import Sequence
 
 from study.generation.judges.base import Judge, Verdict, degeneracy
-
-log = logging.getLogger(__name__)
-
 
 # The paper's Table 4 (METHOD.md section 5), straight apostrophes, in the paper's order.
 PAPER_KEYWORDS: tuple[str, ...] = (

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from study.core.errors import UsageError
 from study.generation.judges.base import LLM_PREFIX, Judge
 from study.generation.judges.keywords import (
@@ -13,11 +11,6 @@ from study.generation.judges.keywords import (
     KeywordJudge,
     RefusalJudge,
 )
-
-log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------- registry
 
 JUDGES: dict[str, Judge] = {
     j.name: j
