@@ -134,3 +134,22 @@ def test_vllm_model_types_are_the_vllm_edit_table():
     from study.generation.backends import VLLM_MODEL_TYPES
 
     assert sorted(VLLM_ARCHITECTURES) == sorted(VLLM_MODEL_TYPES)
+
+
+@pytest.mark.parametrize("config", [
+    {"model_type": "mixtral", "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+     "hidden_size": 32, "num_local_experts": 4},
+    {"model_type": "falcon", "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 32},
+])
+def test_an_uncovered_architecture_is_one_line_at_plan_time(config, tmp_path, capsys):
+    """Read from config.json alone: there are no weights in the folder, so nothing could have been loaded."""
+    import json
+
+    folder = tmp_path / config["model_type"]
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    code, err = _run(capsys, "ships", "--model", str(folder), "--executor", "local", "--out", str(out))
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"unsupported architecture {config['model_type']!r}" in err and "llama" in err and str(folder) in err
+    assert not out.exists()
