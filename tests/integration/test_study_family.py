@@ -19,6 +19,7 @@ import yaml
 
 from study.spec import load_study
 from study.cli import main
+from analysis.derive import derive_run
 from study.runner import run_study
 from tests.planted_family import ALWAYS_HEAD, OWN_A, OWN_B, PLANTED, SHARED, family_folders, write_prompt_files
 
@@ -51,7 +52,7 @@ def family_run(tmp_path_factory):
     }
     path = root / "study.yaml"
     path.write_text(yaml.safe_dump(spec))
-    first = run_study(load_study(path))
+    first = run_study(load_study(path), derive=derive_run)
     return root, folders, path, first
 
 
