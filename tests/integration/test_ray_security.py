@@ -5,6 +5,7 @@ writes."""
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import os
 import urllib.error
@@ -22,9 +23,11 @@ from tests.model_folders import tiny_llama_folder
 
 pytestmark = pytest.mark.slow
 
-# a call each kind of Ray gRPC server serves (GCS, raylet, core worker: the driver and every actor, agents)
+# a call each kind of Ray gRPC server serves (GCS, raylet, core worker: the driver and every actor, agents,
+# object manager)
 GRPC_METHODS = ("/ray.rpc.NodeInfoGcsService/GetClusterId", "/ray.rpc.NodeManagerService/GetNodeStats",
-                "/ray.rpc.CoreWorkerService/NumPendingTasks", "/ray.rpc.ReporterService/HealthCheck")
+                "/ray.rpc.CoreWorkerService/NumPendingTasks", "/ray.rpc.ReporterService/HealthCheck",
+                "/ray.rpc.ObjectManagerService/Pull")
 
 
 def listeners() -> list[tuple[str, int, str]]:
@@ -48,6 +51,14 @@ def loopback(ip: str) -> bool:
     return addr.is_loopback
 
 
+def _target(ip: str) -> str:
+    """Where a client reaches a port bound to `ip` (a wildcard bind: through 127.0.0.1, as good as any address)."""
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    if addr.is_unspecified:
+        return "127.0.0.1"
+    return f"[{ip}]" if addr.version == 6 else ip
+
+
 def grpc_status(host: str, port: int, token: str | None = None) -> set[str]:
     """The status codes of the gRPC calls above, without (or with) the token."""
     import grpc
@@ -65,23 +76,26 @@ def grpc_status(host: str, port: int, token: str | None = None) -> set[str]:
 
 
 def refuses_without_token(ip: str, port: int) -> bool:
-    """A client with no token is turned away: gRPC answers UNAUTHENTICATED and nothing else is served, or HTTP
-    answers 401/403."""
-    host = f"[{ip}]" if ":" in ip else ip
+    """A client with no token is turned away: HTTP answers 401/403, or gRPC answers UNAUTHENTICATED (and
+    serves none of the calls)."""
+    host = _target(ip)
     try:
         urllib.request.urlopen(f"http://{host}:{port}/", timeout=5)
         return False  # served an HTTP page to anyone
     except urllib.error.HTTPError as err:
         if err.code in (401, 403):
             return True
-    except OSError:
+    except (OSError, http.client.HTTPException):
         pass  # not HTTP/1.1: gRPC?
-    codes = grpc_status(ip, port)
+    codes = grpc_status(host, port)
     return "UNAUTHENTICATED" in codes and codes <= {"UNAUTHENTICATED", "UNIMPLEMENTED"}
 
 
-def test_a_local_run_listens_on_loopback_only_and_asks_for_a_token(tmp_path):
+def test_a_local_run_listens_on_loopback_only_and_asks_for_a_token(tmp_path, monkeypatch):
     tiny = str(tiny_llama_folder(tmp_path / "m"))
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):  # a user with no token of their own
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     job = plan_study(spec(tiny, tmp_path / "x", heads=1, prompts=1)).jobs[0]
     shards = job.pending()
     seen: list[tuple[str, int, str]] = []
@@ -89,8 +103,8 @@ def test_a_local_run_listens_on_loopback_only_and_asks_for_a_token(tmp_path):
         import ray
 
         session = Path(ray._private.worker._global_node.get_session_dir_path())
-        token = os.environ.get("RAY_AUTH_TOKEN")
-        assert token and os.environ.get("RAY_AUTH_MODE") == "token"
+        token = os.environ.get("RAY_AUTH_TOKEN")  # the run's own: this test's user has none
+        assert token is not None
         for i, _ in enumerate(ex.run(shards, {job.model: job.options})):
             if i == 1:  # mid-run: both actors are up and working
                 seen = listeners()
