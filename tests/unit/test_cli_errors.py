@@ -134,3 +134,16 @@ def test_vllm_model_types_are_the_vllm_edit_table():
     from study.generation.backends import VLLM_MODEL_TYPES
 
     assert sorted(VLLM_ARCHITECTURES) == sorted(VLLM_MODEL_TYPES)
+
+
+def test_a_run_that_could_not_finish_is_one_line_and_exit_1(monkeypatch, capsys):
+    import study.cli as cli
+    from study.core.errors import RunFailed
+
+    def fails(args):
+        raise RunFailed("model m could not be loaded: SafetensorError: header too short (3 tries); the other "
+                        "models' tables are in out")
+
+    monkeypatch.setitem(cli.COMMANDS, "run", fails)
+    code, err = _run(capsys, "run")
+    assert code == 1 and len(err.splitlines()) == 1 and "model m could not be loaded" in err
