@@ -3,7 +3,9 @@
 The job carries the project with it (the `study`, `actors` and `analysis` packages and the built-in specs,
 uploaded as the job's working directory) and the resolved spec, and runs `headstudy run` on the head node
 against the cluster (`--address auto`), so its model actors spread over the cluster's GPUs. Tables go to
-`--out`, a folder the head node writes (shared storage on a real cluster); actors only return batches.
+`--out`, a folder the head node writes (shared storage on a real cluster); actors only return batches. On a
+cluster with token authentication the client sends the user's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+~/.ray/auth_token), and the job's driver uses the head node's.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from actors.cluster import check_reachable
+from actors.cluster import TOKEN_HELP, check_reachable, restore_env, use_token_if_set
 from study.core.errors import UsageError
 from study.spec import StudyConfig
 
@@ -65,7 +67,10 @@ def submit(study: StudyConfig, address: str, out: str, *, force: bool = False) -
         raise UsageError(f"--out {out!r} must be an absolute path on storage the head node can write "
                          f"(a relative path would land in the job's temporary working directory)")
     check_reachable(address if "://" in address else f"http://{address}")
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
+
+    token = use_token_if_set()  # the Jobs API of a cluster with token authentication wants the user's token
 
     entry = ["python", "-m", "study.cli", "run", SPEC_NAME, "--out", out, "--address", "auto"]
     if force:
@@ -77,9 +82,14 @@ def submit(study: StudyConfig, address: str, out: str, *, force: bool = False) -
             job_id = client.submit_job(entrypoint=shlex.join(entry),
                                        runtime_env={"working_dir": str(workdir)},  # env vars: connect() sets them
                                        metadata={"headstudy": "run", "out": out})
+        except AuthenticationError:
+            who = "the token" if token else "a client without a token"
+            raise UsageError(f"the Ray Jobs API at {address!r} refused {who}: {TOKEN_HELP}") from None
         except Exception as err:  # connection refused, no job server (ray without [default]) ...
             raise UsageError(f"could not submit to the Ray Jobs API at {address!r}: "
                              f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
                              ) from None
+        finally:
+            restore_env()
     log.info("submitted %s", job_id)
     return Submitted(job_id, address, out)

@@ -9,6 +9,10 @@
 - Faults: an actor that dies is restarted by Ray (`max_restarts`); the shard it held is queued again (shards
   are idempotent, and the driver keeps only the first result of each), up to `max_retries` times per shard.
   An actor that cannot be restarted is replaced.
+- A model that fails to load (an error while loading it, or its actor dying before it computed anything for
+  it: killed for memory, a corrupt file) is tried again, `max_retries` times in all for the model; then it is
+  given up: its shards are dropped, its slots go to the other models, and `failed` names it with the cause. The
+  other models' work goes on; `execute` and the runner turn `failed` into one line at the end of the run.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ import pyarrow as pa
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from actors.cluster import Slots, actor_slots, connect
-from actors.model_actor import ModelActor
+from actors.cluster import Slots, actor_slots, connect, shutdown
+from actors.model_actor import ModelActor, ModelLoadError
 from study.core.errors import UsageError
 from study.runtime.executor import ExecutionConfig, Executor, WorkerOptions
 from study.runtime.shards import ModelRef, Shard
@@ -43,6 +47,8 @@ class _Member:
     handle: Any
     ready_ref: Any | None  # None once the model is loaded
     busy: set = field(default_factory=set)  # refs of shards in flight
+    loaded: bool = False  # has computed a shard of its current model (a death before that is a failed load)
+    counted: bool = False  # its last death has been counted as a failed load
     core_slot: int | None = None  # which block of this machine's cores its engine threads are bound to
 
 
@@ -68,6 +74,7 @@ class RayExecutor(Executor):
         self.pools: dict[ModelRef, _Pool] = {}
         self._spare: list[_Member] = []  # actors of released pools, model dropped, for the next pool
         self.pids: dict[str, set[int]] = {}  # the processes that served each model (by label, as `stats`)
+        self.load_failures: dict[ModelRef, int] = {}
         self.owns_ray = connect(cfg)
         try:
             self.slots: Slots = actor_slots(cfg)
@@ -131,6 +138,7 @@ class RayExecutor(Executor):
     def _load(member: _Member, pool: _Pool) -> None:
         """Tell an existing actor which model it serves now; `ready_ref` answers once it does."""
         member.ready_ref = member.handle.load.remote(pool.model, pool.options.device, pool.options.token_budget)
+        member.loaded = False
 
     def _drop(self, member: _Member) -> None:
         ray.kill(member.handle, no_restart=True)
@@ -204,21 +212,40 @@ class RayExecutor(Executor):
                     member.busy.discard(ref)
                     try:
                         batch = ray.get(ref)
-                    except _ACTOR_LOST as err:
-                        self._lost(pool, member, shard, queues, tries, err)
+                    except ModelLoadError as err:
+                        self._load_failed(pool, shard, queues, str(getattr(err, "cause", err)))
                         continue
+                    except _ACTOR_LOST as err:
+                        if member.loaded:
+                            self._lost(pool, member, shard, queues, tries, err)
+                        else:  # died before computing anything for this model: while loading it
+                            member.counted = True
+                            self._load_failed(pool, shard, queues, f"its actor died while loading it "
+                                                                   f"({type(err).__name__}: killed, out of memory?)")
+                            if member.ready_ref is None:
+                                self._load(member, pool)
+                        continue
+                    member.loaded, member.counted = True, False
                     if shard.id in done:  # a retried shard that had finished after all: keep the first
                         continue
                     done.add(shard.id)
                     finished[shard.model] = time.perf_counter()
                     yield shard, batch
                 else:
-                    self._member_ready(ref)
-            for m in list(models):  # a model whose work is all done frees its slots for a waiting model
-                if waiting and not queues[m] and not any(p.model == m for p, _, _ in in_flight.values()):
+                    self._member_ready(ref, queues)
+            for m in list(models):
+                failed = m.label in self.failed
+                if failed:  # given up: forget its shards in flight, free its actors
+                    queues[m].clear()
+                    for ref in [r for r, (p, _, _) in in_flight.items() if p.model == m]:
+                        del in_flight[ref]
+                # a model whose work is all done frees its slots for a waiting model
+                if (failed or waiting) and not queues[m] and not any(p.model == m for p, _, _ in in_flight.values()):
                     slots = len(self.pools[m].members)  # a model that waited itself had no target of its own
-                    self._release(m)
+                    self._release(m, keep=not failed)
                     models.remove(m)
+                    if not waiting:
+                        continue
                     nxt = waiting.pop(0)
                     models.append(nxt)
                     pool = self.pools.setdefault(nxt, _Pool(nxt, options.get(nxt, WorkerOptions())))
@@ -235,11 +262,11 @@ class RayExecutor(Executor):
             for member in pool.members:
                 while queue and member.ready_ref is None and len(member.busy) < IN_FLIGHT:
                     shard = queue.popleft()
-                    ref = member.handle.run.remote(shard)
+                    ref = member.handle.run.remote(shard, pool.options.device, pool.options.token_budget)
                     member.busy.add(ref)
                     in_flight[ref] = (pool, member, shard)
 
-    def _member_ready(self, ref: Any) -> None:
+    def _member_ready(self, ref: Any, queues: dict[ModelRef, deque[Shard]]) -> None:
         for pool in self.pools.values():
             for member in pool.members:
                 if member.ready_ref == ref:
@@ -251,10 +278,29 @@ class RayExecutor(Executor):
                                     type(err).__name__)
                         self._drop(member)
                         pool.members.remove(member)
-                        pool.members.append(self._new_member(pool))
-                    except Exception as err:  # the model failed to load: a real error, not a fault to retry
-                        raise RuntimeError(f"model actor for {pool.model.label!r} failed to start: {err}") from err
+                        if not member.loaded and not member.counted:  # died starting or taking the model on
+                            self._load_failed(pool, None, queues, f"its actor died while loading it "
+                                                                  f"({type(err).__name__})")
+                        if pool.model.label not in self.failed:
+                            pool.members.append(self._new_member(pool))
                     return
+
+    def _load_failed(self, pool: _Pool, shard: Shard | None, queues: dict[ModelRef, deque[Shard]],
+                     cause: str) -> None:
+        """A failed load of `pool.model`: try again (its shard first), or give the model up after `max_retries`."""
+        model = pool.model
+        if model.label in self.failed:
+            return
+        n = self.load_failures[model] = self.load_failures.get(model, 0) + 1
+        if n > self.cfg.max_retries:
+            self.failed[model.label] = f"{cause} ({n} tries)"
+            log.error("ray: giving up %s after %d tries to load it: %s", model.label, n, cause)
+            return
+        log.warning("ray: %s failed to load (%s); trying again (%d of %d)", model.label, cause, n,
+                    self.cfg.max_retries)
+        self.stats_for(model).retries += 1
+        if shard is not None:
+            queues.setdefault(model, deque()).appendleft(shard)
 
     def _lost(self, pool: _Pool, member: _Member, shard: Shard, queues: dict, tries: dict[str, int],
               err: Exception) -> None:
@@ -275,5 +321,5 @@ class RayExecutor(Executor):
             self._release(model, keep=False)
         while self._spare:
             self._drop(self._spare.pop())
-        if self.owns_ray and ray.is_initialized():
-            ray.shutdown()
+        if self.owns_ray:
+            shutdown()

@@ -84,6 +84,7 @@ class VllmGenerator:
         else:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         kwargs.update(llm_kwargs)
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # no usage report to vLLM unless the user asks for one
         from vllm import LLM
 
         self.llm = LLM(**kwargs)

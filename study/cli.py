@@ -13,7 +13,7 @@ from typing import Any, NoReturn, Sequence
 
 from study import __version__
 from study.core.ablation import DEFAULT_OP, SCORING_EPS, SURGERY_EPS
-from study.core.errors import UsageError
+from study.core.errors import RunFailed, UsageError
 from study.models.builtin import DEFAULT_MODEL
 
 EXAMPLES = """examples:
@@ -406,6 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"headstudy: error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        print(f"headstudy: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         out = _interrupted_out[0]
         kept = (f"finished shards are kept in {out}/shards and the same command resumes from them" if out

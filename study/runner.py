@@ -20,7 +20,7 @@ from typing import Callable
 
 import pyarrow as pa
 
-from study.core.errors import UsageError
+from study.core.errors import RunFailed, UsageError
 from study.experiments.asr import AsrJob
 from study.experiments.base import Job, ScanJob
 from study.experiments.registry import JOBS
@@ -54,6 +54,7 @@ class RunOutput:
     reused: int = 0  # shards read back from the run folder
     seconds: float = 0.0
     derived: dict[str, pa.Table] = field(default_factory=dict)  # the analysis tables written after the run
+    failed: dict[str, str] = field(default_factory=dict)  # model label -> why it was given up
 
 
 @dataclass
@@ -126,9 +127,11 @@ def _run(plan: Plan, study: StudyConfig, force: bool, executor: Executor | None,
     t0 = time.perf_counter()
     options = {j.model: j.options for j in plan.jobs if isinstance(j, ScanJob)}
     ex = executor
+    failed: list[Job] = []  # jobs that lost a model (it could not be loaded), and the jobs that take their heads
     try:
-        while active := [j for j in plan.jobs if not j.done]:
-            shards = [s for j in active for s in j.pending()]
+        while active := [j for j in plan.jobs if not j.done and j not in failed]:
+            pending = [(j, j.pending()) for j in active]
+            shards = [s for _, ss in pending for s in ss]
             if not shards:  # every active job waits on another: a dependency no round can satisfy
                 raise RuntimeError(f"no work left for {', '.join(j.round_label for j in active)}")
             desc = " | ".join(sorted({j.round_label for j in active}))
@@ -138,19 +141,29 @@ def _run(plan: Plan, study: StudyConfig, force: bool, executor: Executor | None,
             outcome = execute(ex, store, shards, options, force=force, desc=desc)
             result.computed += outcome.computed
             result.reused += outcome.reused
-            for j in active:
-                j.absorb(outcome)
+            result.failed.update(outcome.failed)
+            for j, ss in pending:
+                if outcome.ok(ss):
+                    j.absorb(outcome)
+                else:
+                    failed.append(j)
+            while more := [j for j in plan.jobs if j not in failed and getattr(j, "source", None) in failed]:
+                failed += more
         if ex is not None:
             result.stats = dict(ex.stats)
     finally:
         if ex is not None and executor is None:
             ex.close()
+    plan = Plan(plan.study, plan.out, [j for j in plan.jobs if j not in failed])
     for job in plan.jobs:
         job.finish()
     result.seconds = time.perf_counter() - t0
     _write(plan, result, command)
     if derive is not None:
         result.derived = _write_derived(plan, result.run_id, derive)
+    if result.failed:
+        raise RunFailed("; ".join(f"model {name} could not be loaded: {cause}" for name, cause in result.failed.items())
+                        + f"; the other models' tables are in {plan.out}")
     return result
 
 
@@ -172,7 +185,7 @@ def _write(plan: Plan, result: RunOutput, command: str) -> None:
         writer.set_manifest(dict(
             run_id=result.run_id, command=command, argv=sys.argv, config=resolved, config_hash=config_hash(resolved),
             versions=package_versions(), code=code_version(), executor=plan.study.execution.model_dump(mode="json"), jobs=jobs_meta,
-            shards=dict(computed=result.computed, reused=result.reused),
+            shards=dict(computed=result.computed, reused=result.reused), failed=result.failed,
             models={name: s.as_dict() for name, s in result.stats.items()},
             timings_s=dict(total=round(result.seconds, 3)),
         ))

@@ -1,4 +1,4 @@
-"""The one exception type for bad user input.
+"""The exception types the CLI turns into one line: bad user input (exit code 2), a run that could not finish (1).
 
 A `UsageError` (deliberately not a ValueError, so pydantic validators let it through unwrapped) message is a single line naming the bad value and what would be valid; the CLI prints it
 and exits with code 2. Anything else escaping is a bug, not a user mistake.
@@ -7,3 +7,8 @@ and exits with code 2. Anything else escaping is a bug, not a user mistake.
 
 class UsageError(Exception):
     """Bad user input (model, prompts, column, head label, operator, eps, config key)."""
+
+
+class RunFailed(Exception):
+    """A run that ended without some of its results (a model that could not be loaded); the others were written.
+    One line naming what failed and why; the CLI exits with code 1."""

@@ -83,6 +83,7 @@ class Executor(ABC):
 
     def __init__(self) -> None:
         self.stats: dict[str, ModelStats] = {}
+        self.failed: dict[str, str] = {}  # model label -> why it was given up (it could not be loaded)
 
     def stats_for(self, model: ModelRef) -> ModelStats:
         return self.stats.setdefault(model.label, ModelStats())
@@ -162,6 +163,11 @@ class Outcome:
     tables: dict[str, pa.Table] = field(default_factory=dict)
     computed: int = 0
     reused: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # model label -> cause: its shards are missing
+
+    def ok(self, shards: Sequence[AnyShard]) -> bool:
+        """Whether every one of `shards` came back (none is of a model that was given up)."""
+        return all(s.id in self.tables for s in shards)
 
     def table(self, shard: AnyShard) -> pa.Table:
         return self.tables[shard.id]
@@ -198,7 +204,8 @@ def execute(executor: Executor, store: ShardStore | None, shards: Sequence[AnySh
             stats.rows += shard.rows
             bar.update(shard.rows)
             bar.set_postfix_str(f"{out.computed}/{len(todo)} shards", refresh=False)
-    missing = [s.id for s in todo if s.id not in out.tables]
+    out.failed = dict(executor.failed)
+    missing = [s.id for s in todo if s.id not in out.tables and s.model.label not in out.failed]
     if missing:
         raise RuntimeError(f"{len(missing)} shard(s) never came back from the {executor.name} executor")
     return out

@@ -134,6 +134,15 @@ class Worker:
             self._generators[backend] = backend_class(backend).for_worker(self)
         return self._generators[backend]
 
+    def prepare(self, shard: AnyShard) -> None:
+        """Load what `shard` needs and is not loaded yet: the model (scoring, HF generation) or its generation
+        backend's engine. Its errors are the model's, not the shard's: a corrupt file, a missing folder."""
+        if isinstance(shard, GenShard):
+            _ = self.tokenizer
+            self.generator(shard.backend)
+        else:
+            _ = self.lm
+
     def close(self) -> None:
         """Release a backend's engine (vLLM runs its own processes)."""
         for gen in self._generators.values():

@@ -3,14 +3,21 @@ executor, actors killed from the driver or dying by themselves mid-scan, and bad
 
 from __future__ import annotations
 
+import shutil
+import time
+
 import pytest
 import ray
 
+from actors.cluster import shutdown, start_local
 from actors.ray_executor import RayExecutor
+from study.core.errors import RunFailed
+from study.core.frozen import build
 from study.experiments.ships import ShipsJob
 from study.runner import plan_study, run_study
 from study.runtime.executor import ExecutionConfig, LocalExecutor, execute
 from study.runtime.store import read_table
+from study.spec import StudyConfig
 from tests.integration.test_runner import assert_same_tables, spec
 from tests.model_folders import tiny_llama_folder
 
@@ -19,9 +26,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR")
+    start_local(num_cpus=2, logging_level="ERROR")  # as a run starts it: token authentication, 127.0.0.1 only
     yield
-    ray.shutdown()
+    shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +93,47 @@ def test_a_handed_on_actor_restarted_by_ray_loads_its_new_model(cluster, tiny, t
                 killed = True
         assert killed and ex.stats[other].retries >= 1
         assert len(ex.pids[other]) == 2  # the handed-on process, then its restart
+        restarted = ex.pools[jobs[1].model].members[0].handle
+        assert ray.get(restarted.history.remote()) == [other]  # took on the model it serves now, not its first
     assert set(got) == {s.id for s in shards}
     for shard in shards:
         a, b = expected.table(shard).to_pydict(), got[shard.id].to_pydict()
         assert a["ablation"] == b["ablation"] and a["prompt_id"] == b["prompt_id"]
         assert max(abs(x - y) for x, y in zip(a["kl"], b["kl"])) <= 1e-12 * max(1.0, max(a["kl"]))
+
+
+def _broken_copy(folder: str, to) -> str:
+    """The model at `folder` with its weights file cut short (a download that stopped, a full disk)."""
+    shutil.copytree(folder, to)
+    weights = to / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    return str(to)
+
+
+@pytest.mark.parametrize("how", ["corrupt file", "actor killed while loading"])
+def test_a_model_that_fails_to_load_is_retried_then_named_while_the_others_land(cluster, tiny, how, tmp_path):
+    """Two models, one slot each: one cannot be loaded. It is tried `max_retries` + 1 times, then the run ends
+    with one line naming it and the cause, and the other model's tables are written."""
+    if how == "corrupt file":
+        bad, options = _broken_copy(tiny, tmp_path / "bad"), {}
+    else:
+        bad = str(tiny_llama_folder(tmp_path / "bad", seed=3))
+        options = dict(die_loading=bad)
+    out = tmp_path / "run"
+    study = build(StudyConfig, dict(out=str(out), models=[tiny, bad], ships={},
+                                    defaults=dict(dtype="float64", limit=2, shard_heads=6)))
+    t0 = time.perf_counter()
+    with RayExecutor(ExecutionConfig(actors=1, max_retries=2), actor_options=options) as ex:
+        with pytest.raises(RunFailed) as failed:
+            run_study(study, executor=ex)
+        assert ex.load_failures[next(m for m in ex.load_failures if m.label == bad)] == 3  # 1 try + 2 retries
+        assert ex.stats[tiny].shards > 0 and ex.stats[bad].shards == 0
+    assert time.perf_counter() - t0 < 300
+    line = str(failed.value)
+    assert len(line.splitlines()) == 1 and f"model {bad} could not be loaded" in line and tiny not in line
+    assert ("SafetensorError" in line or "Error" in line) if how == "corrupt file" else "died while loading" in line
+    ships = read_table(out, "ships").to_pandas()
+    assert set(ships["model"]) == {tiny} and len(ships) == 2 * 12
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -5,8 +5,8 @@ with the same tables as the local executor."""
 from __future__ import annotations
 
 import pytest
-import ray
 
+from actors.cluster import shutdown, start_local
 from actors.ray_executor import RayExecutor
 from study.core.frozen import build
 from study.runner import run_study
@@ -20,9 +20,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def gpu_cluster():
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR")
+    start_local(num_cpus=2, num_gpus=2, logging_level="ERROR")
     yield
-    ray.shutdown()
+    shutdown()
 
 
 def test_three_models_two_gpu_slots(gpu_cluster, tmp_path):

@@ -153,3 +153,16 @@ def test_an_uncovered_architecture_is_one_line_at_plan_time(config, tmp_path, ca
     assert code == 2 and len(err.splitlines()) == 1
     assert f"unsupported architecture {config['model_type']!r}" in err and "llama" in err and str(folder) in err
     assert not out.exists()
+
+
+def test_a_run_that_could_not_finish_is_one_line_and_exit_1(monkeypatch, capsys):
+    import study.cli as cli
+    from study.core.errors import RunFailed
+
+    def fails(args):
+        raise RunFailed("model m could not be loaded: SafetensorError: header too short (3 tries); the other "
+                        "models' tables are in out")
+
+    monkeypatch.setitem(cli.COMMANDS, "run", fails)
+    code, err = _run(capsys, "run")
+    assert code == 1 and len(err.splitlines()) == 1 and "model m could not be loaded" in err
