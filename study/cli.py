@@ -140,8 +140,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 128 (the paper)")
     p.add_argument("--seed", type=int, default=None, help="sampling and control seed (default 0)")
     p.add_argument("--judge", dest="judges", default=None,
-                   help="comma-separated: paper (default), paper-code, gcg, refusal, llm:MODEL; the first is the "
-                        "headline")
+                   help="comma-separated: outcome, paper, paper-code, gcg, refusal, llm:MODEL; the first is the "
+                        "headline (default outcome,paper)")
     p.add_argument("--benign", default=None, help="over-refusal prompt set (default builtin:benign; none to skip)")
 
     p = sub.add_parser("surgery", help="write an ablation into the weights and save a checkpoint")

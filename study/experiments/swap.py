@@ -71,7 +71,7 @@ class SwapConfig(GeneratingConfig):
         if self.backend != "hf":
             raise UsageError("swap: a mixed model lives in memory only, so it generates with backend hf")
         if any(is_llm_judge(j) for j in self.judges):
-            raise UsageError("swap: use keyword judges (paper, paper-code, gcg, refusal); llm judges run in asr")
+            raise UsageError("swap: use offline judges (outcome, paper, paper-code, gcg, refusal); llm judges run in asr")
         if self.base == self.model and self.base_revision == self.revision:
             raise UsageError(f"swap: the base of {self.model!r} is itself: give the model it was fine-tuned from")
         return self
