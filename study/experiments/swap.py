@@ -81,7 +81,7 @@ class SwapConfig(GeneratingConfig):
         return [Recipe(r) for r in self.recipes]
 
 
-RATES = ("asr", "refusal_rate", "degenerate_frac")
+RATES = ("asr", "refusal_rate", "non_answer_rate", "degenerate_frac")  # each a metric row, with its count
 
 
 class SwapJob(ScanJob):
@@ -220,7 +220,7 @@ class SwapJob(ScanJob):
                     verdicts = [judge.judge(p.text, texts[(p.id, k)]) for p in prompts.prompts
                                 for k in range(self.decoding.samples)]
                     counts = count_verdicts(verdicts)
-                    for rate, count in zip(RATES, ("harmful", "refused", "degenerate")):
+                    for rate, count in zip(RATES, ("harmful", "refused", "non_answer", "degenerate")):
                         lo, hi = wilson(counts[count], counts["n"])
                         rows.append(row(prompts.name, kind, rate, judge.label, counts["n"], counts[rate], lo, hi))
             for ab in self._ships_ablations():
