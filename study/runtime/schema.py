@@ -248,6 +248,10 @@ SPECIFICITY = _schema(
         _f("log2_ratio", pa.float64(), nullable=True),  # log2(kl_harmful / kl_benign); null when either is 0
         _f("rank_harmful", pa.int32()),  # by kl_harmful, 1 = largest
         _f("rank_specific", pa.int32()),  # by kl_harmful * specificity (safety-specific importance)
+        # specificity's 95% percentile bootstrap interval over prompts (each set resampled on its own); null
+        # with fewer than 2 prompts on a side, and in tables written before it
+        _f("spec_ci_low", pa.float64(), nullable=True),
+        _f("spec_ci_high", pa.float64(), nullable=True),
     ],
 )
 
