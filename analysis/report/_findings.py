@@ -7,7 +7,7 @@ from typing import Any
 
 from analysis import is_missing
 from analysis.report._facts import (CONDITION_NAMES, DEGENERATE_WARN, RECIPE_NAMES, SPECIFIC_RANKING, TARGETED,
-                                    AsrHeadline, TopHeads, asr_headlines, group_row, heads_of, judge_note,
+                                    AsrHeadline, Group, TopHeads, asr_headlines, group_row, heads_of, judge_note,
                                     model_overlaps, not_safety_reason, pair_rows, pick_judge, published_rows, reading,
                                     sahara_groups, swap_summary, top_heads)
 from analysis.report._html import MISSING, Html, ci, esc, join, p_is, para, pct, pval, rate, table
@@ -144,7 +144,7 @@ def _model_bullet(data: RunData, model: str, asr: list[Html]) -> Html:
     return Html(f"<li><b>{esc(data.label(model))}</b><ul>{items}</ul></li>")
 
 
-def _group_sentence(data: RunData, model: str, g: Any) -> str:
+def _group_sentence(data: RunData, model: str, g: Group) -> str:
     """"Safety heads: ..." only where ablating the group raised ASR beyond the random controls (`reading`);
     otherwise the group by what it is, and what was measured."""
     where = f"Sahara group on {g.dataset}, {g.op}"
