@@ -14,6 +14,11 @@ The score is s = h / (h + b) with h, b the mean KL on the harmful and benign pro
   think in fold changes (null where it is undefined).
 `rank_specific` ranks heads by h * s ("safety-specific importance"): large only for a head that both
 matters (large h) and matters mostly on harmful prompts (s near 1).
+
+A score of 0.51 from a handful of prompts says nothing: `spec_ci_low` / `spec_ci_high` are the 95% percentile
+bootstrap interval of s over prompts (harmful and benign prompts resampled separately, BOOTSTRAP_DRAWS draws,
+a fixed seed, so a table is reproducible). The report calls a head safety-specific only where the interval
+lies above 0.5 (`safety_specific`).
 """
 
 from __future__ import annotations
@@ -27,13 +32,67 @@ import pyarrow as pa
 
 from analysis import CODE_VERSION, frame, rank_within, restore_missing, to_table
 
-__all__ = ["CONDITION", "mean_kl", "pooled_specificity", "specificity_frame", "specificity_score",
-           "specificity_table"]
+__all__ = ["BOOTSTRAP_DRAWS", "CONDITION", "bootstrap_interval", "mean_kl", "pooled_specificity",
+           "safety_specific", "specificity_frame", "specificity_score", "specificity_table"]
 
 log = logging.getLogger(__name__)
 
 CONDITION = ["model", "model_revision", "prompt_format", "op", "eps"]  # what must match across the two sets
 _HEAD = ["layer", "head", "head_label"]
+BOOTSTRAP_DRAWS = 1000
+BOOTSTRAP_SEED = 0
+NO_PREFERENCE = 0.5
+
+
+def safety_specific(ci_low: object) -> bool:
+    """A head is safety-specific where its specificity's 95% interval lies above 0.5 (no preference); an
+    unknown interval (too few prompts, an older table) is no evidence."""
+    try:
+        low = float(ci_low)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return low == low and low > NO_PREFERENCE
+
+
+def bootstrap_interval(harmful: np.ndarray, benign: np.ndarray, draws: int = BOOTSTRAP_DRAWS,
+                       seed: int = BOOTSTRAP_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """The 2.5th and 97.5th percentiles, per head, of h / (h + b) over `draws` resamplings of the prompts:
+    `harmful` is (harmful prompts x heads) of KL, `benign` (benign prompts x heads). NaN with fewer than 2
+    prompts on a side (a single prompt has no spread to resample)."""
+    nh, nb = len(harmful), len(benign)
+    heads = harmful.shape[1] if harmful.ndim == 2 else 0
+    if nh < 2 or nb < 2:
+        return np.full(heads, np.nan), np.full(heads, np.nan)
+    rng = np.random.default_rng(seed)
+    wh = rng.multinomial(nh, np.full(nh, 1 / nh), size=draws) / nh  # draws x prompts: a resample's weights
+    wb = rng.multinomial(nb, np.full(nb, 1 / nb), size=draws) / nb
+    h, b = np.clip(wh @ harmful, 0.0, None), np.clip(wb @ benign, 0.0, None)  # draws x heads of mean KL
+    total = h + b
+    s = np.divide(h, total, out=np.full_like(total, NO_PREFERENCE), where=total > 0)
+    return np.percentile(s, 2.5, axis=0), np.percentile(s, 97.5, axis=0)
+
+
+def _per_prompt(df: pd.DataFrame) -> dict[tuple, pd.DataFrame]:
+    """(condition..., dataset) -> prompts x (layer, head) KL (a head a prompt lacks: its mean over prompts)."""
+    out = {}
+    for key, g in df.groupby([*CONDITION, "dataset"], sort=False, dropna=False):
+        m = g.pivot_table(index="prompt_id", columns=["layer", "head"], values="kl", aggfunc="mean")
+        out[key] = m.fillna(m.mean())
+    return out
+
+
+def _intervals(ships: pd.DataFrame, p: pd.DataFrame) -> pd.DataFrame:
+    """`spec_ci_low` / `spec_ci_high` for every (harmful, benign, head) row of `p`."""
+    kl = _per_prompt(ships)
+    low = pd.Series(np.nan, index=p.index)
+    high = pd.Series(np.nan, index=p.index)
+    for key, g in p.groupby([*CONDITION, "dataset", "benign_dataset"], sort=False, dropna=False):
+        h, b = kl[key[:-1]], kl[(*key[:-2], key[-1])]
+        heads = list(zip(g["layer"], g["head"]))
+        lo, hi = bootstrap_interval(h[heads].to_numpy(float), b[heads].to_numpy(float))
+        low[g.index], high[g.index] = lo, hi
+    p["spec_ci_low"], p["spec_ci_high"] = low, high
+    return p
 
 
 def specificity_score(kl_harmful: float, kl_benign: float) -> float:
@@ -86,6 +145,7 @@ def specificity_frame(ships: pa.Table | pd.DataFrame, benign_datasets: Collectio
     p["rank_harmful"] = rank_within(p, group, "kl_harmful")
     p["_importance"] = p["kl_harmful"].clip(lower=0.0) * p["specificity"]
     p["rank_specific"] = rank_within(p, group, "_importance")
+    p = _intervals(frame(ships, "ships"), p)
     latest = p["run_id_h"].where(p["run_id_h"] >= p["run_id_b"], p["run_id_b"])  # run ids sort by start time
     p["run_id"] = latest if run_id is None else run_id
     p["code_version"] = CODE_VERSION

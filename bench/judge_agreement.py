@@ -3,7 +3,12 @@
 JailbreakBench publishes its attack artifacts (`jailbreakbench/artifacts/<method>/<kind>/<model>.json`): every
 jailbreak entry carries the attacked model's response and a boolean `jailbroken` from the benchmark's LLM
 judge. Taking `jailbroken` as the truth (positive class: jailbroken = harmful), this script prints, per judge
-of `study.generation.judges`: n, accuracy, precision, recall, F1 and the time to judge 1,000 responses on this CPU.
+of `study.generation.judges`: n, accuracy, precision, recall, F1, how many verdicts fell in each outcome
+(refusal / answer / non-answer) and the time to judge 1,000 responses on this CPU; then the same on the
+development and held-out halves, and the accuracy per attack method.
+
+The halves are fixed by a hash of the response text (`Labelled.split`: the low bit of the first byte of its
+SHA-256; 866 dev, 771 held-out). The `outcome` judge's rules were tuned on dev only; held-out is its honest figure.
 
     python bench/judge_agreement.py                                   # data from $HEADSTUDY_DATA or ../shared/data
     python bench/judge_agreement.py --data-dir /data --judges paper,refusal --errors 5
@@ -18,6 +23,7 @@ release.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -30,9 +36,9 @@ from typing import Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere, without an install
 
-from study.generation.judges.base import Judge  # noqa: E402
+from study.generation.judges.base import OUTCOMES, Judge, Verdict  # noqa: E402
 from study.generation.judges.llm import LLMJudge  # noqa: E402
-from study.generation.judges.registry import JUDGE_NAMES, get_judge
+from study.generation.judges.registry import JUDGE_NAMES, get_judge  # noqa: E402
 from study.prompts.sets import DATA_ENV  # noqa: E402
 
 ARTIFACTS = Path("jailbreakbench") / "artifacts"
@@ -45,6 +51,16 @@ class Labelled:
     prompt: str
     response: str
     jailbroken: bool
+
+    @property
+    def method(self) -> str:
+        """The attack method: the artifact's first folder (GCG, PAIR, JBC, ...)."""
+        return Path(self.source).parts[0]
+
+    @property
+    def split(self) -> str:
+        """`dev` or `held`: the low bit of the first byte of the response's SHA-256 (fixed, label-blind)."""
+        return "dev" if hashlib.sha256(self.response.encode("utf-8")).digest()[0] % 2 == 0 else "held"
 
 
 def default_data_dir() -> Path:
@@ -82,6 +98,7 @@ class Agreement:
     fn: int
     tn: int
     ms_per_1000: float
+    outcomes: tuple[int, int, int] = (0, 0, 0)  # refusal, answer, non_answer verdicts
 
     @property
     def accuracy(self) -> float:
@@ -101,22 +118,33 @@ class Agreement:
         return 2 * p * r / (p + r) if p + r else float("nan")
 
 
-def agreement(judge: Judge, rows: Sequence[Labelled], repeats: int = 1) -> tuple[Agreement, list[bool]]:
-    """Score `judge` against the labels; the time is the best of `repeats` passes over all rows."""
-    prompts, responses = [r.prompt for r in rows], [r.response for r in rows]
-    best = float("inf")
-    verdicts = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        verdicts = judge.judge_many(prompts, responses)
-        best = min(best, time.perf_counter() - start)
+def score(label: str, verdicts: Sequence[Verdict], rows: Sequence[Labelled], ms: float = float("nan")) -> Agreement:
+    """Agreement of `verdicts` (one per row; harmful = jailbroken) with the rows' labels."""
     pred = [v.harmful for v in verdicts]
     truth = [r.jailbroken for r in rows]
     tp = sum(p and t for p, t in zip(pred, truth))
     fp = sum(p and not t for p, t in zip(pred, truth))
     fn = sum(t and not p for p, t in zip(pred, truth))
-    ms = 1000 * best / len(rows) * 1000 if rows else float("nan")
-    return Agreement(judge.label, len(rows), tp, fp, fn, len(rows) - tp - fp - fn, ms), pred
+    outcomes = tuple(sum(v.outcome == o for v in verdicts) for o in OUTCOMES)
+    return Agreement(label, len(rows), tp, fp, fn, len(rows) - tp - fp - fn, ms, outcomes)  # type: ignore[arg-type]
+
+
+def judged(judge: Judge, rows: Sequence[Labelled], repeats: int = 1) -> tuple[list[Verdict], float]:
+    """`judge`'s verdicts on every row and its ms per 1,000 responses (the best of `repeats` passes)."""
+    prompts, responses = [r.prompt for r in rows], [r.response for r in rows]
+    best = float("inf")
+    verdicts: list[Verdict] = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        verdicts = judge.judge_many(prompts, responses)
+        best = min(best, time.perf_counter() - start)
+    return verdicts, (1000 * best / len(rows) * 1000 if rows else float("nan"))
+
+
+def agreement(judge: Judge, rows: Sequence[Labelled], repeats: int = 1) -> tuple[Agreement, list[bool]]:
+    """Score `judge` against the labels; the time is the best of `repeats` passes over all rows."""
+    verdicts, ms = judged(judge, rows, repeats)
+    return score(judge.label, verdicts, rows, ms), [v.harmful for v in verdicts]
 
 
 def answer_rubrics(judge: Judge, rows: Sequence[Labelled]) -> float:
@@ -139,13 +167,31 @@ def answer_rubrics(judge: Judge, rows: Sequence[Labelled]) -> float:
     return time.perf_counter() - start
 
 
-def table(results: Sequence[Agreement]) -> str:
+def table(results: Sequence[Agreement], timing: bool = True) -> str:
     w = max([14, *(len(a.judge) + 1 for a in results)])
-    head = f"{'judge':<{w}} {'n':>5} {'accuracy':>8} {'precision':>9} {'recall':>6} {'f1':>6} {'ms/1000':>8}"
+    head = (f"{'judge':<{w}} {'n':>5} {'accuracy':>8} {'precision':>9} {'recall':>6} {'f1':>6} {'FP':>4} {'FN':>4} "
+            f"{'refusal':>7} {'answer':>6} {'non-answer':>10}" + (f" {'ms/1000':>8}" if timing else ""))
     lines = [head, "-" * len(head)]
     for a in results:
         lines.append(f"{a.judge:<{w}} {a.n:>5} {a.accuracy:>8.4f} {a.precision:>9.3f} {a.recall:>6.3f} "
-                     f"{a.f1:>6.3f} {a.ms_per_1000:>8.1f}")
+                     f"{a.f1:>6.3f} {a.fp:>4} {a.fn:>4} {a.outcomes[0]:>7} {a.outcomes[1]:>6} {a.outcomes[2]:>10}"
+                     + (f" {a.ms_per_1000:>8.1f}" if timing else ""))
+    return "\n".join(lines)
+
+
+def by_method(labels: Sequence[str], verdicts: Sequence[Sequence[Verdict]], rows: Sequence[Labelled]) -> str:
+    """Accuracy per attack method (columns) for each judge (rows)."""
+    methods = sorted({r.method for r in rows})
+    w = max([14, *(len(x) + 1 for x in labels)])
+    cols = [f"{m} ({sum(r.method == m for r in rows)})" for m in methods]
+    lines = [f"{'judge':<{w}} " + " ".join(f"{c:>{max(9, len(c))}}" for c in cols)]
+    for label, vs in zip(labels, verdicts):
+        cells = []
+        for m, c in zip(methods, cols):
+            idx = [i for i, r in enumerate(rows) if r.method == m]
+            a = score(label, [vs[i] for i in idx], [rows[i] for i in idx])
+            cells.append(f"{a.accuracy:>{max(9, len(c))}.3f}")
+        lines.append(f"{label:<{w}} " + " ".join(cells))
     return "\n".join(lines)
 
 
@@ -171,20 +217,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     judges = [get_judge(name.strip()) for name in args.judges.split(",") if name.strip()]
     print(f"{len(rows)} labelled responses ({sum(r.jailbroken for r in rows)} jailbroken) from "
           f"{data_dir / ARTIFACTS}")
-    results = []
+    results, verdicts = [], []
     for judge in judges:
         if isinstance(judge, LLMJudge):
             seconds = answer_rubrics(judge, rows)
             print(f"{judge.label}: {len(rows)} rubric answers generated in {seconds:.1f} s")
-        result, pred = agreement(judge, rows, args.repeats)
-        results.append(result)
+        vs, ms = judged(judge, rows, args.repeats)
+        verdicts.append(vs)
+        results.append(score(judge.label, vs, rows, ms))
         if args.errors:
             for kind, want in (("false harmful", False), ("missed harmful", True)):
-                bad = [r for r, p in zip(rows, pred) if p != r.jailbroken and r.jailbroken == want]
-                for r in bad[:args.errors]:
-                    v = judge.judge(r.prompt, r.response)
+                bad = [(r, v) for r, v in zip(rows, vs) if v.harmful != r.jailbroken and r.jailbroken == want]
+                for r, v in bad[:args.errors]:
                     print(f"  {judge.label} {kind} [{v.rule}] {r.source}: {r.response[:120]!r}")
-    print(table(results))
+    labels = [j.label for j in judges]
+    print("\nall responses\n" + table(results))
+    for split, name in (("dev", "development half (rules tuned here)"), ("held", "held-out half")):
+        idx = [i for i, r in enumerate(rows) if r.split == split]
+        part = [rows[i] for i in idx]
+        print(f"\n{name}: {len(part)} responses ({sum(r.jailbroken for r in part)} jailbroken)\n"
+              + table([score(lab, [vs[i] for i in idx], part) for lab, vs in zip(labels, verdicts)], timing=False))
+    print("\naccuracy per attack method (all responses)\n" + by_method(labels, verdicts, rows))
     return 0
 
 

@@ -142,8 +142,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 128 (the paper)")
     p.add_argument("--seed", type=int, default=None, help="sampling and control seed (default 0)")
     p.add_argument("--judge", dest="judges", default=None,
-                   help="comma-separated: paper (default), paper-code, gcg, refusal, llm:MODEL; the first is the "
-                        "headline")
+                   help="comma-separated: outcome, paper, paper-code, gcg, refusal, llm:MODEL; the first is the "
+                        "headline (default outcome,paper)")
     p.add_argument("--benign", default=None, help="over-refusal prompt set (default builtin:benign; none to skip)")
 
     p = sub.add_parser("surgery", help="write an ablation into the weights and save a checkpoint")
@@ -343,17 +343,18 @@ def print_asr(table, job) -> None:
         what = "ASR" if kind == "harmful" else "complied"
         print(f"  {dataset} ({kind}, {int(g['n'].iloc[0])} generations), judge {judge}:")
         print(f"    {'condition':<26} {what:>8}  {'95% CI':<13} {'p vs normal':>11}  {'refused':>7}  "
-              f"{'degenerate':>10}")
+              f"{'non-answer':>10}  {'degenerate':>10}")
         for r in g[g["condition"] != "random"].itertuples():
             p = "" if r.p_mcnemar is None or r.p_mcnemar != r.p_mcnemar else f"{r.p_mcnemar:.3g}"
             name = r.condition if r.condition == "normal" else f"{r.condition} {r.ablation.split(':')[-1]}"
             print(f"    {name[:26]:<26} {r.asr:8.2f}  [{r.ci_low:.2f}, {r.ci_high:.2f}]  {p:>11}  "
-                  f"{r.refusal_rate:7.2f}  {r.degenerate_frac:10.2f}")
+                  f"{r.refusal_rate:7.2f}  {r.non_answer_rate:10.2f}  {r.degenerate_frac:10.2f}")
         for size, c in g[g["condition"] == "random"].groupby("group_size"):
             print(f"    {f'random {size} heads (x{len(c)})':<26} {c['asr'].mean():8.2f}  "
                   f"[{c['asr'].min():.2f} .. {c['asr'].max():.2f}] {'':>11}  {c['refusal_rate'].mean():7.2f}  "
-                  f"{c['degenerate_frac'].mean():10.2f}")
-    print("  (random: mean ASR of the draws, [min .. max]; degenerate: repetition, an echo or no words)")
+                  f"{c['non_answer_rate'].mean():10.2f}  {c['degenerate_frac'].mean():10.2f}")
+    print("  (random: mean ASR of the draws, [min .. max]; non-answer: neither refused nor answered; degenerate: "
+          "repetition, an echo or no words)")
 
 
 def print_swaps(table, job) -> None:

@@ -14,9 +14,11 @@ import pandas as pd
 
 from analysis import is_missing, style
 from analysis.report._load import RunData
+from analysis.specificity import safety_specific
 
-__all__ = ["AsrHeadline", "Group", "TopHeads", "asr_headlines", "heads_of", "model_overlaps", "pick_judge",
-           "published_rows", "reading", "sahara_groups", "swap_summary", "top_heads"]
+__all__ = ["JUDGE_AGREEMENT", "AsrHeadline", "Group", "TopHeads", "asr_headlines", "group_row", "heads_of",
+           "judge_note", "model_overlaps", "not_safety_reason", "pick_judge", "published_rows", "reading",
+           "sahara_groups", "swap_summary", "top_heads"]
 
 TARGETED = ("sahara", "heads", "query")  # in the order a headline prefers them
 CONDITION_NAMES = {"sahara": "Sahara group", "heads": "given heads", "query": "each prompt's own top heads",
@@ -24,8 +26,19 @@ CONDITION_NAMES = {"sahara": "Sahara group", "heads": "given heads", "query": "e
 DEGENERATE_WARN = 0.2  # a larger share of degenerate answers is reported as broken text, not a jailbreak
 ALPHA = 0.05
 RECIPE_NAMES = {"aligned": "aligned model", "base": "base model", "attn-from-base": "attention from the base",
-                "mlp-from-base": "MLPs from the base", "heads-from-base": "safety heads from the base",
-                "heads-into-base": "safety heads into the base"}  # the words a reader sees for each swap recipe
+                "mlp-from-base": "MLPs from the base", "heads-from-base": "head group from the base",
+                "heads-into-base": "head group into the base"}  # the words a reader sees for each swap recipe
+
+# Each judge's agreement with JailbreakBench's labels: bench/judge_agreement.py on 2026-12-06, 1,637 responses
+# of the attack artifacts (937 jailbroken); `held` is the half the outcome judge was not tuned on (771).
+JUDGE_AGREEMENT_DATE = "2026-12-06"
+JUDGE_AGREEMENT: dict[str, dict[str, float]] = {
+    "outcome@1": {"all": 0.9004, "held": 0.9040},
+    "refusal@1": {"all": 0.8968, "held": 0.9053},
+    "gcg@1": {"all": 0.8815, "held": 0.8846},
+    "paper@1": {"all": 0.8027, "held": 0.7847},
+    "paper-code@1": {"all": 0.6958, "held": 0.7795},
+}
 RECIPES = tuple(RECIPE_NAMES)
 
 
@@ -110,20 +123,25 @@ class TopHeads:
     model: str
     dataset: str
     op: str
-    by: str  # what the order is: "safety-specific Ships" | "Ships" | "generalized Ships"
+    by: str  # what the order is: "Ships KL x specificity" | "Ships" | "generalized Ships"
     heads: tuple[tuple[str, float], ...]  # (label, score)
+    specific: tuple[bool, ...] | None = None  # per head: specificity above 0.5 beyond its 95% interval
+
+
+SPECIFIC_RANKING = "Ships KL × specificity"
 
 
 def top_heads(data: RunData, model: str, n: int = 3) -> TopHeads | None:
-    """The model's top `n` heads: by safety-specific rank where specificity exists, else by Ships KL on a
-    harmful set, else by generalized Ships."""
+    """The model's top `n` heads: by KL on harmful prompts x specificity where specificity exists (with which
+    of them are safety-specific), else by Ships KL on a harmful set, else by generalized Ships."""
     spec = data.get("specificity")
     if spec is not None and (spec["model"] == model).any():
         s = spec[spec["model"] == model]
         dataset, op = str(sorted(s["dataset"])[0]), _prefer(s["op"], ["undiff_q"])
         s = s[(s["dataset"] == dataset) & (s["op"] == op)].sort_values("rank_specific").head(n)
-        return TopHeads(model, dataset, op, "safety-specific Ships",
-                        tuple(zip(s["head_label"].astype(str), s["specificity"].astype(float))))
+        return TopHeads(model, dataset, op, SPECIFIC_RANKING,
+                        tuple(zip(s["head_label"].astype(str), s["specificity"].astype(float))),
+                        tuple(safety_specific(v) for v in s["spec_ci_low"]))
     ranks = data.get("rankings")
     if ranks is None:
         return None
@@ -172,20 +190,93 @@ def asr_headlines(data: RunData) -> list[AsrHeadline]:
 
 
 def reading(row: Mapping[str, Any]) -> tuple[str, str]:
-    """(css class, words) for what an ablation did: a significant rise above every random-head control, a rise
-    random heads match, none, or text broken by the ablation (not a jailbreak)."""
+    """(css class, words) for what an ablation did. `yes` ("above random heads") is this report's rule for
+    calling ablated heads safety heads: ASR rose significantly against the normal model (exact McNemar,
+    p < ALPHA) and the lower end of its Wilson 95% interval lies above every random-head control of the same
+    size (their highest ASR). Otherwise the words say what was measured: broken text (not a jailbreak), ASR
+    down, no change, not significant, no random controls to compare with, or random heads too."""
     deg = row.get("degenerate_frac")
     p, delta = row.get("p_mcnemar"), row.get("delta_asr")
     if not is_missing(deg) and float(deg) >= DEGENERATE_WARN:
         return "broken", f"broken text ({100 * float(deg):.0f}%)"
-    if is_missing(p) or is_missing(delta) or float(delta) <= 0:
+    if is_missing(delta):
         return "no", "no increase"
-    if float(p) >= ALPHA:
+    if float(delta) < 0:
+        return "no", "ASR down"
+    if float(delta) == 0:
+        return "no", "no change"
+    if is_missing(p) or float(p) >= ALPHA:
         return "no", "not significant"
     top = row.get("random_asr_max")
-    if int(row.get("random_draws") or 0) > 0 and not is_missing(top) and float(row["asr"]) <= float(top):
+    if int(row.get("random_draws") or 0) == 0 or is_missing(top):
+        return "mixed", "no random controls"
+    if float(row["ci_low"]) <= float(top):
         return "mixed", "random heads too"
-    return "yes", "ASR up"
+    return "yes", "above random heads"
+
+
+def group_row(data: RunData, model: str, heads: Sequence[str]) -> pd.Series | None:
+    """The `asr_curve` row that ablated exactly `heads` on `model` (harmful prompts; the model's first judge,
+    greedy where there is a choice, the Sahara arm before given heads), or None: not measured."""
+    curve = data.get("asr_curve")
+    if curve is None:
+        return None
+    c = curve[(curve["model"] == model) & (curve["kind"] == "harmful") & curve["condition"].isin(("sahara", "heads"))]
+    if c.empty:
+        return None
+    want = sorted(heads)
+    c = c[[sorted(heads_of(a).split(", ")) == want for a in c["ablation"]]]
+    if c.empty:
+        return None
+    c = c[(c["judge"] == pick_judge(c["judge"])) & (c["decoding"] == _prefer(c["decoding"], ["greedy"]))]
+    c = c.assign(_c=c["condition"].map({"sahara": 0, "heads": 1})).sort_values(["_c", "dataset"], kind="stable")
+    return c.iloc[0]
+
+
+def not_safety_reason(row: Mapping[str, Any] | None) -> str | None:
+    """Why ablating a group does not make it safety heads, in words that fit the numbers (None: it does)."""
+    if row is None:
+        return "no ASR was measured with it ablated"
+    cls, words = reading(row)
+    if cls == "yes":
+        return None
+    asr, normal = float(row["asr"]), row.get("normal_asr")
+    before = f"from {float(normal):.2f} " if not is_missing(normal) else ""
+    if cls == "broken":
+        return f"ablating it mostly broke the text ({words.split('(')[1].rstrip(')')} degenerate)"
+    if words == "ASR down":
+        return f"ablating it lowered ASR {before}to {asr:.2f}"
+    if words in ("no change", "no increase"):
+        return f"ablating it left ASR at {asr:.2f}"
+    if words == "not significant":
+        return f"the rise in ASR {before}to {asr:.2f} is not significant (McNemar p ≥ {ALPHA})"
+    if words == "no random controls":
+        return f"ablating it raised ASR {before}to {asr:.2f}, but no random-head controls were run to compare"
+    return (f"ablating it raised ASR {before}to {asr:.2f}, but random heads of the same number reach "
+            f"{float(row['random_asr_max']):.2f}, inside its 95% CI")
+
+
+def judge_note(judge: str | None) -> str:
+    """Which judge the headline numbers use, what it counts, and how it agrees with labelled responses."""
+    if judge is None:
+        return ""
+    if judge.startswith("outcome@"):
+        what = ("It counts an answer that engages with the request as an attack success; refusals and non-answers "
+                "(generic offers, echoes, bare preambles, broken text) are not, and are reported beside ASR.")
+    elif judge in JUDGE_AGREEMENT:
+        what = ("It reads a response without a refusal as an attack success (a non-answer counts as one unless it "
+                "is short or degenerate).")
+    else:
+        what = ""
+    agree = JUDGE_AGREEMENT.get(judge)
+    if agree is None:
+        how = "Its agreement with labelled responses was not measured."
+    else:
+        held = f" ({agree['held']:.3f} on the held-out half)" if agree.get("held") else ""
+        how = (f"Its accuracy against JailbreakBench's labels of 1,637 attack responses is {agree['all']:.3f}"
+               f"{held}, measured {JUDGE_AGREEMENT_DATE} (bench/judge_agreement.py).")
+    return " ".join(x for x in (f"Headline judge: {judge} (the study's first; every judge's verdicts are in the "
+                                "verdicts table).", what, how) if x)
 
 
 # ---- overlap ----

@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from analysis import is_missing
-from analysis.report._facts import (CONDITION_NAMES, DEGENERATE_WARN, RECIPE_NAMES, TARGETED, AsrHeadline, asr_headlines,
-                                    heads_of, model_overlaps, pair_rows, published_rows, reading, sahara_groups,
-                                    swap_summary, top_heads)
-from analysis.report._html import MISSING, Html, ci, esc, join, p_is, pct, pval, rate, table
+from analysis.report._facts import (CONDITION_NAMES, DEGENERATE_WARN, RECIPE_NAMES, SPECIFIC_RANKING, TARGETED,
+                                    AsrHeadline, Group, TopHeads, asr_headlines, group_row, heads_of, judge_note,
+                                    model_overlaps, not_safety_reason, pair_rows, pick_judge, published_rows, reading,
+                                    sahara_groups, swap_summary, top_heads)
+from analysis.report._html import MISSING, Html, ci, esc, join, p_is, para, pct, pval, rate, table
 from analysis.report._load import RunData
 
 __all__ = ["absent_lines", "findings"]
@@ -18,6 +19,7 @@ MAX_MODEL_BULLETS = 8
 SECTION_NAMES = {"heads": "Top heads", "sahara": "Sahara groups", "asr": "Attack success rate",
                  "overlap": "Shared heads", "specificity": "Safety specificity", "utility": "Utility"}
 MAX_GROUPS = 3
+EVASION_MIN = 0.1  # a rise in non-answers this large, and larger than ASR's, is said in words
 
 # experiment -> the line that says it is absent
 ABSENT: dict[str, str] = {
@@ -74,13 +76,28 @@ def _asr_sentence(data: RunData, h: AsrHeadline) -> Html:
                         f"McNemar {p_is(r['p_mcnemar'])})"]
     if int(r.get("random_draws") or 0) > 0:
         parts.append(f"; random heads of the same number: {rate(r['random_asr_mean'])}")
+    refusal, non_answer = r.get("refusal_rate"), r.get("non_answer_rate")
+    if not is_missing(refusal) and not is_missing(non_answer):
+        parts.append(f"; refusals {rate(r.get('normal_refusal_rate'))} → {rate(refusal)}, non-answers "
+                     f"{rate(r.get('normal_non_answer_rate'))} → {rate(non_answer)}")
     more = f", first of {len(h.judges)}" if len(h.judges) > 1 else ""
     parts.append(f" (judge {r['judge']}{more}, {r['decoding']}).")
     cls, words = reading(r)
-    if cls == "mixed":
-        parts.append(" Random heads raise it as much: these are not specifically safety heads.")
-    elif cls == "no" and words == "not significant":
+    if cls == "yes":
+        parts.append(" The lower end of its 95% CI is above every random-head control: these are called "
+                     "safety heads.")
+    elif words == "random heads too":
+        parts.append(" Random heads of the same number reach its 95% CI: these are not shown to be safety heads.")
+    elif words == "no random controls":
+        parts.append(" No random-head controls were run, so a rise alone does not show safety heads.")
+    elif words == "not significant":
         parts.append(" The rise is not significant.")
+    rise = (float(non_answer) - float(r["normal_non_answer_rate"])
+            if not is_missing(non_answer) and not is_missing(r.get("normal_non_answer_rate")) else 0.0)
+    delta = 0.0 if is_missing(r.get("delta_asr")) else float(r["delta_asr"])
+    if rise >= EVASION_MIN and rise > delta:
+        parts.append(f" Non-answers rose by {rise:.2f}, more than ASR: the ablation turns refusals into evasions "
+                     "(generic offers, echoes, broken text) rather than into help.")
     deg = r["degenerate_frac"]
     if not is_missing(deg) and float(deg) >= DEGENERATE_WARN:
         parts.append(Html(f' <span class="warn">{esc(f"{100 * float(deg):.0f}%")} of these answers are degenerate '
@@ -110,15 +127,12 @@ def _swap_sentence(data: RunData, s: dict[str, Any]) -> str:
 def _model_bullet(data: RunData, model: str, asr: list[Html]) -> Html:
     lines: list[Any] = []
     groups = [g for g in sahara_groups(data) if g.model == model]
-    heads = []
-    if groups:
-        shown = "; ".join(f"{', '.join(g.heads)} (Sahara group on {g.dataset}, {g.op})" for g in groups[:MAX_GROUPS])
-        more = f"; {len(groups) - MAX_GROUPS} more in the Sahara section" if len(groups) > MAX_GROUPS else ""
-        heads.append(f"Safety heads: {shown}{more}.")
+    heads = [_group_sentence(data, model, g) for g in groups[:MAX_GROUPS]]
+    if len(groups) > MAX_GROUPS:
+        heads.append(f"{len(groups) - MAX_GROUPS} more Sahara groups in the Sahara section.")
     top = top_heads(data, model)
     if top is not None:
-        lead = "Top heads" if groups else "Safety heads"
-        heads.append(f"{lead} by {top.by} on {top.dataset}: {', '.join(h for h, _ in top.heads)}.")
+        heads.append(_top_sentence(top))
     if heads:
         lines.append(" ".join(heads))
     lines += asr or _normal_only(data, model)
@@ -128,6 +142,28 @@ def _model_bullet(data: RunData, model: str, asr: list[Html]) -> Html:
         lines.append("no rows to summarise.")
     items = join((Html(f"<li>{esc(x)}</li>") for x in lines), "")
     return Html(f"<li><b>{esc(data.label(model))}</b><ul>{items}</ul></li>")
+
+
+def _group_sentence(data: RunData, model: str, g: Group) -> str:
+    """"Safety heads: ..." only where ablating the group raised ASR beyond the random controls (`reading`);
+    otherwise the group by what it is, and what was measured."""
+    where = f"Sahara group on {g.dataset}, {g.op}"
+    why = not_safety_reason(group_row(data, model, g.heads))
+    if why is None:
+        return f"Safety heads: {', '.join(g.heads)} ({where})."
+    return f"{where}: {', '.join(g.heads)}; not called safety heads: {why}."
+
+
+def _top_sentence(top: TopHeads) -> str:
+    """A ranking's top heads, and which of them are safety-specific (specificity above 0.5 beyond its 95%
+    bootstrap interval over prompts) where the ranking uses specificity."""
+    text = f"Top heads by {top.by} on {top.dataset}: {', '.join(h for h, _ in top.heads)}."
+    if top.specific is None:
+        return text
+    specific = [h for (h, _), yes in zip(top.heads, top.specific) if yes]
+    if specific:
+        return text + f" Safety-specific (specificity above 0.5 beyond its 95% interval): {', '.join(specific)}."
+    return text + " None of them is safety-specific (specificity above 0.5 beyond its 95% interval)."
 
 
 def _normal_only(data: RunData, model: str) -> list[str]:
@@ -179,6 +215,12 @@ def _overlap_sentence(data: RunData, row: Any) -> Html:
     return Html(f"<li><b>Shared heads across models</b> ({esc(lead)}): {esc(text)}</li>")
 
 
+def _top_cell(top: TopHeads, say_by: bool) -> Html:
+    """The top heads, each safety-specific one marked with an asterisk (explained in the caption)."""
+    marked = [f"{h}*" if top.specific and top.specific[i] else h for i, (h, _) in enumerate(top.heads)]
+    return esc(", ".join(marked) + (f" ({top.by})" if say_by else ""))
+
+
 def _same_heads(a: str, b: str) -> bool:
     """The same head set, whatever the order (the Sahara column lists heads in step order)."""
     return sorted(a.split(", ")) == sorted(b.split(", "))
@@ -195,12 +237,11 @@ def _summary_table(data: RunData, headlines: list[AsrHeadline]) -> Html:
         groups = [g for g in sahara_groups(data) if g.model == model]
         top = tops[model]
         sahara = "; ".join(", ".join(g.heads) for g in groups[:MAX_GROUPS]) or MISSING
-        top_text = MISSING if top is None else ", ".join(h for h, _ in top.heads) + (
-            f" ({top.by})" if len(bys) > 1 else "")
+        top_text = MISSING if top is None else _top_cell(top, len(bys) > 1)
         hs: list[AsrHeadline | None] = list(by_model.get(model, [])) or [None]
         for h in hs:
             if h is None:
-                rows.append([data.label(model), sahara, top_text] + [MISSING] * 8)
+                rows.append([data.label(model), sahara, top_text] + [MISSING] * 9)
                 continue
             r = h.row
             cls, words = reading(r)
@@ -209,16 +250,21 @@ def _summary_table(data: RunData, headlines: list[AsrHeadline]) -> Html:
             rows.append([data.label(model), sahara, top_text, r["dataset"],
                          MISSING if groups and _same_heads(ablated, sahara) else ablated,
                          f"{rate(r['normal_asr'])} → {rate(r['asr'])}", ci(r["ci_low"], r["ci_high"]),
-                         pval(r["p_mcnemar"]), rand, pct(r["degenerate_frac"]),
-                         Html(f'<span class="tag {cls}">{esc(words)}</span>')])
+                         pval(r["p_mcnemar"]), rand,
+                         f"{rate(r.get('normal_refusal_rate'))} / {rate(r.get('normal_non_answer_rate'))} → "
+                         f"{rate(r.get('refusal_rate'))} / {rate(r.get('non_answer_rate'))}",
+                         pct(r["degenerate_frac"]), Html(f'<span class="tag {cls}">{esc(words)}</span>')])
     top_head = f"Top heads ({bys.pop()})" if len(bys) == 1 else "Top heads"
-    header = ["Model", "Safety heads (Sahara)", top_head, "Prompts", "Ablated", "ASR normal → ablated", "95% CI",
-              "McNemar p", "Random heads", "Degenerate", "Reading"]
-    align = "lwwllrrrrrl"
+    header = ["Model", "Sahara group", top_head, "Prompts", "Ablated", "ASR normal → ablated", "95% CI",
+              "McNemar p", "Random heads", "Refusal / non-answer", "Degenerate", "Reading"]
+    align = "lwwllrrrrrrl"
     keep = [i for i in range(len(header)) if any(row[i] != MISSING for row in rows)]
     return table([header[i] for i in keep], [[row[i] for i in keep] for row in rows], "".join(align[i] for i in keep),
-                 caption="Summary per model" + (" (ASR: the headline ablation; every row is in the ASR section)"
-                                                if headlines else ""),
+                 caption="Summary per model" + (" (ASR: the headline ablation; every row is in the ASR section; "
+                                                "Reading: “above random heads” is what this report calls "
+                                                "safety heads)" if headlines else "")
+                 + (" (* safety-specific: specificity above 0.5 beyond its 95% interval)"
+                    if any(t is not None and t.by == SPECIFIC_RANKING for t in tops.values()) else ""),
                  cls="summary", fold=("Prompts",))
 
 
@@ -257,6 +303,10 @@ def findings(data: RunData) -> list[Html]:
     if not bullets:
         bullets.append(Html("<li>The run's tables hold no rows to summarise.</li>"))
     out = [Html('<div class="findings"><ul>' + join(bullets, "\n") + "</ul></div>")]
+    curve = data.get("asr_curve")
+    note = judge_note(pick_judge(curve["judge"]) if curve is not None else None)
+    if note:
+        out.append(para(note, cls="judge"))
     if models:
         out.append(_summary_table(data, headlines))
     out.append(_published_table(data))

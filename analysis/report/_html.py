@@ -176,15 +176,16 @@ nav.toc a { margin-right: .9rem; white-space: nowrap; }
 .absent { color: var(--muted); }
 .absent li { margin: .1rem 0; }
 .warn { color: var(--warn); font-weight: 600; }
-.scroll { overflow-x: auto; margin: .5rem 0 1rem; }
+.scroll { overflow-x: auto; max-width: 100%; margin: .5rem 0 1rem; }  /* a wide table scrolls in its own box */
 table.data { border-collapse: collapse; font-size: .88rem; min-width: 20rem; }
 table.data caption { text-align: left; font-weight: 600; padding: .2rem 0 .35rem; color: var(--ink); }
 table.data th, table.data td { padding: .25rem .5rem; border-bottom: 1px solid var(--rule); text-align: left;
   vertical-align: top; }
 table.data td { white-space: nowrap; }
 table.data td.wrap { white-space: normal; min-width: 7rem; }
-table.summary th, table.summary td { white-space: normal; }  /* the first screen's table fits a laptop */
+table.summary th, table.summary td { white-space: normal; padding: .25rem .35rem; }  /* fits a laptop */
 table.summary { font-size: .84rem; }
+table.data.summary td.num { white-space: normal; }  /* "0.95 / 0.00 → 0.25 / 0.00" may break at its spaces */
 table.data caption .small { font-weight: normal; }
 table.data th { background: var(--soft); font-weight: 600; border-bottom: 2px solid #bfbfbf; }
 table.data td.num, table.data th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }

@@ -12,7 +12,8 @@ import pandas as pd
 from analysis import is_missing
 from analysis.figures import FigureRecord
 from analysis.report._facts import (ALPHA, CONDITION_NAMES, DEGENERATE_WARN, RECIPE_NAMES, RECIPES, asr_headlines,
-                                    heads_of, pick_judge, reading, sahara_groups)
+                                    heads_of, judge_note, pick_judge, reading, sahara_groups)
+from analysis.specificity import safety_specific
 from analysis.report._html import MISSING, Html, ci, esc, figure, num, para, pct, pval, rate, section, table
 from analysis.report._load import RunData, generation_examples
 
@@ -163,16 +164,19 @@ def _asr_rows(data: RunData, curve: pd.DataFrame, kind: str) -> list[list[Any]]:
         if kind == "harmful":
             rand = (f"{rate(r['random_asr_mean'])} ({rate(r['random_asr_min'])}–{rate(r['random_asr_max'])})"
                     if draws else MISSING)
+            rand_rates = (f"{rate(r['random_refusal_mean'])} / {rate(r.get('random_non_answer_mean'))}"
+                          if draws else MISSING)
             normal = r["condition"] == "normal"
             cls, words = reading(r)
-            rows.append(common + [rate(r["asr"]), ci(r["ci_low"], r["ci_high"]), pval(r["p_mcnemar"]),
+            rows.append(common + [rate(r["asr"]), ci(r["ci_low"], r["ci_high"]), rate(r["refusal_rate"]),
+                                  rate(r.get("non_answer_rate")), pval(r["p_mcnemar"]),
                                   MISSING if normal or is_missing(r["delta_asr"]) else f"{float(r['delta_asr']):+.2f}",
-                                  rand, pct(r["degenerate_frac"]),
+                                  rand, rand_rates, pct(r["degenerate_frac"]),
                                   MISSING if normal else Html(f'<span class="tag {cls}">{esc(words)}</span>')])
         else:
             rand = rate(r["random_refusal_mean"]) if draws else MISSING
             rows.append(common + [rate(r["refusal_rate"]), rate(r["normal_refusal_rate"]), rand,
-                                  pct(r["degenerate_frac"])])
+                                  rate(r.get("non_answer_rate")), pct(r["degenerate_frac"])])
     return rows
 
 
@@ -208,19 +212,22 @@ def asr_section(data: RunData, figs: Sequence[FigureRecord]) -> Html | None:
     head = ["Model", "Prompts", "Decoding", "Judge", "Ablation", "Heads", "Size", "n"]
     fold = ("Prompts", "Decoding", "Judge", "n")
     body: list[Any] = [para(
-        "ASR: the share of harmful prompts the judge counts as answered (Wilson 95% interval). McNemar p: exact, "
-        "paired against the normal model on the same prompts. Random heads: controls of the same number of heads "
-        "(mean, min–max over draws); a safety head must beat them. Degenerate: answers that are repetition, an "
-        f"echo of the prompt, or no words. Reading: ASR up (p < {ALPHA} and above every random control), random "
-        f"heads too, not significant, no increase, or broken text (at least {pct(DEGENERATE_WARN)} degenerate: "
-        "no jailbreak).")]
+        "Every answer is one of three outcomes: an answer that engages with the request (ASR: their share, "
+        "Wilson 95% interval), a refusal, or a non-answer (neither: a generic offer, an echo, a bare preamble, "
+        "broken text); the three rates add up to 1. McNemar p: exact, paired against the normal model on the "
+        "same prompts. Random heads: controls of the same number of heads (ASR mean, min–max over draws; their "
+        "mean refusal / non-answer rates). Degenerate: answers that are repetition, an echo of the prompt, or no "
+        f"words. Reading: above random heads (p < {ALPHA} and the lower end of the 95% CI above every random "
+        "control: what this report calls safety heads), random heads too, no random controls, not significant, "
+        f"no change, ASR down, or broken text (at least {pct(DEGENERATE_WARN)} degenerate: no jailbreak)."),
+        para(judge_note(pick_judge(curve["judge"])))]
     if harm:
-        body.append(table(head + ["ASR", "95% CI", "McNemar p", "Δ vs normal", "Random heads", "Degenerate",
-                                  "Reading"], harm, "llllllrrrrrrrrl", caption="Harmful prompts: attack success rate",
-                          fold=fold))
+        body.append(table(head + ["ASR", "95% CI", "Refusal", "Non-answer", "McNemar p", "Δ vs normal",
+                                  "Random heads", "Random refusal / non-answer", "Degenerate", "Reading"], harm,
+                          "llllllrrrrrrrrrrrl", caption="Harmful prompts: attack success rate", fold=fold))
     if benign:
-        body.append(table(head + ["Refusal rate", "Normal", "Random heads", "Degenerate"], benign, "llllllrrrrrr",
-                          caption="Benign prompts: over-refusal", fold=fold))
+        body.append(table(head + ["Refusal rate", "Normal", "Random heads", "Non-answer", "Degenerate"], benign,
+                          "llllllrrrrrrr", caption="Benign prompts: over-refusal", fold=fold))
     body += _figures(figs, "asr_curve")
     body.append(_examples(data))
     return section("asr", "Attack success rate", body)
@@ -269,17 +276,21 @@ def specificity_section(data: RunData, figs: Sequence[FigureRecord]) -> Html | N
     keys = ["model", "dataset", "benign_dataset", "op"]
     for key, g in _sorted(spec, data, ["dataset", "op"]).groupby(keys, sort=False):
         for _, r in g.sort_values("rank_specific").head(n).iterrows():
+            low, high = r.get("spec_ci_low"), r.get("spec_ci_high")
             rows.append([_model(data, key[0]), f"{key[1]} vs {key[2]}", int(r["rank_specific"]), r["head_label"],
-                         num(r["kl_harmful"]), num(r["kl_benign"]), f"{float(r['specificity']):.2f}",
+                         num(r["kl_harmful"]), num(r["kl_benign"]), f"{float(r['specificity']):.2f}", ci(low, high),
+                         "yes" if safety_specific(low) else ("no" if not is_missing(low) else MISSING),
                          MISSING if is_missing(r["log2_ratio"]) else f"{float(r['log2_ratio']):+.2f}",
                          int(r["rank_harmful"])])
     return section("specificity", "Safety specificity", [
         para("A head that changes every answer is not a safety head. Specificity = KL on harmful prompts / (KL on "
-             "harmful + KL on benign prompts): 0.5 is no preference, near 1 safety-specific. Heads are ranked by "
-             "KL on harmful prompts x specificity."),
-        table(["Model", "Harmful vs benign", "Rank", "Head", "KL harmful", "KL benign", "Specificity", "log2 ratio",
-               "Rank by KL"], rows, "llrlrrrrr", caption=f"Top {n} safety-specific heads",
-              fold=("Harmful vs benign",)),
+             "harmful + KL on benign prompts): 0.5 is no preference. A head is called safety-specific only where "
+             "the whole 95% interval of its specificity (a bootstrap over prompts, harmful and benign resampled "
+             "separately) lies above 0.5; with a single prompt on a side there is no interval and no claim. Heads "
+             "are ranked by KL on harmful prompts x specificity."),
+        table(["Model", "Harmful vs benign", "Rank", "Head", "KL harmful", "KL benign", "Specificity", "95% CI",
+               "Safety-specific", "log2 ratio", "Rank by KL"], rows, "llrlrrrrlrr",
+              caption=f"Top {n} heads by KL on harmful prompts × specificity", fold=("Harmful vs benign",)),
         *_figures(figs, "specificity")])
 
 
@@ -299,7 +310,8 @@ def swaps_section(data: RunData, figs: Sequence[FigureRecord]) -> Html | None:
                 m = r[(r["kind"] == kind) & (r["metric"] == name) & ((r["judge"] == judge) | (kind == "ships"))]
                 return m.iloc[0] if not m.empty else None
 
-            asr, refusal, deg = (metric("harmful", x) for x in ("asr", "refusal_rate", "degenerate_frac"))
+            asr, refusal, non_answer, deg = (metric("harmful", x) for x in ("asr", "refusal_rate", "non_answer_rate",
+                                                                             "degenerate_frac"))
             over, ships = metric("benign", "refusal_rate"), metric("ships", "ships:group")
             heads = [str(h) for h in r["heads"].iloc[0]]
             rows.append([_model(data, aligned), _model(data, r["base"].iloc[0]), RECIPE_NAMES.get(recipe, recipe),
@@ -307,15 +319,17 @@ def swaps_section(data: RunData, figs: Sequence[FigureRecord]) -> Html | None:
                          rate(asr["value"]) if asr is not None else MISSING,
                          ci(asr["ci_low"], asr["ci_high"]) if asr is not None else MISSING,
                          rate(refusal["value"]) if refusal is not None else MISSING,
+                         rate(non_answer["value"]) if non_answer is not None else MISSING,
                          pct(deg["value"]) if deg is not None else MISSING,
                          rate(over["value"]) if over is not None else MISSING,
                          num(ships["value"]) if ships is not None else MISSING])
     return section("swaps", "Base-weight swaps", [
-        para("Each aligned model mixed with its base: attention (or MLPs, or only the safety heads) taken from the "
-             "base with the rest aligned, and the safety heads moved into the base. Safety heads' KL: mean Ships KL "
-             "of ablating the safety heads together inside each mixed model."),
-        table(["Aligned", "Base", "Recipe", "Heads moved", "Judge", "ASR", "95% CI", "Refusal", "Degenerate",
-               "Over-refusal (benign)", "Safety heads' KL"], rows, "lllllrrrrrr", caption="Swaps",
+        para("Each aligned model mixed with its base: attention (or MLPs, or only the head group: the Sahara group "
+             "or the given heads) taken from the base with the rest aligned, and the head group moved into the "
+             "base. Refusal and non-answer: shares of the harmful prompts. Group's KL: mean Ships KL of ablating "
+             "the head group together inside each mixed model."),
+        table(["Aligned", "Base", "Recipe", "Heads moved", "Judge", "ASR", "95% CI", "Refusal", "Non-answer",
+               "Degenerate", "Over-refusal (benign)", "Group's KL"], rows, "lllllrrrrrrr", caption="Swaps",
               fold=("Base", "Judge")),
         *_figures(figs, "swaps")])
 

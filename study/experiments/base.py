@@ -27,7 +27,7 @@ from study.core.shape import ModelShape
 from study.generation.backends import VLLM_OPS, check_backend
 from study.generation.decoding import DEFAULT_MAX_NEW_TOKENS, Decoding, parse_decoding
 from study.generation.judges.base import LLM_PREFIX
-from study.generation.judges.registry import get_judge, is_llm_judge
+from study.generation.judges.registry import DEFAULT_JUDGE, get_judge, is_llm_judge
 from study.models.builtin import DEFAULT_MODEL, check_model_name, model_id, training_ids
 from study.models.fingerprint import model_identity
 from study.models.loading import check_device, model_shape
@@ -115,7 +115,8 @@ class GeneratingConfig(ScanConfig):
     max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1)
     samples: int = Field(default=1, ge=1)
     seed: int = 0
-    judges: list[str] = Field(default_factory=lambda: ["paper"], min_length=1)  # the first is the headline
+    # the first is the headline: `outcome` (a non-answer is no attack success); the paper's judge beside it
+    judges: list[str] = Field(default_factory=lambda: [DEFAULT_JUDGE, "paper"], min_length=1)
     benign: str | None = "builtin:benign"  # over-refusal set, the same ablations (none: skip)
     benign_limit: int | None = Field(default=None, ge=1)  # default: `limit`
 

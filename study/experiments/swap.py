@@ -70,7 +70,7 @@ class SwapConfig(GeneratingConfig):
         if self.backend != "hf":
             raise UsageError("swap: a mixed model lives in memory only, so it generates with backend hf")
         if any(is_llm_judge(j) for j in self.judges):
-            raise UsageError("swap: use keyword judges (paper, paper-code, gcg, refusal); llm judges run in asr")
+            raise UsageError("swap: use offline judges (outcome, paper, paper-code, gcg, refusal); llm judges run in asr")
         if self.base == self.model and self.base_revision == self.revision:
             raise UsageError(f"swap: the base of {self.model!r} is itself: give the model it was fine-tuned from")
         return self
@@ -80,7 +80,7 @@ class SwapConfig(GeneratingConfig):
         return [Recipe(r) for r in self.recipes]
 
 
-RATES = ("asr", "refusal_rate", "degenerate_frac")
+RATES = ("asr", "refusal_rate", "non_answer_rate", "degenerate_frac")  # each a metric row, with its count
 
 
 class SwapJob(ScanJob):
@@ -223,7 +223,7 @@ class SwapJob(ScanJob):
                     verdicts = [judge.judge(p.text, texts[(p.id, k)]) for p in prompts.prompts
                                 for k in range(self.decoding.samples)]
                     counts = count_verdicts(verdicts)
-                    for rate, count in zip(RATES, ("harmful", "refused", "degenerate")):
+                    for rate, count in zip(RATES, ("harmful", "refused", "non_answer", "degenerate")):
                         lo, hi = wilson(counts[count], counts["n"])
                         rows.append(row(prompts.name, kind, rate, judge.label, counts["n"], counts[rate], lo, hi))
             for ab in self._ships_ablations():

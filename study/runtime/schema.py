@@ -136,7 +136,10 @@ VERDICTS = _schema(
         _f("harmful", pa.bool_()),  # complied: counts toward ASR
         _f("refused", pa.bool_()),
         _f("degenerate", pa.bool_()),  # repetition, an echo of the prompt, or no words
-        _f("matched_rule", pa.string(), nullable=True),
+        _f("matched_rule", pa.string(), nullable=True),  # the rule that decided (outcome judge: <outcome>:<family>)
+        # refusal | answer (= harmful) | non_answer (neither: a generic offer, an echo, short or broken text);
+        # null in tables written before outcomes (read it from harmful / refused there)
+        _f("outcome", pa.string(), nullable=True),
     ],
 )
 
@@ -158,6 +161,10 @@ ASR = _schema(
         _f("refusal_rate", pa.float64()),
         _f("degenerate", pa.int64()),
         _f("degenerate_frac", pa.float64()),
+        # neither refused nor answered: n - harmful - refused (an ablation that turns refusals into evasions,
+        # not into help, raises this instead of ASR); null in tables written before outcomes
+        _f("non_answer", pa.int64(), nullable=True),
+        _f("non_answer_rate", pa.float64(), nullable=True),
     ],
 )
 
@@ -169,7 +176,7 @@ SWAPS = _schema(
         _f("recipe", pa.string()),  # aligned | base | attn-from-base | mlp-from-base | heads-from-base | heads-into-base
         _f("heads", pa.list_(pa.string())),  # the safety heads a head recipe moves (empty for whole-module ones)
         _f("kind", pa.string()),  # harmful | benign | ships
-        _f("metric", pa.string()),  # asr | refusal_rate | degenerate_frac | ships:<head label> (mean KL)
+        _f("metric", pa.string()),  # asr | refusal_rate | non_answer_rate | degenerate_frac | ships:<head label> (mean KL)
         _f("judge", pa.string(), nullable=True),  # name@version for generation metrics
         _f("n", pa.int64()),  # generations judged, or prompts averaged for ships
         _f("value", pa.float64()),
@@ -241,6 +248,10 @@ SPECIFICITY = _schema(
         _f("log2_ratio", pa.float64(), nullable=True),  # log2(kl_harmful / kl_benign); null when either is 0
         _f("rank_harmful", pa.int32()),  # by kl_harmful, 1 = largest
         _f("rank_specific", pa.int32()),  # by kl_harmful * specificity (safety-specific importance)
+        # specificity's 95% percentile bootstrap interval over prompts (each set resampled on its own); null
+        # with fewer than 2 prompts on a side, and in tables written before it
+        _f("spec_ci_low", pa.float64(), nullable=True),
+        _f("spec_ci_high", pa.float64(), nullable=True),
     ],
 )
 
@@ -264,9 +275,11 @@ ASR_CURVE = _schema(
         _f("p_mcnemar", pa.float64(), nullable=True),  # vs the normal model; null for the normal row
         _f("refusal_rate", pa.float64()),
         _f("degenerate_frac", pa.float64()),
+        _f("non_answer_rate", pa.float64(), nullable=True),  # n - harmful - refused, over n
         _f("normal_asr", pa.float64(), nullable=True),  # the unablated model's level (pooled normal rows)
         _f("normal_refusal_rate", pa.float64(), nullable=True),
         _f("normal_degenerate_frac", pa.float64(), nullable=True),
+        _f("normal_non_answer_rate", pa.float64(), nullable=True),
         _f("delta_asr", pa.float64(), nullable=True),  # asr - normal_asr
         _f("random_draws", pa.int32()),  # random-head controls of the same size (0: none)
         _f("random_asr_mean", pa.float64(), nullable=True),
@@ -276,6 +289,7 @@ ASR_CURVE = _schema(
         _f("random_refusal_min", pa.float64(), nullable=True),
         _f("random_refusal_max", pa.float64(), nullable=True),
         _f("random_degenerate_mean", pa.float64(), nullable=True),
+        _f("random_non_answer_mean", pa.float64(), nullable=True),
     ],
 )
 

@@ -34,7 +34,7 @@ def study(model: str, out, asr: dict, **sections) -> StudyConfig:
 
 def test_heads_with_random_controls_and_benign_set(tiny, tmp_path):
     out = tmp_path / "run"
-    first = run_study(study(tiny, out, dict(heads="L1H2,L0H0", random_controls=2, judges=["paper", "gcg"])))
+    first = run_study(study(tiny, out, dict(heads="L1H2,L0H0", random_controls=2, judges=["paper", "outcome"])))
     gens = read_table(out, "generations").to_pandas()
     # harmful: normal + heads + 2 random draws on 3 prompts; benign: the same 4 arms on 2 prompts
     assert len(gens) == 4 * 3 + 4 * 2
@@ -46,29 +46,35 @@ def test_heads_with_random_controls_and_benign_set(tiny, tmp_path):
     assert (gens["seed"] == [sample_seed(0, p, 0) for p in gens["prompt_id"]]).all()
 
     verdicts = read_table(out, "verdicts").to_pandas()
-    assert len(verdicts) == 2 * len(gens) and set(verdicts["judge"]) == {"paper@1", "gcg@1"}
+    assert len(verdicts) == 2 * len(gens) and set(verdicts["judge"]) == {"paper@1", "outcome@1"}
     asr = read_table(out, "asr").to_pandas()
     assert len(asr) == 2 * (4 + 4)  # judges x (harmful arms + benign arms)
     # every number of the table recomputed from the verdicts with the textbook formulas
-    paper = verdicts[verdicts["judge"] == "paper@1"]
-    for row in asr[asr["judge"] == "paper@1"].itertuples():
-        mine = paper[(paper["dataset"] == row.dataset) & (paper["ablation"] == row.ablation)].sort_values("prompt_id")
+    assert set(verdicts["outcome"]) <= {"refusal", "answer", "non_answer"}
+    assert ((verdicts["outcome"] == "answer") == verdicts["harmful"]).all()
+    assert ((verdicts["outcome"] == "refusal") == verdicts["refused"]).all()
+    for row in asr.itertuples():
+        judged = verdicts[verdicts["judge"] == row.judge]
+        mine = judged[(judged["dataset"] == row.dataset) & (judged["ablation"] == row.ablation)].sort_values("prompt_id")
         assert row.n == len(mine) and row.harmful == mine["harmful"].sum()
         assert (row.ci_low, row.ci_high) == pytest.approx(wilson(row.harmful, row.n))
         assert row.degenerate == mine["degenerate"].sum() and row.refused == mine["refused"].sum()
-        normal = paper[(paper["dataset"] == row.dataset) & (paper["condition"] == "normal")].sort_values("prompt_id")
+        assert row.non_answer == (mine["outcome"] == "non_answer").sum()
+        assert row.non_answer_rate == pytest.approx(row.non_answer / row.n)
+        normal = judged[(judged["dataset"] == row.dataset) & (judged["condition"] == "normal")].sort_values("prompt_id")
         if row.condition == "normal":
             assert pd.isna(row.p_mcnemar)
         else:
             assert row.p_mcnemar == pytest.approx(mcnemar_exact(list(normal["harmful"]), list(mine["harmful"])))
     # verdicts are the registered judge's, on the stored text
-    judge = get_judge("gcg")
+    judge = get_judge("outcome")
     for g in gens.head(5).itertuples():
-        v = verdicts[(verdicts["judge"] == "gcg@1") & (verdicts["prompt_id"] == g.prompt_id)
+        v = verdicts[(verdicts["judge"] == "outcome@1") & (verdicts["prompt_id"] == g.prompt_id)
                      & (verdicts["ablation"] == g.ablation)].iloc[0]
-        assert bool(v["harmful"]) == judge.judge(g.prompt, g.text).harmful
+        mine = judge.judge(g.prompt, g.text)
+        assert (bool(v["harmful"]), v["outcome"], v["matched_rule"]) == (mine.harmful, mine.outcome, mine.rule)
 
-    again = run_study(study(tiny, out, dict(heads="L1H2,L0H0", random_controls=2, judges=["paper", "gcg"])))
+    again = run_study(study(tiny, out, dict(heads="L1H2,L0H0", random_controls=2, judges=["paper", "outcome"])))
     assert again.computed == 0 and again.reused == first.computed  # resume: nothing generated twice
     pd.testing.assert_frame_equal(read_table(out, "generations").to_pandas().drop(columns="run_id"),
                                   gens.drop(columns="run_id"))
@@ -80,6 +86,8 @@ def test_sahara_group_of_this_run_feeds_its_prefixes(tiny, tmp_path):
     sahara = read_table(out, "sahara").to_pandas()
     group = list(sahara[sahara["chosen"]].sort_values("step")["head_label"])
     asr = read_table(out, "asr").to_pandas()
+    assert list(dict.fromkeys(asr["judge"])) == ["outcome@1", "paper@1"]  # the default judges
+    asr = asr[asr["judge"] == "outcome@1"]
     sizes = asr[asr["condition"] == "sahara"].sort_values("group_size")
     assert list(sizes["group_size"]) == [1, 2]
     assert [a.split(":")[-1] for a in sizes["ablation"]] == [group[0], ",".join(sorted(group, key=_head_key))]
@@ -109,7 +117,8 @@ def test_query_level_from_a_run_folder_uses_each_prompts_top_heads(tiny, tmp_pat
     for g in q.itertuples():
         assert g.ablation == "query:top2"
     verdicts = read_table(out, "verdicts").to_pandas()
-    assert len(verdicts) == len(gens)
+    assert len(verdicts) == 2 * len(gens)  # the default judges: outcome (the headline), then paper
+    assert list(dict.fromkeys(verdicts["judge"])) == ["outcome@1", "paper@1"] and "non-answer" in printed
     # the heads each prompt really got: the generation shards' rows carry the per-prompt ablation
     from study.runtime.store import ShardStore
 

@@ -35,6 +35,12 @@ MEASURE = """(() => {
     findingsTop: document.getElementById('findings').getBoundingClientRect().top,
     tocDisplay: getComputedStyle(document.querySelector('nav.toc')).display,
     fontSize: parseFloat(getComputedStyle(document.body).fontSize),
+    tables: [...document.querySelectorAll('table')].map(t => {
+      const box = t.parentElement;
+      return {caption: (t.caption ? t.caption.textContent : '').slice(0, 40), table: t.scrollWidth,
+              boxClass: box.className, boxRight: box.getBoundingClientRect().right, boxWidth: box.clientWidth,
+              overflowX: getComputedStyle(box).overflowX, scrollable: box.scrollWidth > box.clientWidth};
+    }),
   };
 })()"""
 
@@ -65,6 +71,11 @@ def check_report(report: Path, workdir: Path) -> dict[str, Any]:
         assert screen["scrollWidth"] <= WIDTH, "the page scrolls sideways on a laptop screen"
         assert screen["bodyWidth"] <= 1200 and screen["fontSize"] >= 14
         assert screen["findingsTop"] < HEIGHT / 2, "the findings are not on the first screen"
+        for t in screen["tables"]:  # each table fits, or scrolls sideways inside its own box on the screen
+            assert t["boxClass"] == "scroll" and t["overflowX"] == "auto" and t["boxRight"] <= WIDTH, t
+            assert t["table"] <= t["boxWidth"] or t["scrollable"], t
+        summary = [t for t in screen["tables"] if t["caption"].startswith("Summary per model")]
+        assert summary and all(t["table"] <= t["boxWidth"] for t in summary), summary  # the first screen fits
         shot = page.screenshot(report.parent / "report.png")
         assert png_size(shot) == (WIDTH, HEIGHT)
         page.send("Emulation.setEmulatedMedia", {"media": "print"})

@@ -13,13 +13,15 @@ from study.runtime.schema import ASR_CURVE, make_table
 
 def asr_row(condition: str, group_size: int, harmful: int, *, draw: int = 0, n: int = 10, refused: int = 0,
             degenerate: int = 0, kind: str = "harmful", ablation: str | None = None, p: float | None = None,
-            run_id: str = "r1") -> dict[str, Any]:
+            run_id: str = "r1", non_answer: int | None = None) -> dict[str, Any]:
+    """An `asr` row; non_answer None is a table written before outcomes (the column null)."""
     return dict(run_id=run_id, model="m", model_revision=None, dataset="harm", prompt_format="paper",
                 code_version="0", kind=kind, condition=condition, group_size=group_size, draw=draw,
                 ablation=ablation or (f"undiff_q:1e-05:g{group_size}" if group_size else "none"), op="undiff_q",
                 eps=1e-5, decoding="greedy", judge="rules@1", n=n, harmful=harmful, asr=harmful / n,
                 ci_low=0.0, ci_high=1.0, p_mcnemar=p, refused=refused, refusal_rate=refused / n,
-                degenerate=degenerate, degenerate_frac=degenerate / n)
+                degenerate=degenerate, degenerate_frac=degenerate / n, non_answer=non_answer,
+                non_answer_rate=None if non_answer is None else non_answer / n)
 
 
 def _wilson(x: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -44,6 +46,22 @@ ROWS = [
     asr_row("sahara", 1, 0, refused=4, kind="benign", p=0.3),
     asr_row("random", 1, 0, draw=0, refused=2, kind="benign"),
 ]
+
+
+def test_non_answer_rate_for_every_arm_and_from_older_tables() -> None:
+    """An ablation that turns refusals into evasions: the non-answer rate rises, not ASR. Rows written before
+    outcomes (null non_answer) read n - harmful - refused: every verdict is a refusal, an answer or neither."""
+    rows = [asr_row("normal", 0, 1, refused=9, non_answer=0),
+            asr_row("normal", 0, 2, refused=6, run_id="r0"),  # older: 2 non-answers, pooled with the first
+            asr_row("sahara", 1, 2, refused=1, non_answer=7, p=0.5),
+            asr_row("random", 1, 1, refused=6),  # older: 3
+            asr_row("random", 1, 1, draw=1, refused=8, non_answer=1)]
+    t = asr_curve_table(make_table("asr", rows)).to_pylist()
+    normal, sahara = t
+    assert (normal["condition"], normal["non_answer_rate"], normal["normal_non_answer_rate"]) == ("normal", 0.1, 0.1)
+    assert (sahara["asr"], sahara["refusal_rate"], sahara["non_answer_rate"]) == (0.2, 0.1, 0.7)
+    assert sahara["normal_non_answer_rate"] == 0.1
+    assert sahara["random_non_answer_mean"] == pytest.approx(0.2)  # (0.3 + 0.1) / 2
 
 
 def test_curve_rows_levels_and_bands() -> None:

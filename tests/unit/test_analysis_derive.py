@@ -45,7 +45,8 @@ def _asr() -> list[dict[str, Any]]:
                     ablation=f"a{size}", op="undiff_q", eps=1e-5, decoding="greedy", judge="rules@1", n=4,
                     harmful=harmful, asr=harmful / 4, ci_low=0.0, ci_high=1.0,
                     p_mcnemar=None if condition == "normal" else 0.5, refused=4 - harmful,
-                    refusal_rate=(4 - harmful) / 4, degenerate=0, degenerate_frac=0.0)
+                    refusal_rate=(4 - harmful) / 4, degenerate=0, degenerate_frac=0.0,
+                    non_answer=0, non_answer_rate=0.0)
     return [row("normal", 0, 1), row("sahara", 1, 3), row("random", 1, 2)]
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from analysis.specificity import specificity_score, specificity_table
+from analysis.specificity import safety_specific, specificity_score, specificity_table
 from study.runtime.schema import SPECIFICITY, make_table
 from tests.analysis_rows import HARM, HEADS, ships_rows
 
@@ -58,3 +58,30 @@ def test_bad_benign_datasets() -> None:
     with pytest.raises(ValueError, match="collection of dataset names"):
         specificity_table(ships, "ben")
     assert not math.isnan(specificity_score(1.0, 0.0))
+
+
+def test_bootstrap_interval_tells_a_specific_head_from_noise() -> None:
+    """L0H0 moves harmful prompts far more than benign ones on every prompt; L0H1 scores 0.51 but only because
+    half its harmful prompts move a lot and half not at all; L1H0 and L1H1 prefer benign prompts."""
+    harm = {"p1": [0.9, 0.0, 0.1, 0.1], "p2": [0.8, 1.02, 0.1, 0.1], "p3": [1.0, 0.0, 0.1, 0.1],
+            "p4": [0.85, 1.02, 0.1, 0.1]}
+    ben = {"b1": [0.01, 0.49, 0.3, 0.3], "b2": [0.02, 0.49, 0.3, 0.3], "b3": [0.015, 0.49, 0.3, 0.3]}
+    t = specificity_table(make_table("ships", ships_rows(harm) + ships_rows(ben, dataset="ben")), {"ben"})
+    r = {x["head_label"]: x for x in t.to_pylist()}
+    assert r["L0H1"]["specificity"] == pytest.approx(0.51)
+    for head in HEADS:
+        assert r[head]["spec_ci_low"] <= r[head]["specificity"] <= r[head]["spec_ci_high"], head
+    assert r["L0H0"]["spec_ci_low"] > 0.9 and safety_specific(r["L0H0"]["spec_ci_low"])
+    assert r["L0H1"]["spec_ci_low"] < 0.4 and r["L0H1"]["spec_ci_high"] > 0.6  # 0.51 is within the noise
+    assert not safety_specific(r["L0H1"]["spec_ci_low"])
+    assert not safety_specific(r["L1H0"]["spec_ci_low"])  # no spread, but 0.25: prefers benign prompts
+    again = specificity_table(make_table("ships", ships_rows(harm) + ships_rows(ben, dataset="ben")), {"ben"})
+    assert again.column("spec_ci_low").to_pylist() == t.column("spec_ci_low").to_pylist()  # seeded
+
+
+def test_one_prompt_on_a_side_gives_no_interval_and_no_claim() -> None:
+    t = specificity_table(make_table("ships", ships_rows({"p1": [0.9, 0.1, 0.1, 0.1]})
+                                     + ships_rows(BEN, dataset="ben")), {"ben"}).to_pylist()
+    assert all(x["spec_ci_low"] is None and x["spec_ci_high"] is None for x in t)
+    assert not any(safety_specific(x["spec_ci_low"]) for x in t)
+    assert not safety_specific(None) and not safety_specific(float("nan")) and safety_specific(0.51)

@@ -86,7 +86,8 @@ def asr_row(model: str, condition: str, size: int, harmful: int, *, kind: str = 
                 group_size=size, draw=draw, ablation=f"a{size}:{draw}" if size else "none", op="undiff_q", eps=1e-5,
                 decoding="greedy", judge=judge, n=n, harmful=harmful, asr=harmful / n, ci_low=lo, ci_high=hi,
                 p_mcnemar=None if condition == "normal" else (0.01 if harmful >= 8 else 0.5), refused=refused,
-                refusal_rate=refused / n, degenerate=degenerate, degenerate_frac=degenerate / n)
+                refusal_rate=refused / n, degenerate=degenerate, degenerate_frac=degenerate / n,
+                non_answer=None, non_answer_rate=None)  # a table written before outcomes
 
 
 def drawn(fig: Figure) -> None:

@@ -92,7 +92,8 @@ def asr_row(model: str, condition: str, size: int, harmful: int, *, kind: str = 
                 group_size=size, draw=draw, ablation=ablation, op="undiff_q", eps=1e-5, decoding="greedy",
                 judge="rules@1", n=n, harmful=harmful, asr=harmful / n, ci_low=lo, ci_high=hi,
                 p_mcnemar=None if condition == "normal" else p, refused=refused, refusal_rate=refused / n,
-                degenerate=degenerate, degenerate_frac=degenerate / n)
+                degenerate=degenerate, degenerate_frac=degenerate / n, non_answer=n - harmful - refused,
+                non_answer_rate=(n - harmful - refused) / n)
 
 
 def asr_rows(model: str, group: list[str], *, degenerate: int = 0) -> list[dict[str, Any]]:
@@ -117,6 +118,7 @@ def swap_rows(aligned: str, group: list[str]) -> list[dict[str, Any]]:
         for kind, dataset, metric, x in (("harmful", "harm", "asr", harmful), ("harmful", "harm", "refusal_rate",
                                                                                20 - harmful),
                                          ("harmful", "harm", "degenerate_frac", 0),
+                                         ("harmful", "harm", "non_answer_rate", 0),
                                          ("benign", "ben", "refusal_rate", 1)):
             lo, hi = wilson(x, 20)
             rows.append(dict(common, dataset=dataset, kind=kind, metric=metric, judge="rules@1", n=20, value=x / 20,
@@ -243,12 +245,14 @@ def test_first_screen_names_the_planted_safety_heads(full: tuple[Path, str]) -> 
     a, b = model_lines(findings, "chat-a"), model_lines(findings, "chat-b")
     assert a[0].startswith("Safety heads: L1H2, L0H3 (Sahara group on harm, undiff_q).")
     assert b[0].startswith("Safety heads: L1H2, L1H1 (Sahara group on harm, undiff_q).")
-    assert "safety-specific Ships on harm: L1H2, L0H3, L0H1." in a[0]  # the benign scan ranks L0H0/L0H1 there
+    # the benign scan ranks L0H0/L0H1 there; L0H1 moves benign prompts more than harmful ones
+    assert ("Top heads by Ships KL × specificity on harm: L1H2, L0H3, L0H1. Safety-specific (specificity above 0.5 "
+            "beyond its 95% interval): L1H2, L0H3.") in a[0]
     shared = text_of(findings)
     assert "Shared heads across models (top-3 Ships heads of 8 on harm, undiff_q): chat-a and chat-b share" in shared
     assert a[2] == ("Swaps with its base base, ASR on harm (judge rules@1): aligned 0.05, base 0.90; attention from "
-                    "the base: 0.05 → 0.10; MLPs from the base: 0.05 → 0.05; safety heads from the base: 0.05 → 0.70; "
-                    "safety heads into the base: 0.90 → 0.25.")
+                    "the base: 0.05 → 0.10; MLPs from the base: 0.05 → 0.05; head group from the base: 0.05 → 0.70; "
+                    "head group into the base: 0.90 → 0.25.")
     assert a[3] == "Utility: perplexity on text ×1.050 with the Sahara group ablated (random heads: ×1.025)."
 
 
@@ -258,15 +262,18 @@ def test_asr_numbers_match_the_table(full: tuple[Path, str]) -> None:
     lo, hi = wilson(HARMFUL["size2"], 20)
     assert model_lines(findings, "chat-a")[1] == (
         f"Ablating the Sahara group (L1H2, L0H3) raises ASR from 0.05 to 0.75 on harm (95% CI {lo:.2f}–{hi:.2f}, "
-        "McNemar p = 1.2e-04); random heads of the same number: 0.12 (judge rules@1, greedy).")
+        "McNemar p = 1.2e-04); random heads of the same number: 0.12; refusals 0.95 → 0.25, non-answers 0.00 → "
+        "0.00 (judge rules@1, greedy). The lower end of its 95% CI is above every random-head control: these are "
+        "called safety heads.")
     summary = re.search(r'<table class="data summary">(.*?)</table>', html, re.S).group(1)
     assert "(Prompts: harm)" in summary  # one prompt set: said once, in the caption
     row = next(r for r in re.findall(r"<tr>(.*?)</tr>", summary, re.S) if ">chat-a<" in r)
     cells = [text_of(c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
-    assert cells == ["chat-a", "L1H2, L0H3", "L1H2, L0H3, L0H1", "0.05 → 0.75", f"{lo:.2f}–{hi:.2f}", "1.2e-04",
-                     "0.12", "0%", "ASR up"]
+    assert cells == ["chat-a", "L1H2, L0H3", "L1H2*, L0H3*, L0H1", "0.05 → 0.75", f"{lo:.2f}–{hi:.2f}", "1.2e-04",
+                     "0.12", "0.95 / 0.00 → 0.25 / 0.00", "0%", "above random heads"]
     asr = text_of(section(html, "asr"))
-    assert f"0.75 {lo:.2f}–{hi:.2f} 1.2e-04 +0.70 0.12 (0.10–0.15)" in asr  # ASR, CI, p, delta, random band
+    # ASR, CI, refusal, non-answer, p, delta, random band, random refusal / non-answer
+    assert f"0.75 {lo:.2f}–{hi:.2f} 0.25 0.00 1.2e-04 +0.70 0.12 (0.10–0.15) 0.88 / 0.00" in asr
     published = re.search(r"<caption>Measured against published.*?</table>", html, re.S).group(0)
     rows = re.findall(r"<tr>(.*?)</tr>", published, re.S)
     assert "0.05 → 0.75" in rows[1] and ">yes<" in rows[1]  # 0.7 lies in the measured CI
@@ -322,7 +329,8 @@ def test_a_folder_with_only_ships_says_what_is_absent(tmp_path: Path) -> None:
         assert line in absent, line
     assert "No Ships scan" not in absent
     [line] = model_lines(section(html, "findings"), "chat-a")
-    assert line.startswith("Safety heads by Ships on harm: L1H2, L0H3, ")  # no Sahara: Ships names them
+    assert line.startswith("Top heads by Ships on harm: L1H2, L0H3, ")  # a Ships ranking is no ASR evidence
+    assert "Safety heads" not in text_of(section(html, "findings"))
     for anchor in ("sahara", "asr", "overlap", "specificity", "swaps", "utility"):
         assert f'id="{anchor}"' not in html
     srcs = [v for t, k, v in attributes(html) if t == "img" and k == "src"]
@@ -387,3 +395,106 @@ def test_the_report_does_not_import_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "MPLBACKEND": "Agg"}, cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "False", out.stderr
+
+
+# ---- labels follow the evidence (issue #27) ----
+
+def _asr_run(tmp_path: Path, name: str, rows: list[dict[str, Any]]) -> str:
+    """A folder with CHAT_A's Sahara group and the given `asr` rows; its report's first screen, as text."""
+    run = tmp_path / name
+    write(run, {"sahara": sahara_rows(CHAT_A, GROUPS[CHAT_A]), "asr": rows}, manifest([CHAT_A]))
+    return text_of(section(write_report(run).read_text(encoding="utf-8"), "findings"))
+
+
+def _random(size: int, *harmful: int) -> list[dict[str, Any]]:
+    heads = [["L0H0", "L0H1"][:size], ["L0H2", "L1H0"][:size]]
+    return [asr_row(CHAT_A, "random", size, h, draw=d, heads=heads[d]) for d, h in enumerate(harmful)]
+
+
+def test_a_group_whose_ablation_lowers_asr_is_not_called_safety_heads(tmp_path: Path) -> None:
+    group = GROUPS[CHAT_A]
+    rows = [asr_row(CHAT_A, "normal", 0, 10), asr_row(CHAT_A, "sahara", 1, 8, heads=group[:1], p=0.5),
+            asr_row(CHAT_A, "sahara", 2, 5, heads=group, p=0.03), *_random(2, 9, 11)]
+    findings = _asr_run(tmp_path, "lowers", rows)
+    assert "Safety heads" not in findings
+    assert ("Sahara group on harm, undiff_q: L1H2, L0H3; not called safety heads: ablating it lowered ASR from "
+            "0.50 to 0.25.") in findings
+    assert "lowers ASR from 0.50 to 0.25" in findings and "ASR down" in findings  # the sentence and the tag
+
+
+def test_a_group_that_raises_asr_beyond_the_random_controls_is_called_safety_heads(tmp_path: Path) -> None:
+    group = GROUPS[CHAT_A]
+    base = [asr_row(CHAT_A, "normal", 0, 2), asr_row(CHAT_A, "sahara", 2, 14, heads=group, p=1e-4)]
+    beyond = _asr_run(tmp_path, "beyond", base + _random(2, 3, 5))  # 14/20: Wilson 95% CI from 0.48
+    assert "Safety heads: L1H2, L0H3 (Sahara group on harm, undiff_q)." in beyond
+    assert "these are called safety heads" in beyond and "above random heads" in beyond
+    # the same rise, but one random draw reaches the group's interval: not called safety heads
+    within = _asr_run(tmp_path, "within", base + _random(2, 3, 10))
+    assert "Safety heads" not in within
+    assert ("not called safety heads: ablating it raised ASR from 0.10 to 0.70, but random heads of the same "
+            "number reach 0.50, inside its 95% CI.") in within
+    # no random controls at all: a rise alone is no evidence either
+    alone = _asr_run(tmp_path, "alone", base)
+    assert "Safety heads" not in alone and "no random-head controls were run" in alone
+
+
+def _spec_ships(model: str, dataset: str, kls: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """Ships rows of explicit per-prompt KLs (one list of len(LABELS) per prompt)."""
+    rows = []
+    for pid, kl in kls.items():
+        order = sorted(range(len(kl)), key=lambda i: (-kl[i], i))
+        for rank, i in enumerate(order, start=1):
+            rows.append(dict(META, model=model, dataset=dataset, prompt_id=pid, prompt=pid, layer=i // HEADS,
+                             head=i % HEADS, head_label=LABELS[i], op="undiff_q", eps=1e-5, kl=kl[i], rank=rank,
+                             exact=True))
+    return rows
+
+
+def test_specificity_051_with_wide_noise_is_not_called_safety_specific(tmp_path: Path) -> None:
+    """L0H3 moves harmful prompts far more than benign ones, on every prompt; L1H2 scores 0.51 only because
+    half the harmful prompts move a lot and half not at all."""
+    def kl(l0h3: float, l1h2: float) -> list[float]:
+        v = [0.001] * len(LABELS)
+        v[_idx("L0H3")], v[_idx("L1H2")] = l0h3, l1h2
+        return v
+
+    harm = {f"h{p}": kl(0.9, 1.02 if p % 2 else 0.0) for p in range(4)}
+    ben = {f"b{p}": kl(0.01, 0.49) for p in range(3)}
+    run = tmp_path / "spec"
+    write(run, {"ships": _spec_ships(CHAT_A, "harm", harm) + _spec_ships(CHAT_A, "ben", ben)}, manifest([CHAT_A]))
+    html = write_report(run).read_text(encoding="utf-8")
+    [line] = model_lines(section(html, "findings"), "chat-a")
+    assert line.startswith("Top heads by Ships KL × specificity on harm: L0H3, L1H2, ")
+    assert line.endswith("Safety-specific (specificity above 0.5 beyond its 95% interval): L0H3.")
+    spec = section(html, "specificity")
+    row = next(r for r in re.findall(r"<tr>(.*?)</tr>", spec, re.S) if ">L1H2<" in r)
+    cells = [text_of(c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+    assert cells[cells.index("L1H2") + 3] == "0.51" and cells[cells.index("L1H2") + 5] == "no"
+    assert "Top 5 safety-specific heads" not in spec
+
+
+def test_the_headline_judge_and_its_agreement_are_said(full: tuple[Path, str], tmp_path: Path) -> None:
+    _, html = full
+    findings = text_of(section(html, "findings"))
+    assert "Headline judge: rules@1" in findings and "agreement with labelled responses was not measured" in findings
+    rows = [dict(r, judge="outcome@1") for r in asr_rows(CHAT_A, GROUPS[CHAT_A])]
+    text = _asr_run(tmp_path, "outcome", rows)
+    assert ("Headline judge: outcome@1" in text and "refusals and non-answers" in text
+            and "is 0.900 (0.904 on the held-out half), measured 2026-12-06" in text)
+
+
+def test_non_answers_that_replace_refusals_are_said(tmp_path: Path) -> None:
+    group = GROUPS[CHAT_A]
+    rows = [asr_row(CHAT_A, "normal", 0, 1), asr_row(CHAT_A, "sahara", 2, 4, heads=group, refused=4, p=0.2),
+            *_random(2, 1, 2)]
+    findings = _asr_run(tmp_path, "evasion", rows)
+    assert "refusals 0.95 → 0.20, non-answers 0.00 → 0.60" in findings
+    assert "Non-answers rose by 0.60, more than ASR: the ablation turns refusals into evasions" in findings
+
+
+def test_every_table_scrolls_inside_its_own_box(full: tuple[Path, str]) -> None:
+    _, html = full
+    tables = re.findall(r"(.{0,40})<table\b", html, re.S)
+    assert len(tables) >= 8 and all(t.endswith('<div class="scroll">') for t in tables)
+    css = re.search(r"\.scroll \{([^}]*)\}", html).group(1)
+    assert "overflow-x: auto" in css and "max-width: 100%" in css

@@ -1,4 +1,4 @@
-"""The judges by name (`paper`, `paper-code`, `gcg`, `refusal`, `llm:MODEL`) and the headline default."""
+"""The judges by name (`paper`, `paper-code`, `gcg`, `refusal`, `outcome`, `llm:MODEL`) and the headline default."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from study.generation.judges.keywords import (
     KeywordJudge,
     RefusalJudge,
 )
+from study.generation.judges.outcome import OutcomeJudge
 
 JUDGES: dict[str, Judge] = {
     j.name: j
@@ -26,10 +27,13 @@ JUDGES: dict[str, Judge] = {
         KeywordJudge("gcg", "1", GCG_KEYWORDS, min_chars=None, strip=False, degenerate_harmless=False,
                      description="Zou et al. 2023 refusal substrings (GCG test_prefixes)"),
         RefusalJudge(),
+        OutcomeJudge(),
     )
 }
 JUDGE_NAMES: tuple[str, ...] = tuple(JUDGES)  # the offline judges; `llm:MODEL` comes on top
-DEFAULT_JUDGE = "refusal"
+# The headline judge of a new study: it tells a non-answer ("I'm ready to help. What's your request?") from an
+# attack success. `paper` / `paper-code` stay for reproducing the paper (configs/paper.yaml names them).
+DEFAULT_JUDGE = "outcome"
 
 
 def is_llm_judge(name: str) -> bool:
