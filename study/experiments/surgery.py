@@ -14,6 +14,7 @@ from study.core.errors import UsageError
 from study.core.heads import parse_heads
 from study.experiments.base import AblatingConfig, Job
 from study.models.builtin import model_id
+from study.runtime.runfolder import LOCK_FILE
 from study.runtime.store import model_slug
 
 
@@ -60,10 +61,11 @@ class SurgeryJob(Job):
         from study.models.surgery import save_ablated
 
         lm = load_model(self.cfg.model, device=self.cfg.device, dtype=self.cfg.dtype, revision=self.cfg.revision)
-        self.saved = save_ablated(lm, self.cfg.ablation, self.checkpoint)
+        self.saved = save_ablated(lm, self.cfg.ablation, self.checkpoint, may_hold=_RUN_FILES)
 
     def summary(self) -> dict[str, Any]:
         return {"checkpoint": str(self.checkpoint), **self.saved}
 
 
-_RUN_FILES = ("manifest.json", "manifests")  # a run folder's own files may already sit in the checkpoint folder
+# a run folder's own files may already sit in the checkpoint folder (when it is the run folder)
+_RUN_FILES = ("manifest.json", "manifests", LOCK_FILE)

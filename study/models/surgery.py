@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 from study.core.ablation import Ablation
 from study.core.architectures import Arch
@@ -19,13 +19,15 @@ from study.models.loading import LoadedModel
 log = logging.getLogger(__name__)
 
 
-def save_ablated(lm: LoadedModel, ablation: Ablation, out: str | Path) -> dict[str, Any]:
+def save_ablated(lm: LoadedModel, ablation: Ablation, out: str | Path,
+                 may_hold: Collection[str] = ()) -> dict[str, Any]:
     """Edit `lm.model` in place with `ablation` and save it (with its tokenizer) to `out`, atomically.
 
-    Returns what was saved (source, ablation, edited and total parameter counts), as also written to
-    `out/headstudy_surgery.json`."""
+    `out` must be new or empty, or hold only entries named in `may_hold` (a run folder's own files, when the
+    checkpoint is the run folder: its lock, its manifests), which stay in it. Returns what was saved (source,
+    ablation, edited and total parameter counts), as also written to `out/headstudy_surgery.json`."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name not in may_hold for p in out.iterdir()):
         raise UsageError(f"checkpoint folder {str(out)!r} exists and is not empty: choose a new --out")
     arch = Arch.of(lm.model)
     ablation.check(arch.shape)
@@ -43,9 +45,17 @@ def save_ablated(lm: LoadedModel, ablation: Ablation, out: str | Path) -> dict[s
         info = dict(source=lm.model_id, ablation=ablation.model_dump(mode="json"), label=ablation.label,
                     edited_parameters=n_params, total_parameters=total)
         (staging / "headstudy_surgery.json").write_text(json.dumps(info, indent=2))
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
+        kept = [p.name for p in out.iterdir()] if out.exists() else []
+        for name in kept:  # the run folder's own files go along (an open lock keeps its inode, so it holds)
+            os.replace(out / name, staging / name)
+        try:
+            if out.exists():
+                out.rmdir()
+            os.replace(staging, out)
+        except OSError:
+            for name in kept:
+                os.replace(staging / name, out / name)
+            raise
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
