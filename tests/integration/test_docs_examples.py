@@ -1,9 +1,10 @@
 """Every Python example in the docs runs, against what the main job writes.
 
 The main job (`headstudy run`, configs/quickstart.yaml) runs here as written except for its sizes (fewer
-prompts, one Sahara step, a few new tokens, in this process): the same models, sections, tables and file layout.
-Each ```python block of README.md and docs/*.md then runs in order, one namespace per page, with the run folder
-in place of `runs/quickstart`; every table an example reads must hold rows.
+prompts, one Sahara step, a few new tokens, one swap recipe, in this process): the same models, sections,
+tables and file layout. Each ```python block of README.md and docs/*.md then runs in order, one namespace per
+page, with the run folder in place of `runs/quickstart`; every table an example reads must hold rows. The
+example that runs the main job itself runs it into that same folder, where every shard is already stored.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"```python\n(.*?)```", re.S)
 SMALL = {"ships": {"limit": 2}, "specificity": {"limit": 2}, "sahara": {"limit": 3, "steps": 1},
          "asr": {"limit": 2, "max_new_tokens": 4, "benign_limit": 2}, "swap": {"limit": 2, "max_new_tokens": 4,
-         "benign_limit": 2}, "utility": {"limit": 2}}
+         "benign_limit": 2, "recipes": ["attn-from-base"]}, "utility": {"limit": 2}}
 
 
 def small_main_job(out: Path):
@@ -58,8 +59,10 @@ def test_every_example_of_the_page_runs_on_the_main_jobs_output(page, main_job, 
     namespace: dict = {"small_main_job": small_main_job}
     for i, code in enumerate(BLOCK.findall(page.read_text(encoding="utf-8"))):
         code = code.replace("runs/quickstart", str(main_job))
-        # the whole-study example runs the main job itself: here at the small size, into a fresh folder
-        code = code.replace('load_study("quickstart")', f'small_main_job({str(tmp_path / "q")!r})')
+        # the whole-study example runs the main job itself: here at the small size, into the folder that holds
+        # its shards (so it computes nothing again)
+        code = code.replace('load_study("quickstart"), "runs/q"', f'small_main_job({str(main_job)!r}), {str(main_job)!r}')
+        code = code.replace('"runs/q"', repr(str(main_job)))
         exec(compile(code, f"{page.name}[{i}]", "exec"), namespace)  # noqa: S102
         for name, value in namespace.items():
             if type(value).__name__ in ("DataFrame", "Table") and not name.startswith("_"):  # pandas, polars, arrow
