@@ -126,7 +126,3 @@ def model_identity(name: str, revision: str | None = None) -> ModelIdentity:
                     "keyed by the name and revision only", name)
         return ModelIdentity("unknown", revision)
     return ModelIdentity(f"commit:{commit}", commit)
-
-
-def model_fingerprint(name: str, revision: str | None = None) -> str:
-    return model_identity(name, revision).fingerprint
