@@ -15,8 +15,18 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from analysis import style
-from analysis.figures._common import (CONDITION, Table, as_rankings, groups, numeric, one, op_text, ranking_source,
-                                      revision, set_caption)
+from analysis.figures._common import (
+    CONDITION,
+    Table,
+    as_rankings,
+    groups,
+    numeric,
+    one,
+    op_text,
+    ranking_source,
+    revision,
+    set_caption,
+)
 from analysis.rankings import variant_label
 
 __all__ = ["head_heatmap", "heatmap_units"]

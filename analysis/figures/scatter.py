@@ -12,8 +12,18 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from analysis import style
-from analysis.figures._common import (MAX_PANELS, Table, as_frame, chunks, groups, numeric, one, op_text, revision,
-                                      set_caption)
+from analysis.figures._common import (
+    MAX_PANELS,
+    Table,
+    as_frame,
+    chunks,
+    groups,
+    numeric,
+    one,
+    op_text,
+    revision,
+    set_caption,
+)
 
 __all__ = ["specificity_figure", "specificity_units"]
 

@@ -8,8 +8,21 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis import style
-from analysis.figures._common import (MAX_PANELS, TARGETED, TARGETED_NAMES, Table, as_frame, chunks, groups,
-                                      int_ticks, numeric, one, op_text, revision, set_caption)
+from analysis.figures._common import (
+    MAX_PANELS,
+    TARGETED,
+    TARGETED_NAMES,
+    Table,
+    as_frame,
+    chunks,
+    groups,
+    int_ticks,
+    numeric,
+    one,
+    op_text,
+    revision,
+    set_caption,
+)
 
 __all__ = ["utility_figure", "utility_units"]
 
@@ -37,6 +50,7 @@ def utility_figure(utility: Table) -> Figure:
     draw as a grey point (gid `utility:random`), 1 (the unablated model) dotted. Rows without a ratio fall back
     to the raw value."""
     df = as_frame(utility, "utility")
+    df = df[df["value"].notna()]  # an lm-eval task that failed has no value (the report's table says why)
     if df.empty:
         raise ValueError("utility_figure: empty table")
     dataset, fmt = one(df, "dataset", "utility_figure"), one(df, "prompt_format", "utility_figure")

@@ -6,10 +6,29 @@ from __future__ import annotations
 from typing import Any
 
 from analysis import is_missing
-from analysis.report._facts import (CONDITION_NAMES, DEGENERATE_WARN, RECIPE_NAMES, SPECIFIC_RANKING, TARGETED,
-                                    AsrHeadline, Group, TopHeads, asr_headlines, group_row, heads_of, judge_note,
-                                    model_overlaps, not_safety_reason, pair_rows, pick_judge, published_rows, reading,
-                                    sahara_groups, swap_summary, top_heads)
+from analysis.report._facts import (
+    CONDITION_NAMES,
+    DEGENERATE_WARN,
+    RECIPE_NAMES,
+    SPECIFIC_RANKING,
+    TARGETED,
+    AsrHeadline,
+    Group,
+    TopHeads,
+    asr_headlines,
+    group_row,
+    heads_of,
+    judge_note,
+    model_overlaps,
+    not_safety_reason,
+    pair_rows,
+    pick_judge,
+    published_rows,
+    reading,
+    sahara_groups,
+    swap_summary,
+    top_heads,
+)
 from analysis.report._html import MISSING, Html, ci, esc, join, p_is, para, pct, pval, rate, table
 from analysis.report._load import RunData
 

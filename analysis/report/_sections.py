@@ -11,11 +11,22 @@ import pandas as pd
 
 from analysis import is_missing
 from analysis.figures import FigureRecord
-from analysis.report._facts import (ALPHA, CONDITION_NAMES, DEGENERATE_WARN, RECIPE_NAMES, RECIPES, asr_headlines,
-                                    heads_of, judge_note, pick_judge, reading, sahara_groups)
-from analysis.specificity import safety_specific
+from analysis.report._facts import (
+    ALPHA,
+    CONDITION_NAMES,
+    DEGENERATE_WARN,
+    RECIPE_NAMES,
+    RECIPES,
+    asr_headlines,
+    heads_of,
+    judge_note,
+    pick_judge,
+    reading,
+    sahara_groups,
+)
 from analysis.report._html import MISSING, Html, ci, esc, figure, num, para, pct, pval, rate, section, table
 from analysis.report._load import RunData, generation_examples
+from analysis.specificity import safety_specific
 
 __all__ = ["SECTIONS", "experiment_sections"]
 
@@ -342,12 +353,14 @@ def utility_section(data: RunData, figs: Sequence[FigureRecord]) -> Html | None:
         return None
     df = ut.assign(_c=ut["condition"].map(_ORDER).fillna(9))
     rows = [[_model(data, r["model"]), r["dataset"], r["metric"], CONDITION_NAMES.get(r["condition"], r["condition"]),
-             heads_of(r["ablation"]), int(r["group_size"]), int(r["draw"]), num(r["value"], 4), int(r["n"]),
+             heads_of(r["ablation"]), int(r["group_size"]), int(r["draw"]),
+             f"failed: {r['error']}" if not is_missing(r["error"]) else num(r["value"], 4), int(r["n"]),
              MISSING if is_missing(r["ratio"]) else f"{float(r['ratio']):.3f}"]
             for _, r in _sorted(df, data, ["dataset", "metric", "_c", "group_size", "draw"]).iterrows()]
     return section("utility", "Utility", [
         para("What the ablations cost on ordinary text: perplexity (and lm-eval scores where run) of each "
-             "ablation, and its ratio to the normal model (1 = no cost; for perplexity, above 1 is worse)."),
+             "ablation, and its ratio to the normal model (1 = no cost; for perplexity, above 1 is worse). An lm-eval "
+             "task that failed on a head set says why in place of its value."),
         table(["Model", "Text", "Metric", "Ablation", "Heads", "Size", "Draw", "Value", "n", "Ratio"], rows,
               "lllllrrrrr", caption="Utility", fold=("Text", "Metric", "Draw", "n")),
         *_figures(figs, "utility")])

@@ -60,7 +60,7 @@ class SurgeryJob(Job):
         from study.models.loading import load_model
         from study.models.surgery import save_ablated
 
-        lm = load_model(self.cfg.model, device=self.cfg.device, dtype=self.cfg.dtype, revision=self.cfg.revision)
+        lm = load_model(self.cfg.model, device=self.cfg.device, dtype=self.cfg.dtype, revision=self.identity.revision)
         self.saved = save_ablated(lm, self.cfg.ablation, self.checkpoint, may_hold=_RUN_FILES)
 
     def summary(self) -> dict[str, Any]:

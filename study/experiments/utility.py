@@ -4,13 +4,12 @@ Perplexity on benign passages (the `utility` table) for the normal model, the he
 run's Sahara group prefixes) and seeded random head sets of the same sizes, in shards like every other
 measure. Over-refusal of the same ablations is in the `asr` table's benign rows. The paper also reports
 lm-eval zero-shot accuracy (BoolQ, RTE, WinoGrande, ARC-Challenge, OpenBookQA): with `lm_eval_tasks` the job
-runs them in the driver when `lm-eval` and its task data are present, and says plainly why not otherwise.
+runs them in the driver (study.experiments.lm_eval), checked at plan time, each failure an error row.
 Light at import (no torch).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 from pathlib import Path
@@ -22,6 +21,7 @@ from pydantic import Field, field_validator
 from study.core.heads import parse_heads
 from study.experiments.asr import Arm, dataset_arms
 from study.experiments.base import Job, ScanConfig, ScanJob, _head_labels, require_source
+from study.experiments.lm_eval import LmEvalResult, check_tasks, run_lm_eval
 from study.experiments.sahara import SaharaJob
 from study.runtime.executor import Outcome
 from study.runtime.schema import make_table
@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 class UtilityConfig(ScanConfig):
     """What the ablations studied cost: perplexity on benign text (default: the paragraphs shipped with the
     project; `prompts: FILE.txt` for your own, one passage per line) for the normal model, `heads` or this
-    run's Sahara prefixes, and random controls; optionally the paper's lm-eval zero-shot tasks."""
+    run's Sahara prefixes, and random controls; optionally the paper's lm-eval zero-shot tasks (built-in names,
+    or tasks defined by the YAML files of `lm_eval_include`)."""
 
     prompts: str = "builtin:text"
     heads: str | None = None
@@ -41,6 +42,7 @@ class UtilityConfig(ScanConfig):
     random_controls: int = Field(default=0, ge=0)
     seed: int = 0
     lm_eval_tasks: list[str] = Field(default_factory=list)  # e.g. boolq, rte, winogrande, arc_challenge, openbookqa
+    lm_eval_include: str | None = None  # a folder of lm-eval task YAMLs (your own tasks, local data)
     lm_eval_limit: int | None = Field(default=None, ge=1)
 
     @field_validator("heads")
@@ -60,8 +62,10 @@ class UtilityJob(ScanJob):
         self.arms: list[Arm] | None = None
         self.source: SaharaJob | None = None
         self.results: Outcome | None = None
-        self.lm_eval: dict[str, Any] = {}
+        self.lm_eval = LmEvalResult()
         self._round: list[Shard] = []
+        if cfg.lm_eval_tasks:
+            check_tasks(cfg.lm_eval_tasks, cfg.lm_eval_include, f"utility on {cfg.model!r}")
         if cfg.heads is not None:
             heads = parse_heads(cfg.heads)
             self.ablation(heads).check(self.shape)
@@ -108,7 +112,16 @@ class UtilityJob(ScanJob):
 
     def finish(self) -> None:
         if self.cfg.lm_eval_tasks:
-            self.lm_eval = run_lm_eval(self)
+            self.lm_eval = self._run_lm_eval()
+
+    def _run_lm_eval(self) -> LmEvalResult:
+        """The normal model and each found head set (not the random controls), in the driver."""
+        from study.models.loading import load_model
+
+        c = self.cfg
+        lm = load_model(c.model, device=c.device, dtype=c.dtype, revision=self.identity.revision)
+        return run_lm_eval(lm.model, lm.tokenizer, [a for a in self.arms if a.condition != "random"],
+                           c.lm_eval_tasks, c.lm_eval_include, c.lm_eval_limit)
 
     def tables(self, run_id: str) -> dict[str, pa.Table]:
         nll: dict[str, float] = {}
@@ -122,52 +135,22 @@ class UtilityJob(ScanJob):
         normal = {}
         for arm in self.arms:
             values = {"perplexity": (math.exp(nll[arm.label] / tokens[arm.label]), tokens[arm.label])}
-            values.update(self.lm_eval.get("rows", {}).get(arm.label, {}))
-            for metric, (value, n) in values.items():
-                if arm.condition == "normal":
+            values.update(self.lm_eval.values.get(arm.label, {}))
+            cells = [(metric, value, n, None) for metric, (value, n) in values.items()]
+            cells += [(f"lm_eval:{task}", None, 0, msg) for task, msg in self.lm_eval.errors.get(arm.label, {}).items()]
+            for metric, value, n, error in cells:
+                if arm.condition == "normal" and value is not None:
                     normal[metric] = value
                 base = normal.get(metric)
                 rows.append(dict(meta, condition=arm.condition, group_size=arm.group_size, draw=arm.draw,
                                  ablation=arm.label, op=self.cfg.op.value, eps=self.cfg.eps, metric=metric,
-                                 value=value, n=n, ratio=None if not base else value / base))
+                                 value=value, n=n, ratio=None if not base or value is None else value / base,
+                                 error=error))
         return {"utility": make_table("utility", rows)}
 
     def record(self) -> dict[str, Any]:
         out = {**super().record(), "prompts_file_sha256": self.prompts.source_sha256}
         if self.cfg.lm_eval_tasks:
-            out["lm_eval"] = {k: v for k, v in self.lm_eval.items() if k != "rows"}
+            out["lm_eval"] = self.lm_eval.record(self.cfg.lm_eval_tasks)
         return out
 
-
-def run_lm_eval(job: UtilityJob) -> dict[str, Any]:
-    """The paper's zero-shot tasks for the normal model and each found head set (not the random controls),
-    each ablation scoped by hooks. Returns {"status", "rows": {ablation label: {metric: (value, n)}}}."""
-    tasks = job.cfg.lm_eval_tasks
-    if importlib.util.find_spec("lm_eval") is None:
-        msg = (f"lm-eval tasks {', '.join(tasks)} skipped: lm-eval is not installed (pip install lm-eval, with "
-               f"its task data in the Hugging Face datasets cache)")
-        log.warning(msg)
-        return {"status": msg}
-    from lm_eval import evaluator
-    from lm_eval.models.huggingface import HFLM
-
-    from study.core.interventions import ablated
-    from study.models.loading import load_model
-
-    lm = load_model(job.cfg.model, device=job.cfg.device, dtype=job.cfg.dtype, revision=job.cfg.revision)
-    wrapped = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=8)
-    rows: dict[str, dict[str, tuple[float, int]]] = {}
-    try:
-        for arm in (a for a in job.arms if a.condition != "random"):
-            with ablated(lm.model, arm.ablation):
-                out = evaluator.simple_evaluate(model=wrapped, tasks=list(tasks), limit=job.cfg.lm_eval_limit)
-            for task, metrics in out["results"].items():
-                n = int(out.get("n-samples", {}).get(task, {}).get("effective", 0))
-                for key, value in metrics.items():
-                    if isinstance(value, (int, float)) and "stderr" not in key and key != "alias":
-                        rows.setdefault(arm.label, {})[f"lm_eval:{task}:{key.split(',')[0]}"] = (float(value), n)
-    except Exception as err:  # task data missing offline, an unknown task name: say so, keep the perplexity
-        msg = f"lm-eval tasks {', '.join(tasks)} failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-        log.warning(msg)
-        return {"status": msg}
-    return {"status": "ran", "rows": rows}

@@ -298,10 +298,11 @@ UTILITY = _schema(
     _CONDITION,
     _ABLATION,
     [
-        _f("metric", pa.string()),  # perplexity | lm_eval:<task>:<metric>
-        _f("value", pa.float64()),
-        _f("n", pa.int64()),  # tokens scored (perplexity) or examples (lm-eval)
+        _f("metric", pa.string()),  # perplexity | lm_eval:<task>:<metric>[:<filter>] | lm_eval:<task> (failed)
+        _f("value", pa.float64(), nullable=True),  # null where the task failed
+        _f("n", pa.int64()),  # tokens scored (perplexity) or examples (lm-eval); 0 where the task failed
         _f("ratio", pa.float64(), nullable=True),  # value / the normal model's value
+        _f("error", pa.string(), nullable=True),  # why an lm-eval task gave no value for this head set
     ],
 )
 

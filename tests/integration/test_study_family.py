@@ -17,10 +17,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from study.spec import load_study
-from study.cli import main
 from analysis.derive import derive_run
+from study.cli import main
 from study.runner import run_study
+from study.spec import load_study
 from tests.planted_family import ALWAYS_HEAD, OWN_A, OWN_B, PLANTED, SHARED, family_folders, write_prompt_files
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,7 @@ def family_run(tmp_path_factory):
         "sahara": {"steps": 2},
         "asr": {"max_new_tokens": 16, "judges": ["paper", "refusal"], "benign": str(benign), "random_controls": 1},
         "swap": {"max_new_tokens": 16, "judges": ["paper"], "benign": str(benign)},
-        "utility": {"limit": 6, "random_controls": 1, "lm_eval_tasks": ["boolq"]},
+        "utility": {"limit": 6, "random_controls": 1},
         "overlap": {"k": 3},
     }
     path = root / "study.yaml"
@@ -144,7 +144,3 @@ def test_utility_and_resume_through_the_command_line(family_run, capsys):
     assert "shared top heads across models" in out and "top-3" in out
     manifest = json.loads((root / "run" / "manifest.json").read_text())
     assert set(manifest["derived"]) == {"rankings", "overlap", "specificity", "asr_curve"}
-    # the paper's zero-shot tasks need lm-eval and its data: the manifest says plainly why they did not run
-    status = [j["lm_eval"]["status"] for j in manifest["jobs"] if j["experiment"] == "utility"]
-    assert len(status) == 2 and all(s.startswith("lm-eval tasks boolq skipped: lm-eval is not installed")
-                                    for s in status)

@@ -166,3 +166,17 @@ def test_a_run_that_could_not_finish_is_one_line_and_exit_1(monkeypatch, capsys)
     monkeypatch.setitem(cli.COMMANDS, "run", fails)
     code, err = _run(capsys, "run")
     assert code == 1 and len(err.splitlines()) == 1 and "model m could not be loaded" in err
+
+
+def test_lm_eval_tasks_without_lm_eval_are_refused_at_plan_time(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find_spec(name, *a))
+    spec = tmp_path / "study.yaml"
+    out = tmp_path / "out"
+    spec.write_text(f"out: {out}\nutility: {{heads: L0H0, lm_eval_tasks: [boolq, rte]}}\n")
+    code, err = _run(capsys, "run", str(spec), "--executor", "local")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "lm_eval_tasks boolq, rte need lm-eval" in err and "headstudy[lm-eval]" in err
+    assert not out.exists()

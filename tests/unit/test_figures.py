@@ -333,12 +333,13 @@ def test_utility_ratio_lines() -> None:
     def row(condition: str, size: int, value: float, draw: int = 0) -> dict[str, Any]:
         return dict(META, model="org/m", dataset="text", condition=condition, group_size=size, draw=draw,
                     ablation="none" if not size else f"a{size}", op="undiff_q", eps=1e-5, metric="perplexity",
-                    value=value, n=100, ratio=value / 10.0)
+                    value=value, n=100, ratio=value / 10.0, error=None)
     rows = [row("normal", 0, 10.0), row("sahara", 1, 11.0), row("sahara", 2, 12.5), row("random", 1, 10.5),
             row("random", 1, 10.2, draw=1)]
-    fig = utility_figure(make_table("utility", rows).to_pandas())
+    failed = dict(rows[0], metric="lm_eval:boolq", value=None, n=0, ratio=None, error="ConnectionError: offline")
+    fig = utility_figure(make_table("utility", [*rows, failed]).to_pandas())
     drawn(fig)
-    [ax] = fig.axes
+    [ax] = fig.axes  # the failed task has no panel: it has no value
     assert list(by_gid(ax, "utility:sahara")[0].get_ydata()) == pytest.approx([1.1, 1.25])
     assert len(by_gid(ax, "utility:random")[0].get_offsets()) == 2
 
@@ -381,7 +382,7 @@ def test_make_figures_draws_every_family_for_one_model(tmp_path: Path) -> None:
     run = tmp_path / "run"
     asr = [asr_row("org/m", "normal", 0, 1), asr_row("org/m", "sahara", 1, 6), asr_row("org/m", "random", 1, 2)]
     utility = [dict(META, model="org/m", dataset="text", condition=c, group_size=s, draw=0, ablation=a, op="undiff_q",
-                    eps=1e-5, metric="perplexity", value=v, n=50, ratio=v / 10) for c, s, a, v in
+                    eps=1e-5, metric="perplexity", value=v, n=50, ratio=v / 10, error=None) for c, s, a, v in
                (("normal", 0, "none", 10.0), ("sahara", 1, "a1", 12.0))]
     _write_run(run, {"ships": ships_rows("org/m", "harm", {"p1": KL_P1}) + ships_rows("org/m", "ben", {"b": KL_P2}),
                      "asr": asr, "swaps": _swaps(), "utility": utility},

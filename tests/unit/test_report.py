@@ -131,9 +131,11 @@ def swap_rows(aligned: str, group: list[str]) -> list[dict[str, Any]]:
 def utility_rows(model: str, group: list[str]) -> list[dict[str, Any]]:
     def row(condition: str, size: int, value: float, draw: int = 0, heads: str = "none") -> dict[str, Any]:
         return dict(META, model=model, dataset="text", condition=condition, group_size=size, draw=draw, ablation=heads,
-                    op="undiff_q", eps=1e-5, metric="perplexity", value=value, n=500, ratio=value / 12.0)
+                    op="undiff_q", eps=1e-5, metric="perplexity", value=value, n=500, ratio=value / 12.0, error=None)
+    failed = dict(row("sahara", 2, 0.0, heads=f"undiff_q:1e-05:{','.join(group)}"), metric="lm_eval:boolq", value=None,
+                  n=0, ratio=None, error="RuntimeError: CUDA out of memory")
     return [row("normal", 0, 12.0), row("sahara", 2, 12.6, heads=f"undiff_q:1e-05:{','.join(group)}"),
-            row("random", 2, 12.3, heads="undiff_q:1e-05:L0H0,L0H1")]
+            row("random", 2, 12.3, heads="undiff_q:1e-05:L0H0,L0H1"), failed]
 
 
 def generation_rows(model: str, group: list[str]) -> list[dict[str, Any]]:
@@ -311,6 +313,7 @@ def test_sections_and_run_details(full: tuple[Path, str]) -> None:
         assert f'href="#{anchor}"' in html and f'<section id="{anchor}">' in html
     sahara = text_of(section(html, "sahara"))
     assert "L1H2, L0H3" in sahara and "L1H2, L1H1" in sahara
+    assert "failed: RuntimeError: CUDA out of memory" in text_of(section(html, "utility"))  # said, not dropped
     run = text_of(section(html, "run"))
     assert "code commit deadbeef" in run and "torch 2.13.0" in run
     assert "total: 12.5 s" in run and "pandas.read_parquet(" in run and "ships/" in run

@@ -1,0 +1,116 @@
+"""The paper's zero-shot accuracy tasks (BoolQ, RTE, WinoGrande, ARC-Challenge, OpenBookQA) through lm-eval, or
+your own tasks from a folder of lm-eval task YAMLs.
+
+Checked at plan time (lm-eval installed, every task known, its data loadable), run in the driver after the
+shards for the normal model and each found head set, each ablation scoped by hooks. Every (head set, task)
+that fails at run time is kept as an error, never dropped. Light at import (lm-eval is imported when used).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from study.core.errors import UsageError
+
+if TYPE_CHECKING:
+    from study.experiments.asr import Arm
+
+log = logging.getLogger(__name__)
+
+INSTALL = "pip install 'headstudy[lm-eval]'"
+
+
+@dataclass
+class LmEvalResult:
+    """Per ablation label: {metric: (value, n examples)} for what ran, {task: message} for what failed."""
+
+    values: dict[str, dict[str, tuple[float, int]]] = field(default_factory=dict)
+    errors: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def record(self, tasks: Sequence[str]) -> dict[str, Any]:
+        """What the manifest says: the tasks, and each failure with its head set."""
+        failed = [{"ablation": label, "task": task, "error": msg}
+                  for label, by_task in self.errors.items() for task, msg in by_task.items()]
+        return {"tasks": list(tasks), "status": "failed" if failed else "ran", "failed": failed}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def task_manager(tasks: Sequence[str], include: str | None) -> Any:
+    """An lm-eval TaskManager that knows `tasks`: the include folder alone when it holds them all (indexing the
+    thousands of built-in tasks takes seconds), else the built-ins too."""
+    from lm_eval.tasks import TaskManager
+
+    if include is not None:
+        own = TaskManager(include_path=include, include_defaults=False)
+        if all(t in own.all_tasks for t in tasks):
+            return own
+    return TaskManager(include_path=include)
+
+
+def check_tasks(tasks: Sequence[str], include: str | None, where: str) -> None:
+    """At plan time, before any model loads: UsageError unless lm-eval is installed, `include` is a folder,
+    every task is known and its data loads (offline, data not in the cache, is caught here)."""
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UsageError(f"{where}: lm_eval_tasks {', '.join(tasks)} need lm-eval, which is not installed ({INSTALL})")
+    if include is not None and not Path(include).is_dir():
+        raise UsageError(f"{where}: lm_eval_include {include!r} is not a folder (give a folder of lm-eval task YAMLs)")
+    manager = task_manager(tasks, include)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise UsageError(f"{where}: unknown lm-eval task(s) {', '.join(unknown)} (a built-in task such as boolq, rte, "
+                         f"winogrande, arc_challenge, openbookqa, or one defined in lm_eval_include)")
+    for task in tasks:
+        try:
+            manager.load([task])
+        except Exception as err:  # lm-eval raises what datasets raises: offline, missing file, bad YAML
+            raise UsageError(f"{where}: lm-eval task {task} cannot load its data: {_first_line(err)}") from None
+
+
+def metric_name(task: str, key: str) -> str | None:
+    """`lm_eval:<task>:<metric>` for a result key `metric,filter` ("acc,none"), the filter kept when it is not
+    "none"; None for what is not a metric (alias, name, sample_len, the stderrs)."""
+    if "," not in key:
+        return None
+    metric, filt = key.split(",", 1)
+    if metric.endswith("_stderr"):
+        return None
+    return f"lm_eval:{task}:{metric}" + ("" if filt == "none" else f":{filt}")
+
+
+def run_lm_eval(model: Any, tokenizer: Any, arms: Sequence["Arm"], tasks: Sequence[str], include: str | None,
+                limit: int | None) -> LmEvalResult:
+    """Each task for each arm, one (arm, task) at a time so that one failure costs only its own rows."""
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+
+    from study.core.interventions import ablated
+
+    manager = task_manager(tasks, include)
+    wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8)
+    result = LmEvalResult()
+    for arm in arms:
+        for task in tasks:
+            try:
+                with ablated(model, arm.ablation):
+                    out = evaluator.simple_evaluate(model=wrapped, tasks=[task], task_manager=manager, limit=limit,
+                                                    bootstrap_iters=0, log_samples=False)
+            except Exception as err:  # a failure of one task on one head set: say which, keep the rest
+                msg = _first_line(err)
+                log.warning("lm-eval task %s with %s failed: %s", task, arm.label, msg)
+                result.errors.setdefault(arm.label, {})[task] = msg
+                continue
+            for name, metrics in out["results"].items():
+                n = int(out.get("n-samples", {}).get(name, {}).get("effective", 0))
+                for key, value in metrics.items():
+                    metric = metric_name(name, key)
+                    if metric is not None and isinstance(value, (int, float)):
+                        result.values.setdefault(arm.label, {})[metric] = (float(value), n)
+    return result
