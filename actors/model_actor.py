@@ -23,6 +23,7 @@ import warnings
 import pyarrow as pa
 import ray
 
+from study.core.errors import one_line
 from study.runtime.shards import ModelRef, Shard
 
 
@@ -93,6 +94,5 @@ class ModelActor:
         try:
             self.worker.prepare(shard)
         except Exception as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise ModelLoadError(f"{type(err).__name__}: {first}" if first else type(err).__name__) from None
+            raise ModelLoadError(one_line(err)) from None
         return self.worker.run(shard)

@@ -28,3 +28,11 @@ def tiny_llama_folder(path: Path, seed: int = 0, layers: int = 3, heads: int = 4
         if (source / name).is_file():
             shutil.copy(source / name, path / name)
     return path
+
+
+def broken_copy(folder: str | Path, to: Path) -> str:
+    """The model at `folder` with its weights file cut short (a download that stopped, a full disk)."""
+    shutil.copytree(folder, to)
+    weights = to / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    return str(to)

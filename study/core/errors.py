@@ -12,3 +12,9 @@ class UsageError(Exception):
 class RunFailed(Exception):
     """A run that ended without some of its results (a model that could not be loaded); the others were written.
     One line naming what failed and why; the CLI exits with code 1."""
+
+
+def one_line(err: BaseException) -> str:
+    """`Type: first line of the message` (or the type alone): how a caught failure is named in one line."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__

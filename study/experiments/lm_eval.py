@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from study.core.errors import UsageError
+from study.core.errors import UsageError, one_line
 
 if TYPE_CHECKING:
     from study.experiments.asr import Arm
@@ -36,11 +36,6 @@ class LmEvalResult:
         failed = [{"ablation": label, "task": task, "error": msg}
                   for label, by_task in self.errors.items() for task, msg in by_task.items()]
         return {"tasks": list(tasks), "status": "failed" if failed else "ran", "failed": failed}
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def task_manager(tasks: Sequence[str], include: str | None) -> Any:
@@ -71,7 +66,7 @@ def check_tasks(tasks: Sequence[str], include: str | None, where: str) -> None:
         try:
             manager.load([task])
         except Exception as err:  # lm-eval raises what datasets raises: offline, missing file, bad YAML
-            raise UsageError(f"{where}: lm-eval task {task} cannot load its data: {_first_line(err)}") from None
+            raise UsageError(f"{where}: lm-eval task {task} cannot load its data: {one_line(err)}") from None
 
 
 def metric_name(task: str, key: str) -> str | None:
@@ -103,7 +98,7 @@ def run_lm_eval(model: Any, tokenizer: Any, arms: Sequence["Arm"], tasks: Sequen
                     out = evaluator.simple_evaluate(model=wrapped, tasks=[task], task_manager=manager, limit=limit,
                                                     bootstrap_iters=0, log_samples=False)
             except Exception as err:  # a failure of one task on one head set: say which, keep the rest
-                msg = _first_line(err)
+                msg = one_line(err)
                 log.warning("lm-eval task %s with %s failed: %s", task, arm.label, msg)
                 result.errors.setdefault(arm.label, {})[task] = msg
                 continue

@@ -18,7 +18,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from study.core import plugins
-from study.core.errors import UsageError
+from study.core.errors import UsageError, one_line
 from study.core.frozen import Frozen
 from study.runtime.progress import progress_bar
 from study.runtime.shards import AnyShard, ModelRef
@@ -110,18 +110,21 @@ class Executor(ABC):
 
 class LocalExecutor(Executor):
     """Shards in this process, one model resident at a time (a laptop holds one model, not a study's worth):
-    a round's shards run grouped by model, and a model is loaded again only when a later round needs it."""
+    a round's shards run grouped by model, and a model is loaded again only when a later round needs it. A model
+    that cannot be loaded is tried `max_retries` more times, then given up (named in `failed`, its shards
+    skipped) while the other models' shards still run, as on Ray."""
 
     name = "local"
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, max_retries: int = 3) -> None:
         super().__init__()
         self.threads = threads
+        self.max_retries = max_retries
         self.workers: dict[ModelRef, object] = {}
 
     @classmethod
     def from_config(cls, cfg: ExecutionConfig) -> "LocalExecutor":
-        return cls(threads=cfg.cpus_per_actor)
+        return cls(threads=cfg.cpus_per_actor, max_retries=cfg.max_retries)
 
     def worker(self, model: ModelRef, options: WorkerOptions):
         if model not in self.workers:
@@ -133,10 +136,34 @@ class LocalExecutor(Executor):
             self.stats_for(model).actors = 1
         return self.workers[model]
 
+    def _prepared(self, shard: AnyShard, options: WorkerOptions):
+        """The worker of `shard`'s model with what the shard needs loaded, or None once the model is given up."""
+        model = shard.model
+        for attempt in range(1, self.max_retries + 2):
+            if model.label in self.failed:
+                return None
+            worker = self.worker(model, options)
+            try:
+                worker.prepare(shard)
+                return worker
+            except Exception as err:  # a corrupt file, out of memory: the same bound as an actor's load
+                self.close()
+                cause = one_line(err)
+                if attempt > self.max_retries:
+                    self.failed[model.label] = f"{cause} ({attempt} tries)"
+                    log.error("local: giving up %s after %d tries to load it: %s", model.label, attempt, cause)
+                    return None
+                self.stats_for(model).retries += 1
+                log.warning("local: %s failed to load (%s); trying again (%d of %d)", model.label, cause, attempt,
+                            self.max_retries)
+        return None
+
     def run(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions]) -> Iterator[
             tuple[AnyShard, pa.RecordBatch]]:
         for shard in sorted(shards, key=lambda s: s.model.label):  # one model resident at a time
-            worker = self.worker(shard.model, options.get(shard.model, WorkerOptions()))
+            worker = self._prepared(shard, options.get(shard.model, WorkerOptions()))
+            if worker is None:
+                continue
             t0 = time.perf_counter()
             batch = worker.run(shard)
             stats = self.stats_for(shard.model)

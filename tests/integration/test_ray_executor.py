@@ -3,7 +3,6 @@ executor, actors killed from the driver or dying by themselves mid-scan, and bad
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import pytest
@@ -19,7 +18,7 @@ from study.runtime.executor import ExecutionConfig, LocalExecutor, execute
 from study.runtime.store import read_table
 from study.spec import StudyConfig
 from tests.integration.test_runner import assert_same_tables, spec
-from tests.model_folders import tiny_llama_folder
+from tests.model_folders import broken_copy, tiny_llama_folder
 
 pytestmark = pytest.mark.slow
 
@@ -102,20 +101,12 @@ def test_a_handed_on_actor_restarted_by_ray_loads_its_new_model(cluster, tiny, t
         assert max(abs(x - y) for x, y in zip(a["kl"], b["kl"])) <= 1e-12 * max(1.0, max(a["kl"]))
 
 
-def _broken_copy(folder: str, to) -> str:
-    """The model at `folder` with its weights file cut short (a download that stopped, a full disk)."""
-    shutil.copytree(folder, to)
-    weights = to / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:4096])
-    return str(to)
-
-
 @pytest.mark.parametrize("how", ["corrupt file", "actor killed while loading"])
 def test_a_model_that_fails_to_load_is_retried_then_named_while_the_others_land(cluster, tiny, how, tmp_path):
     """Two models, one slot each: one cannot be loaded. It is tried `max_retries` + 1 times, then the run ends
     with one line naming it and the cause, and the other model's tables are written."""
     if how == "corrupt file":
-        bad, options = _broken_copy(tiny, tmp_path / "bad"), {}
+        bad, options = broken_copy(tiny, tmp_path / "bad"), {}
     else:
         bad = str(tiny_llama_folder(tmp_path / "bad", seed=3))
         options = dict(die_loading=bad)

@@ -26,7 +26,7 @@ from study.runner import run_study
 from study.runtime.executor import LocalExecutor
 from study.runtime.store import ShardStore, read_table
 from study.spec import StudyConfig
-from tests.model_folders import tiny_llama_folder
+from tests.model_folders import broken_copy, tiny_llama_folder
 
 pytestmark = pytest.mark.slow  # builds model folders with the embedded tokenizer
 
@@ -135,6 +135,26 @@ def test_interrupted_run_resumes_with_only_missing_shards(tiny, tmp_path):
     builtin = importlib.resources.files("study").joinpath("data", "harmful.txt").read_bytes()
     assert job["prompts"]["file_sha256"] == hashlib.sha256(builtin).hexdigest()
     assert job["model_fingerprint"].startswith("files:")
+
+
+def test_a_model_that_fails_to_load_locally_is_retried_then_named_while_the_others_land(tiny, tmp_path, capsys):
+    """The local executor's bound is Ray's: `max_retries` + 1 loads, then one line and exit 1, the other kept."""
+    from study.cli import main
+
+    bad = broken_copy(tiny, tmp_path / "bad")
+    out = tmp_path / "run"
+    path = tmp_path / "study.yaml"
+    path.write_text(json.dumps(dict(out=str(out), models=[bad, tiny], ships={},
+                                    defaults=dict(dtype="float64", limit=2, shard_heads=6),
+                                    execution=dict(executor="local", max_retries=1))))
+    assert main(["run", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len([line for line in err if "could not be loaded" in line]) == 1
+    assert f"model {bad} could not be loaded" in err[-1] and "(2 tries)" in err[-1] and tiny not in err[-1]
+    ships = read_table(out, "ships").to_pandas()
+    assert set(ships["model"]) == {tiny} and len(ships) == 2 * 12
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["failed"]) == [bad] and manifest["models"][bad]["retries"] == 1
 
 
 def test_tables_read_back_with_pandas_pyarrow_and_duckdb(tiny, tmp_path):
