@@ -11,14 +11,17 @@ says which model it serves now. Loading is the model's part of a shard (`Worker.
 
 Fault injection for the tests of restart and retry: `die_on_shard` makes the first incarnation of an actor exit
 on its k-th shard; `die_loading` makes every incarnation exit while loading that model (as the kernel's
-out-of-memory killer would).
+out-of-memory killer would). `worker` replaces the real worker by another of the same interface (the cluster
+simulation's `study.runtime.simulated.SimulatedWorker`, which never imports torch).
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import sys
 import warnings
+from typing import Any, Callable
 
 import pyarrow as pa
 import ray
@@ -34,8 +37,10 @@ class ModelLoadError(RuntimeError):
 @ray.remote
 class ModelActor:
     def __init__(self, model: ModelRef, device: str, token_budget: int | None, threads: int,
-                 die_on_shard: int | None = None, die_loading: str | None = None) -> None:
+                 die_on_shard: int | None = None, die_loading: str | None = None,
+                 worker: Callable[..., Any] | None = None) -> None:
         self.threads = threads
+        self.make_worker = worker
         self.worker = None
         self.held: tuple | None = None  # (model, device, token_budget) of the worker
         self.taken: list[str] = []  # the models this incarnation has held, in order
@@ -58,11 +63,13 @@ class ModelActor:
         """Hold `model` from now on (nothing to do if it already does); returns the actor's pid.
 
         Also what the executor sends after a restart: Ray rebuilds an actor with its first model's arguments."""
-        from study.runtime.worker import Worker
-
         if self.held != (model, device, token_budget):
             self.unload()
-            self.worker = Worker(model, device=device, token_budget=token_budget, threads=self.threads)
+            if self.make_worker is None:
+                from study.runtime.worker import Worker
+
+                self.make_worker = Worker
+            self.worker = self.make_worker(model, device=device, token_budget=token_budget, threads=self.threads)
             self.held = (model, device, token_budget)
             self.taken.append(model.label)
         return os.getpid()
@@ -78,9 +85,8 @@ class ModelActor:
         self.worker.close()
         self.worker, self.held = None, None
         gc.collect()
-        import torch
-
-        if torch.cuda.is_available():
+        torch = sys.modules.get("torch")  # never imported by a simulated worker
+        if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     def run(self, shard: Shard, device: str, token_budget: int | None) -> pa.RecordBatch:
