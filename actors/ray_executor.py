@@ -1,18 +1,25 @@
-"""The Ray executor: a pool of `ModelActor`s per model, shards fanned out and collected with `ray.wait`.
+"""The Ray executor: a pool of `ModelActor`s per model that grows and shrinks with the model's remaining work.
 
-- Pools: one actor per GPU (`gpus_per_actor`) or per `cpus_per_actor` CPU slot. The cluster's slots are
-  shared among the models of a round; a model that gets none now waits and is served when another model's
-  work is done and its pool is released, so several models never deadlock on resources.
-- Each actor holds its model for the whole run (every round, every experiment) unless its slot is needed by a
-  waiting model. A released pool's actors are not killed but handed to the next model (`ModelActor.load`):
-  a new process would pay torch's and transformers' imports again (~3.5 s of a ~5 s actor start on a CPU).
+- Shards are submitted at any time (`submit`) and come back as they complete (`poll`, on `ray.wait`), so the
+  runner's jobs advance independently (study.runtime.rounds).
+- Slots follow the work. One actor per `gpus_per_actor` GPUs (or `cpus_per_actor` CPUs); Ray places each actor
+  by its resource request. Whenever a result comes back, an actor is free or the cluster changed, the slots
+  are dealt again: a model with queued work and no actor comes first; then an actor goes to the model with the
+  most remaining work per actor, but only while that work, spread over one more actor, still outweighs loading
+  the model into it (the load time measured for that model, or `LOAD_GUESS_S` before one is). Remaining work
+  is each queued or running shard's rows times the model's measured seconds per row of that kind (scan rows,
+  generated texts). An actor whose model has nothing queued goes to such a model; otherwise it keeps its model,
+  whose next round (a Sahara step) may come any moment. The cluster's slots are read again every
+  `REFRESH_S`, so nodes that join during a run are used. `actors` caps a model's pool.
+- A handed-on actor is not killed but given the next model (`ModelActor.load`): a new process would pay torch's
+  and transformers' imports again (~3.5 s of a ~5 s actor start on a CPU).
 - Faults: an actor that dies is restarted by Ray (`max_restarts`); the shard it held is queued again (shards
   are idempotent, and the driver keeps only the first result of each), up to `max_retries` times per shard.
   An actor that cannot be restarted is replaced.
 - A model that fails to load (an error while loading it, or its actor dying before it computed anything for
   it: killed for memory, a corrupt file) is tried again, `max_retries` times in all for the model; then it is
-  given up: its shards are dropped, its slots go to the other models, and `failed` names it with the cause. The
-  other models' work goes on; `execute` and the runner turn `failed` into one line at the end of the run.
+  given up: its shards are dropped, its actors go to the other models, and `failed` names it with the cause.
+  The other models' work goes on; the runner turns `failed` into one line at the end of the run.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import pyarrow as pa
 import ray
@@ -31,7 +38,7 @@ from actors.cluster import Slots, actor_slots, connect, shutdown
 from actors.model_actor import ModelActor, ModelLoadError
 from study.core.errors import UsageError
 from study.runtime.executor import ExecutionConfig, Executor, WorkerOptions
-from study.runtime.shards import ModelRef, Shard
+from study.runtime.shards import AnyShard, GenShard, ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +46,13 @@ IN_FLIGHT = 1  # shards per actor at once: a shard runs for seconds, so a round 
 # nothing, while a second queued shard can leave another actor idle at the end of a round
 ACTOR_RESTARTS = 3
 WAIT_S = 1.0
+REFRESH_S = 10.0  # how often the cluster's slots are read again (nodes that join)
+LOAD_GUESS_S = 30.0  # a model's load time before one is measured
 _ACTOR_LOST = (RayActorError, ActorUnavailableError)
+
+
+def _kind(shard: AnyShard) -> str:
+    return "text" if isinstance(shard, GenShard) else "row"
 
 
 @dataclass
@@ -50,6 +63,9 @@ class _Member:
     loaded: bool = False  # has computed a shard of its current model (a death before that is a failed load)
     counted: bool = False  # its last death has been counted as a failed load
     core_slot: int | None = None  # which block of this machine's cores its engine threads are bound to
+    asked: float = field(default_factory=time.perf_counter)  # when it was told to load its model
+    sent: float = 0.0  # when its shard in flight was sent
+    idle_since: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -75,34 +91,146 @@ class RayExecutor(Executor):
         self._spare: list[_Member] = []  # actors of released pools, model dropped, for the next pool
         self.pids: dict[str, set[int]] = {}  # the processes that served each model (by label, as `stats`)
         self.load_failures: dict[ModelRef, int] = {}
+        self.queues: dict[ModelRef, deque[AnyShard]] = {}
+        self.options: dict[ModelRef, WorkerOptions] = {}
+        self.in_flight: dict[Any, tuple[_Pool, _Member, AnyShard]] = {}
+        self._tries: dict[str, int] = {}
+        self._done: set[str] = set()
+        self.row_seconds: dict[tuple[ModelRef, str], float] = {}  # measured seconds per row, per model and kind
+        self.load_seconds: dict[ModelRef, float] = {}  # measured load time per model
+        self._kind_mean: dict[str, float] = {}  # mean of row_seconds per kind
+        self._rows: dict[ModelRef, dict[str, int]] = {}  # rows queued or running, per model and kind
         self.owns_ray = connect(cfg)
         try:
             self.slots: Slots = actor_slots(cfg)
         except BaseException:
             self.close()
             raise
+        self._read_at = time.perf_counter()
         self.actor_options = actor_options or {}
         self._core_slots: set[int] = set()
         log.info("ray: %d actor slot(s) of %d CPU / %d GPU", self.slots.count, self.slots.num_cpus,
                  self.slots.num_gpus)
 
-    # ------------------------------------------------------------------------------------------ pools
-    def _targets(self, models: Sequence[ModelRef]) -> dict[ModelRef, int]:
-        """Actors per model for a round: the slots shared out, at most `actors` each; models past the
-        slots get 0 and wait for a pool to be released."""
-        want = self.cfg.actors or self.slots.count
-        targets = {m: 0 for m in models}
-        free = self.slots.count
-        while free > 0:
-            grew = False
-            for m in models:
-                if free > 0 and targets[m] < want:
-                    targets[m] += 1
-                    free -= 1
-                    grew = True
-            if not grew:
-                break
-        return targets
+    # -------------------------------------------------------------------------------------- submit
+    def _submit(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions]) -> None:
+        for shard in shards:
+            m = shard.model
+            if m.label in self.failed:
+                continue
+            opts = self.options.setdefault(m, options.get(m, WorkerOptions()))
+            if opts.device.startswith("cuda") and not self.slots.num_gpus:
+                raise UsageError(f"device {opts.device!r} asked for {m.label!r}, but the Ray cluster has no GPU: "
+                                 f"use --device auto or cpu")
+            self.queues.setdefault(m, deque()).append(shard)
+            self._count(shard, +1)
+
+    @property
+    def pending(self) -> int:
+        return sum(len(q) for q in self.queues.values()) + len(self.in_flight)
+
+    # ------------------------------------------------------------------------------ what work is left
+    def _row_cost(self, model: ModelRef, kind: str) -> float:
+        """Measured seconds per row of `kind` for `model`; before a measurement, the mean over the models that
+        have one; before any, 1."""
+        return self.row_seconds.get((model, kind), self._kind_mean.get(kind, 1.0))
+
+    def _measured(self, model: ModelRef, kind: str, per_row: float) -> None:
+        old = self.row_seconds.get((model, kind))
+        self.row_seconds[(model, kind)] = per_row if old is None else 0.7 * old + 0.3 * per_row
+        known = [v for (_, k), v in self.row_seconds.items() if k == kind]
+        self._kind_mean[kind] = sum(known) / len(known)
+
+    def _count(self, shard: AnyShard, sign: int) -> None:
+        rows = self._rows.setdefault(shard.model, {})
+        rows[_kind(shard)] = rows.get(_kind(shard), 0) + sign * shard.rows
+
+    def remaining(self, model: ModelRef) -> float:
+        """Estimated seconds of the model's queued and running shards on one actor (rows kept as counters:
+        this is asked for every model at every result)."""
+        return sum(n * self._row_cost(model, kind) for kind, n in self._rows.get(model, {}).items())
+
+    def _load_cost(self, model: ModelRef) -> float:
+        if model in self.load_seconds:
+            return self.load_seconds[model]
+        return max(self.load_seconds.values(), default=LOAD_GUESS_S)
+
+    # ---------------------------------------------------------------------------------------- slots
+    def _refresh_slots(self) -> None:
+        if time.perf_counter() - self._read_at < REFRESH_S:
+            return
+        self._read_at = time.perf_counter()
+        try:
+            slots = actor_slots(self.cfg)
+        except Exception as err:  # a node leaving mid-read: keep the last count
+            log.debug("ray: could not read the cluster's slots again: %s", err)
+            return
+        if slots.count != self.slots.count:
+            log.info("ray: the cluster now holds %d actor slot(s) (was %d)", slots.count, self.slots.count)
+            self.slots = Slots(slots.count, self.slots.num_cpus, self.slots.num_gpus)
+
+    def _actors(self) -> int:
+        return sum(len(p.members) for p in self.pools.values()) + len(self._spare)
+
+    def _idle(self, model: ModelRef) -> list[_Member]:
+        """Members of `model`'s pool that are loaded and have nothing to do (its queue is empty)."""
+        pool = self.pools.get(model)
+        if pool is None or self.queues.get(model):
+            return []
+        return [mb for mb in pool.members if not mb.busy and mb.ready_ref is None]
+
+    def _wants(self, model: ModelRef) -> bool:
+        """Whether `model` should get one more actor: it has queued work nobody is free to take, its pool is
+        under `actors`, and (unless it has no actor) that work over one more actor outweighs loading it."""
+        queue = self.queues.get(model)
+        if not queue or model.label in self.failed:
+            return False
+        pool = self.pools.get(model)
+        n = len(pool.members) if pool else 0
+        if n >= (self.cfg.actors or self.slots.count):
+            return False
+        if any(not mb.busy and mb.ready_ref is None for mb in (pool.members if pool else [])):
+            return False  # a member of its own is free: dispatch will give it work
+        if n == 0:
+            return True
+        loading = sum(1 for mb in pool.members if mb.ready_ref is not None)
+        return len(queue) > loading and self.remaining(model) / (n + 1) > self._load_cost(model)
+
+    def _rebalance(self) -> None:
+        """Deal free slots, spare actors and idle actors to the models whose work needs them most."""
+        self._refresh_slots()
+        while True:
+            wanting = [m for m in self.queues if self._wants(m)]
+            if not wanting:
+                return
+
+            def need(m: ModelRef) -> float:
+                pool = self.pools.get(m)
+                n = len(pool.members) if pool else 0
+                return float("inf") if n == 0 else self.remaining(m) / n
+
+            model = max(wanting, key=need)
+            pool = self.pools.setdefault(model, _Pool(model, self.options.get(model, WorkerOptions())))
+            if self._actors() < self.slots.count or self._spare:
+                pool.members.append(self._new_member(pool))
+                continue
+            donors = [(mb, m) for m in list(self.pools) if m != model for mb in self._idle(m)]
+            if not donors:
+                return
+            member, owner = min(donors, key=lambda d: d[0].idle_since)  # the longest idle gives way
+            self._hand_over(member, owner, pool)
+
+    def _hand_over(self, member: _Member, owner: ModelRef, pool: _Pool) -> None:
+        """An idle actor of `owner` drops its model and takes `pool`'s (same process)."""
+        old = self.pools[owner]
+        old.members.remove(member)
+        if not old.members:
+            del self.pools[owner]
+        member.handle.unload.remote()  # ordered before the next model's `load`
+        pool.members.append(member)
+        self._load(member, pool)
+        self.stats_for(pool.model).actors = max(self.stats_for(pool.model).actors, len(pool.members))
+        log.info("ray: an actor of %s goes to %s", owner.label, pool.model.label)
 
     def _core_binding(self) -> tuple[int | None, dict[str, str]]:
         """A free block of cores for an actor on a local CPU cluster, as vLLM's CPU thread binding.
@@ -139,14 +267,11 @@ class RayExecutor(Executor):
         """Tell an existing actor which model it serves now; `ready_ref` answers once it does."""
         member.ready_ref = member.handle.load.remote(pool.model, pool.options.device, pool.options.token_budget)
         member.loaded = False
+        member.asked = time.perf_counter()
 
     def _drop(self, member: _Member) -> None:
         ray.kill(member.handle, no_restart=True)
         self._core_slots.discard(member.core_slot)
-
-    def _grow(self, pool: _Pool, target: int) -> None:
-        while len(pool.members) < target:
-            pool.members.append(self._new_member(pool))
 
     def _release(self, model: ModelRef, keep: bool = True) -> None:
         """End a model's pool; its actors drop the model and wait for the next pool (`keep`) or are killed."""
@@ -154,109 +279,79 @@ class RayExecutor(Executor):
         if pool is None:
             return
         for m in pool.members:
-            self._retire(m) if keep else self._drop(m)
+            if keep and not m.busy:
+                m.handle.unload.remote()
+                self._spare.append(m)
+            else:
+                self._drop(m)
         log.info("ray: released the pool of %s", model.label)
 
-    def _retire(self, member: _Member) -> None:
-        """An actor whose pool no longer needs it: it drops its model and waits for the next pool."""
-        if member.busy:  # shards in flight (never, for a pool released when done): not reusable as is
-            self._drop(member)
-            return
-        member.handle.unload.remote()  # ordered before the next model's `load`
-        self._spare.append(member)
+    # ------------------------------------------------------------------------------------------ poll
+    def poll(self) -> list[tuple[AnyShard, pa.RecordBatch]]:
+        if not self.pending:
+            return []
+        self._rebalance()
+        self._dispatch()
+        refs = list(self.in_flight) + [mb.ready_ref for p in self.pools.values() for mb in p.members
+                                       if mb.ready_ref is not None]
+        if not refs:
+            raise RuntimeError("ray executor: work is queued but no actor can take it")
+        ready, _ = ray.wait(refs, num_returns=1, timeout=WAIT_S)
+        if ready:  # and whatever else has finished meanwhile
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        out = []
+        for ref in ready:
+            if ref in self.in_flight:
+                got = self._result(ref)
+                if got is not None:
+                    out.append(got)
+            else:
+                self._member_ready(ref)
+        for model in [m for m in list(self.pools) if m.label in self.failed]:
+            self._forget(model)
+        return out
 
-    # -------------------------------------------------------------------------------------------- run
-    def run(self, shards: Sequence[Shard], options: dict[ModelRef, WorkerOptions]) -> Iterator[
-            tuple[Shard, pa.RecordBatch]]:
-        queues: dict[ModelRef, deque[Shard]] = {}
-        for s in shards:
-            queues.setdefault(s.model, deque()).append(s)
-        for m in queues:
-            device = options.get(m, WorkerOptions()).device
-            if device.startswith("cuda") and not self.slots.num_gpus:
-                raise UsageError(f"device {device!r} asked for {m.label!r}, but the Ray cluster has no GPU: "
-                                 f"use --device auto or cpu")
-        # models that already hold a pool keep it (their model is loaded); the others share what is left
-        models = sorted(queues, key=lambda m: m not in self.pools)
-        targets = self._targets(models)
-        for m in list(self.pools):  # pools with nothing to do in this round give their slots back
-            if targets.get(m, 0) == 0:
-                self._release(m)
-        waiting = [m for m in models if targets[m] == 0]
-        models = [m for m in models if targets[m] > 0]
-        for m in models:
-            pool = self.pools.setdefault(m, _Pool(m, options.get(m, WorkerOptions())))
-            if len(pool.members) > targets[m]:
-                for extra in pool.members[targets[m]:]:
-                    self._retire(extra)
-                del pool.members[targets[m]:]
-            self._grow(pool, targets[m])
-        in_flight: dict[Any, tuple[_Pool, _Member, Shard]] = {}
-        tries: dict[str, int] = {}
-        done: set[str] = set()
-        started = {m: time.perf_counter() for m in models}
-        finished: dict[ModelRef, float] = {}
-        if waiting:
-            log.info("ray: %d model(s) wait for a free slot: %s", len(waiting), ", ".join(m.label for m in waiting))
+    def _result(self, ref: Any) -> tuple[AnyShard, pa.RecordBatch] | None:
+        pool, member, shard = self.in_flight.pop(ref)
+        member.busy.discard(ref)
+        member.idle_since = time.perf_counter()
+        try:
+            batch = ray.get(ref)
+        except ModelLoadError as err:
+            self._load_failed(pool, shard, str(getattr(err, "cause", err)))
+            return None
+        except _ACTOR_LOST as err:
+            if member.loaded:
+                self._lost(pool, member, shard, err)
+            else:  # died before computing anything for this model: while loading it
+                member.counted = True
+                self._load_failed(pool, shard, f"its actor died while loading it "
+                                               f"({type(err).__name__}: killed, out of memory?)")
+                if member.ready_ref is None and pool.model.label not in self.failed:
+                    self._load(member, pool)
+            return None
+        if member.loaded:  # a first shard also paid for what it needed loaded (an engine): not a row cost
+            self._measured(shard.model, _kind(shard), (time.perf_counter() - member.sent) / max(shard.rows, 1))
+        member.loaded, member.counted = True, False
+        if shard.id in self._done:  # a retried shard that had finished after all: keep the first
+            return None
+        self._done.add(shard.id)
+        self._count(shard, -1)
+        self._returned(shard)
+        return shard, batch
 
-        while any(queues.values()) or in_flight:
-            self._dispatch(queues, in_flight)
-            refs = list(in_flight) + [mb.ready_ref for p in self.pools.values() for mb in p.members
-                                      if mb.ready_ref is not None]
-            if not refs:
-                raise RuntimeError("ray executor: work is queued but no actor can take it")
-            ready, _ = ray.wait(refs, num_returns=1, timeout=WAIT_S)
-            for ref in ready:
-                if ref in in_flight:
-                    pool, member, shard = in_flight.pop(ref)
-                    member.busy.discard(ref)
-                    try:
-                        batch = ray.get(ref)
-                    except ModelLoadError as err:
-                        self._load_failed(pool, shard, queues, str(getattr(err, "cause", err)))
-                        continue
-                    except _ACTOR_LOST as err:
-                        if member.loaded:
-                            self._lost(pool, member, shard, queues, tries, err)
-                        else:  # died before computing anything for this model: while loading it
-                            member.counted = True
-                            self._load_failed(pool, shard, queues, f"its actor died while loading it "
-                                                                   f"({type(err).__name__}: killed, out of memory?)")
-                            if member.ready_ref is None:
-                                self._load(member, pool)
-                        continue
-                    member.loaded, member.counted = True, False
-                    if shard.id in done:  # a retried shard that had finished after all: keep the first
-                        continue
-                    done.add(shard.id)
-                    finished[shard.model] = time.perf_counter()
-                    yield shard, batch
-                else:
-                    self._member_ready(ref, queues)
-            for m in list(models):
-                failed = m.label in self.failed
-                if failed:  # given up: forget its shards in flight, free its actors
-                    queues[m].clear()
-                    for ref in [r for r, (p, _, _) in in_flight.items() if p.model == m]:
-                        del in_flight[ref]
-                # a model whose work is all done frees its slots for a waiting model
-                if (failed or waiting) and not queues[m] and not any(p.model == m for p, _, _ in in_flight.values()):
-                    slots = len(self.pools[m].members)  # a model that waited itself had no target of its own
-                    self._release(m, keep=not failed)
-                    models.remove(m)
-                    if not waiting:
-                        continue
-                    nxt = waiting.pop(0)
-                    models.append(nxt)
-                    pool = self.pools.setdefault(nxt, _Pool(nxt, options.get(nxt, WorkerOptions())))
-                    self._grow(pool, slots)
-                    started[nxt] = time.perf_counter()
-        for m, t in finished.items():  # wall time per model, from its pool's start to its last result
-            self.stats_for(m).seconds += t - started[m]
+    def _forget(self, model: ModelRef) -> None:
+        """A model given up: drop its queue and its shards in flight, and kill its actors (a failed load may
+        have left them in any state)."""
+        self.queues.pop(model, None)
+        self._rows.pop(model, None)
+        for ref in [r for r, (p, _, _) in self.in_flight.items() if p.model == model]:
+            del self.in_flight[ref]
+        self._release(model, keep=False)
 
-    def _dispatch(self, queues: dict[ModelRef, deque[Shard]], in_flight: dict) -> None:
+    def _dispatch(self) -> None:
         for model, pool in self.pools.items():
-            queue = queues.get(model)
+            queue = self.queues.get(model)
             if not queue:
                 continue
             for member in pool.members:
@@ -264,29 +359,32 @@ class RayExecutor(Executor):
                     shard = queue.popleft()
                     ref = member.handle.run.remote(shard, pool.options.device, pool.options.token_budget)
                     member.busy.add(ref)
-                    in_flight[ref] = (pool, member, shard)
+                    member.sent = time.perf_counter()
+                    self.in_flight[ref] = (pool, member, shard)
 
-    def _member_ready(self, ref: Any, queues: dict[ModelRef, deque[Shard]]) -> None:
-        for pool in self.pools.values():
+    def _member_ready(self, ref: Any) -> None:
+        for pool in list(self.pools.values()):
             for member in pool.members:
                 if member.ready_ref == ref:
                     try:
                         self.pids.setdefault(pool.model.label, set()).add(ray.get(ref))
                         member.ready_ref = None
+                        member.idle_since = time.perf_counter()
+                        took = time.perf_counter() - member.asked
+                        old = self.load_seconds.get(pool.model)
+                        self.load_seconds[pool.model] = took if old is None else max(old, took)
                     except _ACTOR_LOST as err:  # restarts exhausted: replace the actor
                         log.warning("ray: an actor of %s is gone (%s); starting a new one", pool.model.label,
                                     type(err).__name__)
                         self._drop(member)
                         pool.members.remove(member)
                         if not member.loaded and not member.counted:  # died starting or taking the model on
-                            self._load_failed(pool, None, queues, f"its actor died while loading it "
-                                                                  f"({type(err).__name__})")
+                            self._load_failed(pool, None, f"its actor died while loading it ({type(err).__name__})")
                         if pool.model.label not in self.failed:
                             pool.members.append(self._new_member(pool))
                     return
 
-    def _load_failed(self, pool: _Pool, shard: Shard | None, queues: dict[ModelRef, deque[Shard]],
-                     cause: str) -> None:
+    def _load_failed(self, pool: _Pool, shard: AnyShard | None, cause: str) -> None:
         """A failed load of `pool.model`: try again (its shard first), or give the model up after `max_retries`."""
         model = pool.model
         if model.label in self.failed:
@@ -300,19 +398,18 @@ class RayExecutor(Executor):
                     self.cfg.max_retries)
         self.stats_for(model).retries += 1
         if shard is not None:
-            queues.setdefault(model, deque()).appendleft(shard)
+            self.queues.setdefault(model, deque()).appendleft(shard)
 
-    def _lost(self, pool: _Pool, member: _Member, shard: Shard, queues: dict, tries: dict[str, int],
-              err: Exception) -> None:
-        n = tries.get(shard.id, 0) + 1
-        tries[shard.id] = n
+    def _lost(self, pool: _Pool, member: _Member, shard: AnyShard, err: Exception) -> None:
+        n = self._tries.get(shard.id, 0) + 1
+        self._tries[shard.id] = n
         if n > self.cfg.max_retries:
             raise RuntimeError(f"shard {shard.id} of {shard.model.label} failed {n} times (actor lost: "
                                f"{type(err).__name__}); giving up") from err
         log.warning("ray: actor of %s lost while running shard %s (%s); retry %d", shard.model.label, shard.id,
                     type(err).__name__, n)
         self.stats_for(shard.model).retries += 1
-        queues.setdefault(shard.model, deque()).appendleft(shard)
+        self.queues.setdefault(shard.model, deque()).appendleft(shard)
         if member.ready_ref is None:  # wait until Ray has restarted it: rebuilt with its first model, so say which
             self._load(member, pool)
 

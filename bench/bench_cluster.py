@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import pyarrow as pa
 
@@ -70,11 +70,18 @@ class Recording(Executor):
         self.stats, self.failed = inner.stats, inner.failed
         self.done: list[tuple[AnyShard, float]] = []
 
-    def run(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions]) -> Iterator[
-            tuple[AnyShard, pa.RecordBatch]]:
-        for shard, batch in self.inner.run(shards, options):
-            self.done.append((shard, time.perf_counter()))
-            yield shard, batch
+    def _submit(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions]) -> None:
+        self.inner.submit(shards, options)
+
+    def poll(self) -> list[tuple[AnyShard, pa.RecordBatch]]:
+        out = self.inner.poll()
+        now = time.perf_counter()
+        self.done += [(shard, now) for shard, _ in out]
+        return out
+
+    @property
+    def pending(self) -> int:
+        return self.inner.pending
 
     def close(self) -> None:
         self.inner.close()

@@ -2,8 +2,9 @@
 
     plan    validate the spec, the output folder, every prompt set and model shape; cut the work into
             shards (no torch, no model loaded)
-    run     advance every job (experiment x model) in rounds on the executor; each round's shards run
-            together, so several models' pools work at once; finished shards are stored as they arrive
+    run     advance every job (experiment x model) round by round on one executor, each job as soon as its
+            own inputs are ready (study.runtime.rounds): no barrier between models or experiments; finished
+            shards are stored as they arrive
     write   each job's tables (replacing that experiment's earlier tables for the model) and a manifest
 
 Started again on the same folder, a run reads finished shards back and computes only what is missing.
@@ -27,7 +28,8 @@ from study.experiments.registry import JOBS
 from study.experiments.swap import SwapJob
 from study.experiments.utility import UtilityJob
 from study.models.builtin import model_id
-from study.runtime.executor import Executor, LocalExecutor, ModelStats, execute, make_executor
+from study.runtime.executor import Executor, ModelStats, make_executor
+from study.runtime.rounds import Rounds
 from study.runtime.runfolder import FolderLock, recover
 from study.runtime.shards import GenShard
 from study.runtime.store import (
@@ -126,34 +128,18 @@ def _run(plan: Plan, study: StudyConfig, force: bool, executor: Executor | None,
     result = RunOutput(run_id, plan.out, plan.jobs)
     t0 = time.perf_counter()
     options = {j.model: j.options for j in plan.jobs if isinstance(j, ScanJob)}
-    ex = executor
-    failed: list[Job] = []  # jobs that lost a model (it could not be loaded), and the jobs that take their heads
+    # Ray starts only when a shard must be computed, not for a rerun that reads everything back
+    rounds = Rounds(plan.jobs, store, options, lambda: executor or make_executor(study.execution), force=force,
+                    sources=lambda job: getattr(job, "source", None))
     try:
-        while active := [j for j in plan.jobs if not j.done and j not in failed]:
-            pending = [(j, j.pending()) for j in active]
-            shards = [s for _, ss in pending for s in ss]
-            if not shards:  # every active job waits on another: a dependency no round can satisfy
-                raise RuntimeError(f"no work left for {', '.join(j.round_label for j in active)}")
-            desc = " | ".join(sorted({j.round_label for j in active}))
-            if ex is None:  # Ray starts only when a round has shards that are not in the run folder yet
-                needed = force or any(not store.has(sh.id) for sh in shards)
-                ex = make_executor(study.execution) if needed else LocalExecutor()
-            outcome = execute(ex, store, shards, options, force=force, desc=desc)
-            result.computed += outcome.computed
-            result.reused += outcome.reused
-            result.failed.update(outcome.failed)
-            for j, ss in pending:
-                if outcome.ok(ss):
-                    j.absorb(outcome)
-                else:
-                    failed.append(j)
-            while more := [j for j in plan.jobs if j not in failed and getattr(j, "source", None) in failed]:
-                failed += more
-        if ex is not None:
-            result.stats = dict(ex.stats)
+        rounds.run()
     finally:
-        if ex is not None and executor is None:
-            ex.close()
+        if rounds.executor is not None and executor is None:
+            rounds.executor.close()
+    result.computed, result.reused = rounds.computed, rounds.reused
+    result.failed.update(rounds.failed)
+    result.stats = rounds.model_stats()
+    failed = rounds.failed_jobs
     plan = Plan(plan.study, plan.out, [j for j in plan.jobs if j not in failed])
     for job in plan.jobs:
         job.finish()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -77,13 +78,15 @@ class ModelStats:
 
 
 class Executor(ABC):
-    """Runs shards; yields (shard, record batch) as each completes, in any order."""
+    """Takes shards at any time (`submit`) and hands back results as they complete (`poll`), in any order: the
+    runner submits each job's next round the moment that job can take it, while other jobs' shards still run."""
 
     name: str = "executor"
 
     def __init__(self) -> None:
         self.stats: dict[str, ModelStats] = {}
         self.failed: dict[str, str] = {}  # model label -> why it was given up (it could not be loaded)
+        self._first: dict[str, float] = {}  # model label -> when its first shard was submitted
 
     def stats_for(self, model: ModelRef) -> ModelStats:
         return self.stats.setdefault(model.label, ModelStats())
@@ -93,10 +96,41 @@ class Executor(ABC):
         """The executor a study's `execution` section describes."""
         raise NotImplementedError
 
+    def submit(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions]) -> None:
+        """Queue `shards` (each model's `options` say how its workers run it)."""
+        now = time.perf_counter()
+        for shard in shards:
+            self._first.setdefault(shard.model.label, now)
+        self._submit(shards, options)
+
     @abstractmethod
+    def _submit(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions]) -> None:
+        ...
+
+    @abstractmethod
+    def poll(self) -> list[tuple[AnyShard, pa.RecordBatch]]:
+        """Results that came back since the last call, waiting up to about a second for one; [] when none did
+        (or nothing is pending). A model given up (`failed`) drops its queued shards."""
+
+    @property
+    @abstractmethod
+    def pending(self) -> int:
+        """Shards submitted that have neither come back nor been dropped with their model."""
+
+    def _returned(self, shard: AnyShard) -> None:
+        """Bookkeeping of a result (shards and rows computed; the model's wall time runs from its first
+        submission to its last result)."""
+        stats = self.stats_for(shard.model)
+        stats.shards += 1
+        stats.rows += shard.rows
+        stats.seconds = time.perf_counter() - self._first.get(shard.model.label, time.perf_counter())
+
     def run(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions]) -> Iterator[
             tuple[AnyShard, pa.RecordBatch]]:
-        ...
+        """`shards` submitted at once, their results as they come (a single round, for tests and tools)."""
+        self.submit(shards, options)
+        while self.pending:
+            yield from self.poll()
 
     def close(self) -> None:
         """Release workers (models, actors)."""
@@ -110,9 +144,9 @@ class Executor(ABC):
 
 class LocalExecutor(Executor):
     """Shards in this process, one model resident at a time (a laptop holds one model, not a study's worth):
-    a round's shards run grouped by model, and a model is loaded again only when a later round needs it. A model
+    the resident model's queued shards run first, then the model with the most queued work is loaded. A model
     that cannot be loaded is tried `max_retries` more times, then given up (named in `failed`, its shards
-    skipped) while the other models' shards still run, as on Ray."""
+    dropped) while the other models' shards still run, as on Ray."""
 
     name = "local"
 
@@ -121,10 +155,42 @@ class LocalExecutor(Executor):
         self.threads = threads
         self.max_retries = max_retries
         self.workers: dict[ModelRef, object] = {}
+        self.queues: dict[ModelRef, deque[AnyShard]] = {}
+        self.options: dict[ModelRef, WorkerOptions] = {}
 
     @classmethod
     def from_config(cls, cfg: ExecutionConfig) -> "LocalExecutor":
         return cls(threads=cfg.cpus_per_actor, max_retries=cfg.max_retries)
+
+    def _submit(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions]) -> None:
+        for shard in shards:
+            self.queues.setdefault(shard.model, deque()).append(shard)
+            self.options.setdefault(shard.model, options.get(shard.model, WorkerOptions()))
+
+    @property
+    def pending(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def _next_model(self) -> ModelRef | None:
+        resident = [m for m in self.workers if self.queues.get(m)]
+        if resident:
+            return resident[0]
+        waiting = [m for m, q in self.queues.items() if q]
+        return max(waiting, key=lambda m: sum(s.rows for s in self.queues[m]), default=None)
+
+    def poll(self) -> list[tuple[AnyShard, pa.RecordBatch]]:
+        model = self._next_model()
+        if model is None:
+            return []
+        shard = self.queues[model][0]
+        worker = self._prepared(shard, self.options[model])
+        if worker is None:  # given up: its shards are dropped
+            self.queues[model].clear()
+            return []
+        self.queues[model].popleft()
+        batch = worker.run(shard)
+        self._returned(shard)
+        return [(shard, batch)]
 
     def worker(self, model: ModelRef, options: WorkerOptions):
         if model not in self.workers:
@@ -157,18 +223,6 @@ class LocalExecutor(Executor):
                 log.warning("local: %s failed to load (%s); trying again (%d of %d)", model.label, cause, attempt,
                             self.max_retries)
         return None
-
-    def run(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions]) -> Iterator[
-            tuple[AnyShard, pa.RecordBatch]]:
-        for shard in sorted(shards, key=lambda s: s.model.label):  # one model resident at a time
-            worker = self._prepared(shard, options.get(shard.model, WorkerOptions()))
-            if worker is None:
-                continue
-            t0 = time.perf_counter()
-            batch = worker.run(shard)
-            stats = self.stats_for(shard.model)
-            stats.seconds += time.perf_counter() - t0
-            yield shard, batch
 
     def close(self) -> None:
         for worker in self.workers.values():
@@ -226,9 +280,6 @@ def execute(executor: Executor, store: ShardStore | None, shards: Sequence[AnySh
                 store.put(shard.id, batch)
             out.tables[shard.id] = pa.Table.from_batches([batch])
             out.computed += 1
-            stats = executor.stats_for(shard.model)
-            stats.shards += 1
-            stats.rows += shard.rows
             bar.update(shard.rows)
             bar.set_postfix_str(f"{out.computed}/{len(todo)} shards", refresh=False)
     out.failed = dict(executor.failed)

@@ -93,12 +93,12 @@ class DyingExecutor(LocalExecutor):
         super().__init__()
         self.after, self.seen = after, 0
 
-    def run(self, shards, options):
-        for item in super().run(shards, options):
-            if self.seen == self.after:
-                raise _Killed()
-            self.seen += 1
-            yield item
+    def poll(self):
+        if self.seen == self.after:
+            raise _Killed()
+        out = super().poll()
+        self.seen += len(out)
+        return out
 
 
 def test_interrupted_run_resumes_with_only_missing_shards(tiny, tmp_path):
