@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -46,8 +47,11 @@ IN_FLIGHT = 1  # shards per actor at once: a shard runs for seconds, so a round 
 # nothing, while a second queued shard can leave another actor idle at the end of a round
 ACTOR_RESTARTS = 3
 WAIT_S = 1.0
-REFRESH_S = 10.0  # how often the cluster's slots are read again (nodes that join)
+REFRESH_S = 10.0  # how often the cluster's slots are read again (nodes that join); `refresh_s` per executor
 LOAD_GUESS_S = 30.0  # a model's load time before one is measured
+ENGINE_GUESS_S = 30.0  # a generation engine's start (vLLM: profiling, KV cache) before one is measured
+ENGINE_BACKENDS = {"vllm"}  # backends that start an engine of their own in the actor on their first shard
+SCAN = 256  # how far into a model's queue a free actor looks for a shard it should take
 _ACTOR_LOST = (RayActorError, ActorUnavailableError)
 
 
@@ -66,6 +70,8 @@ class _Member:
     asked: float = field(default_factory=time.perf_counter)  # when it was told to load its model
     sent: float = 0.0  # when its shard in flight was sent
     idle_since: float = field(default_factory=time.perf_counter)
+    engines: set = field(default_factory=set)  # generation backends whose engine this actor has started
+    starting: str | None = None  # the backend whose engine its shard in flight starts
 
 
 @dataclass
@@ -99,6 +105,7 @@ class RayExecutor(Executor):
         self.row_seconds: dict[tuple[ModelRef, str], float] = {}  # measured seconds per row, per model and kind
         self.load_seconds: dict[ModelRef, float] = {}  # measured load time per model
         self._kind_mean: dict[str, float] = {}  # mean of row_seconds per kind
+        self.engine_seconds: dict[ModelRef, float] = {}  # measured engine start (with its first shard) per model
         self._rows: dict[ModelRef, dict[str, int]] = {}  # rows queued or running, per model and kind
         self.owns_ray = connect(cfg)
         try:
@@ -107,14 +114,15 @@ class RayExecutor(Executor):
             self.close()
             raise
         self._read_at = time.perf_counter()
+        self.refresh_s = REFRESH_S
         self.actor_options = actor_options or {}
         self._core_slots: set[int] = set()
         log.info("ray: %d actor slot(s) of %d CPU / %d GPU", self.slots.count, self.slots.num_cpus,
                  self.slots.num_gpus)
 
     # -------------------------------------------------------------------------------------- submit
-    def _submit(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions]) -> None:
-        for shard in shards:
+    def _submit(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions], urgent: bool) -> None:
+        for shard in reversed(shards) if urgent else shards:
             m = shard.model
             if m.label in self.failed:
                 continue
@@ -122,7 +130,8 @@ class RayExecutor(Executor):
             if opts.device.startswith("cuda") and not self.slots.num_gpus:
                 raise UsageError(f"device {opts.device!r} asked for {m.label!r}, but the Ray cluster has no GPU: "
                                  f"use --device auto or cpu")
-            self.queues.setdefault(m, deque()).append(shard)
+            queue = self.queues.setdefault(m, deque())
+            queue.appendleft(shard) if urgent else queue.append(shard)
             self._count(shard, +1)
 
     @property
@@ -157,7 +166,7 @@ class RayExecutor(Executor):
 
     # ---------------------------------------------------------------------------------------- slots
     def _refresh_slots(self) -> None:
-        if time.perf_counter() - self._read_at < REFRESH_S:
+        if time.perf_counter() - self._read_at < self.refresh_s:
             return
         self._read_at = time.perf_counter()
         try:
@@ -260,14 +269,16 @@ class RayExecutor(Executor):
             options["runtime_env"] = {"env_vars": env}
         handle = ModelActor.options(**options).remote(
             pool.model, pool.options.device, pool.options.token_budget, self.slots.num_cpus, **self.actor_options)
+        self.stats_for(pool.model).loads += 1
         return _Member(handle, handle.ready.remote(), core_slot=slot)
 
-    @staticmethod
-    def _load(member: _Member, pool: _Pool) -> None:
+    def _load(self, member: _Member, pool: _Pool) -> None:
         """Tell an existing actor which model it serves now; `ready_ref` answers once it does."""
         member.ready_ref = member.handle.load.remote(pool.model, pool.options.device, pool.options.token_budget)
         member.loaded = False
+        member.engines, member.starting = set(), None
         member.asked = time.perf_counter()
+        self.stats_for(pool.model).loads += 1
 
     def _drop(self, member: _Member) -> None:
         ray.kill(member.handle, no_restart=True)
@@ -315,6 +326,7 @@ class RayExecutor(Executor):
         pool, member, shard = self.in_flight.pop(ref)
         member.busy.discard(ref)
         member.idle_since = time.perf_counter()
+        starting, member.starting = member.starting, None
         try:
             batch = ray.get(ref)
         except ModelLoadError as err:
@@ -330,8 +342,12 @@ class RayExecutor(Executor):
                 if member.ready_ref is None and pool.model.label not in self.failed:
                     self._load(member, pool)
             return None
-        if member.loaded:  # a first shard also paid for what it needed loaded (an engine): not a row cost
-            self._measured(shard.model, _kind(shard), (time.perf_counter() - member.sent) / max(shard.rows, 1))
+        took = time.perf_counter() - member.sent
+        if starting is not None:  # this shard started an engine: its time is mostly the engine's
+            self.engine_seconds[shard.model] = max(self.engine_seconds.get(shard.model, 0.0), took)
+            member.engines.add(starting)
+        elif member.loaded:  # a first shard also paid for loading what it needed: not a row cost
+            self._measured(shard.model, _kind(shard), took / max(shard.rows, 1))
         member.loaded, member.counted = True, False
         if shard.id in self._done:  # a retried shard that had finished after all: keep the first
             return None
@@ -352,15 +368,33 @@ class RayExecutor(Executor):
     def _dispatch(self) -> None:
         for model, pool in self.pools.items():
             queue = self.queues.get(model)
-            if not queue:
-                continue
             for member in pool.members:
                 while queue and member.ready_ref is None and len(member.busy) < IN_FLIGHT:
-                    shard = queue.popleft()
+                    i = next((i for i, shard in enumerate(itertools.islice(queue, SCAN))
+                              if self._takes(member, pool, shard)), None)
+                    if i is None:
+                        break
+                    shard = queue[i]
+                    del queue[i]
                     ref = member.handle.run.remote(shard, pool.options.device, pool.options.token_budget)
                     member.busy.add(ref)
                     member.sent = time.perf_counter()
+                    if isinstance(shard, GenShard) and shard.backend in ENGINE_BACKENDS and \
+                            shard.backend not in member.engines:
+                        member.starting = shard.backend
                     self.in_flight[ref] = (pool, member, shard)
+
+    def _takes(self, member: _Member, pool: _Pool, shard: AnyShard) -> bool:
+        """Whether `member` should run `shard`: anything but generation on a backend whose engine it has not
+        started; that only where no actor of the model has one, or the model's generation left per engine
+        outweighs starting another."""
+        if not isinstance(shard, GenShard) or shard.backend not in ENGINE_BACKENDS or shard.backend in member.engines:
+            return True
+        holders = sum(1 for mb in pool.members if shard.backend in mb.engines or mb.starting == shard.backend)
+        if not holders:
+            return True
+        left = self._rows.get(pool.model, {}).get("text", 0) * self._row_cost(pool.model, "text")
+        return left / holders > self.engine_seconds.get(pool.model, ENGINE_GUESS_S)
 
     def _member_ready(self, ref: Any) -> None:
         for pool in list(self.pools.values()):

@@ -70,8 +70,8 @@ class Recording(Executor):
         self.stats, self.failed = inner.stats, inner.failed
         self.done: list[tuple[AnyShard, float]] = []
 
-    def _submit(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions]) -> None:
-        self.inner.submit(shards, options)
+    def _submit(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions], urgent: bool) -> None:
+        self.inner.submit(shards, options, urgent=urgent)
 
     def poll(self) -> list[tuple[AnyShard, pa.RecordBatch]]:
         out = self.inner.poll()
@@ -143,6 +143,7 @@ def main() -> None:
                     help="simulated seconds per wall second (default: the total work in about 3 wall minutes)")
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--json", default=None, help="append the figures as one JSON line")
+    ap.add_argument("--trace", default=None, help="write every shard's model, kind, cost and end time (JSON lines)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -185,14 +186,21 @@ def main() -> None:
     lower = max(busy / slots, chain_seconds(done, acc, gpa))
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     u = busy / (slots * makespan)
+    loads = sum(st.loads for st in ex.stats.values())
     figures = dict(date=time.strftime("%Y-%m-%d"), simulation=True, gpus=args.gpus, models=args.models,
                    size=args.size, slots=slots, scale=scale, shards=len(done), computed=result.computed,
                    utilization=round(u, 4), makespan_s=round(makespan, 1), lower_bound_s=round(lower, 1),
-                   driver_rss_mb=round(rss_mb), wall_s=round(wall, 1), cpus=os.cpu_count())
+                   driver_rss_mb=round(rss_mb), wall_s=round(wall, 1), loads=loads, cpus=os.cpu_count())
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(figures) + "\n")
-    print(f"shards {len(done)}; work {busy:.0f} GPU-slot s; wall {wall:.0f} s")
+    if args.trace:
+        with open(args.trace, "w") as f:
+            for shard, end in ex.done:
+                f.write(json.dumps(dict(model=shard.model.label, measure=shard.measure, rows=shard.rows,
+                                        cost_s=shard_seconds(shard, acc, gpa), end_s=(end - t0) * scale)) + "\n")
+    print(f"shards {len(done)}; work {busy:.0f} GPU-slot s; wall {wall:.0f} s; {loads} model loads for "
+          f"{len({s.model for s in done})} models")
     verdict = "PASS" if u >= TARGET_U and rss_mb < TARGET_RSS_MB else "MISS"
     print(f"{verdict} (targets: utilization >= {TARGET_U}, driver under {TARGET_RSS_MB} MB)")
     print(f"utilization {u:.3f} makespan {makespan:.0f} lower_bound {lower:.0f} driver_rss_mb {rss_mb:.0f}")

@@ -69,12 +69,13 @@ class ModelStats:
     reused: int = 0  # read back from the store
     rows: int = 0
     retries: int = 0
-    actors: int = 0
+    actors: int = 0  # the most actors that held the model at once
+    loads: int = 0  # times the model was loaded into a process (a handed-on actor loads it again)
     seconds: float = 0.0  # wall time from the first submission to the last result
 
     def as_dict(self) -> dict[str, float | int]:
         return dict(shards=self.shards, reused=self.reused, rows=self.rows, retries=self.retries,
-                    actors=self.actors, seconds=round(self.seconds, 3))
+                    actors=self.actors, loads=self.loads, seconds=round(self.seconds, 3))
 
 
 class Executor(ABC):
@@ -96,15 +97,17 @@ class Executor(ABC):
         """The executor a study's `execution` section describes."""
         raise NotImplementedError
 
-    def submit(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions]) -> None:
-        """Queue `shards` (each model's `options` say how its workers run it)."""
+    def submit(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions], *,
+               urgent: bool = False) -> None:
+        """Queue `shards` (each model's `options` say how its workers run it); `urgent` ones go before the
+        model's queued shards (a round other jobs wait on: the critical path first)."""
         now = time.perf_counter()
         for shard in shards:
             self._first.setdefault(shard.model.label, now)
-        self._submit(shards, options)
+        self._submit(shards, options, urgent)
 
     @abstractmethod
-    def _submit(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions]) -> None:
+    def _submit(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions], urgent: bool) -> None:
         ...
 
     @abstractmethod
@@ -162,9 +165,10 @@ class LocalExecutor(Executor):
     def from_config(cls, cfg: ExecutionConfig) -> "LocalExecutor":
         return cls(threads=cfg.cpus_per_actor, max_retries=cfg.max_retries)
 
-    def _submit(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions]) -> None:
-        for shard in shards:
-            self.queues.setdefault(shard.model, deque()).append(shard)
+    def _submit(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions], urgent: bool) -> None:
+        for shard in reversed(shards) if urgent else shards:
+            queue = self.queues.setdefault(shard.model, deque())
+            queue.appendleft(shard) if urgent else queue.append(shard)
             self.options.setdefault(shard.model, options.get(shard.model, WorkerOptions()))
 
     @property
@@ -200,6 +204,7 @@ class LocalExecutor(Executor):
             self.workers[model] = Worker(model, device=resolve_device(options.device),
                                          token_budget=options.token_budget, threads=self.threads)
             self.stats_for(model).actors = 1
+            self.stats_for(model).loads += 1
         return self.workers[model]
 
     def _prepared(self, shard: AnyShard, options: WorkerOptions):

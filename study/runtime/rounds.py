@@ -137,8 +137,9 @@ class Rounds:
             self.executor = self.make_executor()
         self._open.append(rnd)
         self.progress.opened(job.model.label, rnd.label, todo)
-        if todo:
-            self.executor.submit(todo, self.options)
+        if todo:  # a round other jobs wait on (a Sahara step) goes first: the critical path
+            urgent = any(self.sources(j) is job for j in self.jobs if not j.done)
+            self.executor.submit(todo, self.options, urgent=urgent)
 
     def _deliver(self, shard: AnyShard, batch: pa.RecordBatch) -> None:
         if not batch.schema.equals(shard.schema):

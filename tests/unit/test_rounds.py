@@ -46,15 +46,17 @@ class Clocked(Executor):
         self.queue: list[Shard] = []
         self.running: list[tuple[float, int, Shard]] = []
         self.submitted: list[tuple[float, str]] = []
+        self.urgent: list[bool] = []
         self._n = 0
 
-    def _submit(self, shards: Sequence[Shard], options: dict[ModelRef, WorkerOptions]) -> None:
+    def _submit(self, shards: Sequence[Shard], options: dict[ModelRef, WorkerOptions], urgent: bool) -> None:
         for s in shards:
             if s.model.name == self.lost:
                 self.failed[s.model.label] = "OSError: gone (1 tries)"
                 continue
             self.submitted.append((self.now, s.id))
-            self.queue.append(s)
+            self.urgent.append(urgent)
+            self.queue.insert(0, s) if urgent else self.queue.append(s)
 
     @property
     def pending(self) -> int:
@@ -127,6 +129,18 @@ def test_a_dependent_job_starts_when_its_source_is_done_and_reuse_closes_rounds_
     rerun = Rounds(again, ShardStore(tmp_path), {}, lambda: made.append(1) or clock)
     rerun.run()
     assert rerun.computed == 0 and rerun.reused == 5 and not made and all(j.done for j in again)
+
+
+def test_a_round_other_jobs_wait_on_goes_before_queued_work(tmp_path):
+    """The critical path first: a source's round (a Sahara step) jumps a terminal job's queue (Ships)."""
+    clock = Clocked(slots=1, cost={"a": 1.0})
+    terminal = Steps("a", 1, [0, 1, 2, 3], clock)
+    src = Steps("a", 2, [5], clock)
+    dep = Steps("a", 1, [7], clock, after=src)
+    Rounds([terminal, src, dep], ShardStore(tmp_path), {}, lambda: clock, sources=lambda j: j.source).run()
+    assert clock.urgent == [False] * 4 + [True, True, False]
+    # src's first step ran first (layer 5: t=6), its second right after (layer 15: t=6+16), the terminal job after
+    assert src.absorbed == [6.0, 22.0] and terminal.absorbed[0] > 22.0
 
 
 def test_a_shard_two_jobs_need_is_computed_once(tmp_path):

@@ -1,0 +1,66 @@
+"""The cluster simulation's cost-model worker: rows shaped as the real worker's, costs that follow the work (the
+layer a row starts at, the model's size, decoding steps), and the arithmetic of the FLOP count itself."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from study.core.ablation import Ablation
+from study.core.heads import Head
+from study.generation.decoding import Decoding
+from study.prompts.formats import PromptFormat
+from study.runtime.shards import GenShard, ModelRef, PromptBlock, Shard
+from study.runtime.simulated import Accelerator, ModelCost, SimulatedWorker, fake_batch, load_seconds, shard_seconds
+
+LLAMA7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000)
+LLAMA70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=32000)
+BLOCK = PromptBlock(ids=("p0", "p1"), texts=("x" * 80, "y" * 120), format=PromptFormat.CHAT)
+
+
+@pytest.fixture()
+def models(tmp_path):
+    out = {}
+    for name, cfg in (("7b", LLAMA7B), ("70b", LLAMA70B)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+        out[name] = ModelRef(name=str(tmp_path / name), dtype="bfloat16")
+    return out
+
+
+def test_parameter_counts_are_the_published_sizes():
+    assert ModelCost.of(LLAMA7B).params == pytest.approx(6.74e9, rel=0.01)
+    assert ModelCost.of(LLAMA70B).params == pytest.approx(68.98e9, rel=0.01)
+
+
+def test_costs_follow_the_work(models):
+    acc = Accelerator()
+    at = {layer: shard_seconds(Shard(model=models["7b"], prompts=BLOCK, ablations=(Ablation(heads=(Head(layer, 0),)),)),
+                               acc) for layer in (0, 16, 31)}
+    assert at[0] > at[16] > at[31] > 0  # a row starts at its ablated layer
+    tokens = (80 // 4 + 24) + (120 // 4 + 24)
+    m = ModelCost.of(LLAMA7B)
+    expected = 2 * (tokens * 32 * m.layer_params + 2 * m.head_params) / (acc.peak_flops * acc.scoring_efficiency)
+    assert at[0] == pytest.approx(expected)
+    big = Shard(model=models["70b"], prompts=BLOCK, ablations=(Ablation(heads=(Head(0, 0),)),))
+    assert shard_seconds(big, acc) > 8 * at[0] and shard_seconds(big, acc, gpus=4) < shard_seconds(big, acc)
+    gen = GenShard(model=models["7b"], prompts=BLOCK, ablations=(Ablation(), Ablation(heads=(Head(1, 1),))),
+                   decoding=Decoding(max_new_tokens=100), backend="vllm")
+    step = m.params * 2 / acc.memory_bw
+    assert shard_seconds(gen, acc) == pytest.approx(2 * 100 * step, rel=0.05)  # two ablations, 100 steps each
+    assert load_seconds(models["70b"], acc) > load_seconds(models["7b"], acc) > acc.load_fixed_s
+
+
+def test_rows_are_shaped_as_the_real_workers_and_repeatable(models):
+    shards = [Shard(model=models["7b"], prompts=BLOCK, ablations=(Ablation(heads=(Head(0, 1),)),), measure=measure)
+              for measure in ("kl", "nll")]
+    shards.append(GenShard(model=models["7b"], prompts=BLOCK, ablations=(Ablation(),), decoding=Decoding()))
+    for shard in shards:
+        batch = fake_batch(shard)
+        assert batch.schema.equals(shard.schema) and batch.num_rows == shard.rows
+        assert batch.equals(fake_batch(shard))
+    worker = SimulatedWorker(models["7b"], scale=1e9)
+    assert worker.run(shards[0]).schema.equals(shards[0].schema) and worker.loaded
