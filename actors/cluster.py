@@ -255,19 +255,29 @@ class Slots:
 
 
 def actor_slots(cfg: ExecutionConfig) -> Slots:
-    """One actor per `gpus_per_actor` GPUs where the cluster has GPUs, else per `cpus_per_actor` CPUs."""
+    """The slots of the cluster as it is now (`slots_of` over Ray's live nodes)."""
     import ray
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    gpus = [int(n["Resources"].get("GPU", 0)) for n in nodes]
-    cpus = [int(n["Resources"].get("CPU", 0)) for n in nodes]
+    return slots_of([n["Resources"] for n in ray.nodes() if n.get("Alive")], cfg)
+
+
+def slots_of(nodes: list[dict[str, float]], cfg: ExecutionConfig) -> Slots:
+    """One actor per `gpus_per_actor` GPUs where the cluster has GPUs, else per `cpus_per_actor` CPUs.
+
+    A GPU actor asks for `cpus_per_actor` CPUs (its torch threads, for the float64 SVDs of generalized Ships);
+    by default the CPUs a GPU node has per actor slot, on the GPU node with the fewest, so every slot can be
+    placed."""
+    gpus = [int(n.get("GPU", 0)) for n in nodes]
+    cpus = [int(n.get("CPU", 0)) for n in nodes]
     per_actor = cfg.gpus_per_actor or 1
     if cfg.gpus_per_actor and per_actor > max(gpus, default=0):
         raise UsageError(f"--gpus-per-actor {per_actor} is more than any node has (at most {max(gpus, default=0)} "
                          f"GPUs on one node): use --gpus-per-actor <= {max(gpus, default=0)}"
                          + ("" if any(gpus) else " or leave it out to run one actor per CPU slot"))
     if any(gpus):
-        return Slots(sum(g // per_actor for g in gpus), cfg.cpus_per_actor or 1, per_actor)
+        slots = [(c, g // per_actor) for c, g in zip(cpus, gpus) if g // per_actor]
+        threads = cfg.cpus_per_actor or max(1, min(c // n for c, n in slots))
+        return Slots(sum(n for _, n in slots), threads, per_actor)
     per_cpu = cfg.cpus_per_actor or 1
     if per_cpu > max(cpus, default=0):
         raise UsageError(f"--cpus-per-actor {per_cpu} is more than any node has (at most "

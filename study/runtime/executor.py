@@ -1,9 +1,10 @@
 """Executors: where shards run. One interface, two implementations, the same answers.
 
-`LocalExecutor` runs shards in this process on one `Worker` per model. The Ray executor (in `actors/`, found
-through the `headstudy.executors` entry point) fans them out to a pool of Ray actors per model.
-`execute` is what experiments call: it skips shards already in the run folder's `ShardStore`, runs the rest
-on the executor, stores each one the moment it completes, and shows one progress bar.
+An executor takes shards at any time (`submit`) and hands back results as they complete (`poll`); the runner's
+`study.runtime.rounds` drives jobs on it with no barrier between them. `LocalExecutor` runs shards in this
+process on one `Worker` at a time. The Ray executor (in `actors/`, found through the `headstudy.executors`
+entry point) fans them out to a pool of Ray actors per model. `execute` is one round on an executor, for tools
+and tests: it skips shards already in a `ShardStore`, runs the rest and stores each one as it completes.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ class ExecutionConfig(Frozen):
     executor: str = DEFAULT_EXECUTOR  # a name among the `headstudy.executors` entry points: local, ray
     address: str | None = None  # a running Ray cluster ("auto", "ray://host:10001", "host:6379")
     actors: int | None = Field(default=None, ge=1)  # per model; None: fill the cluster
-    cpus_per_actor: int | None = Field(default=None, ge=1)  # CPUs and torch threads per actor: None = 1 on
-    # Ray; the local executor uses it as its thread count when given (else torch's default, all cores)
+    cpus_per_actor: int | None = Field(default=None, ge=1)  # CPUs and torch threads per actor. None: on GPUs,
+    # the node's CPUs per actor slot; a CPU actor, 1; the local executor, torch's default (all cores)
     gpus_per_actor: int | None = Field(default=None, ge=1)  # None: 1 where the cluster has GPUs
     max_retries: int = Field(default=3, ge=0)  # per shard, after an actor died
 
