@@ -17,7 +17,7 @@ MAIN = "smollm2-135m-safe"
 def _small(data_dir, seed):
     full = build_splits(data_dir, seed)
     pick = lambda xs, harmful, n: tuple([e for e in xs if e.harmful == harmful][:n])  # noqa: E731
-    return Splits(pick(full.train, True, 6) + pick(full.train, False, 6), pick(full.val, True, 3) + pick(full.val, False, 3))
+    return Splits(pick(full.train, True, 4) + pick(full.train, False, 4), pick(full.val, True, 1) + pick(full.val, False, 1))
 
 
 def test_training_is_deterministic_given_the_seed_and_ships_a_loadable_adapter(shared_data, tmp_path):
@@ -25,7 +25,7 @@ def test_training_is_deterministic_given_the_seed_and_ships_a_loadable_adapter(s
     from study.models.builtin import materialize_alias
     from study.models.loading import load_model
 
-    recipe = Recipe(steps=3, eval_every=3, harmful_per_batch=2, harmless_per_batch=2, answer_tokens=12)
+    recipe = Recipe(steps=3, eval_every=3, harmful_per_batch=2, harmless_per_batch=2, answer_tokens=8)
     splits = _small(shared_data, 0)
     a, record, _ = train(MAIN, shared_data, tmp_path / "work", recipe, splits)
     b, _, _ = train(MAIN, shared_data, tmp_path / "work", recipe, splits)

@@ -103,7 +103,7 @@ def _check_sahara(scores, search) -> None:
 def test_study_on_ray_equals_local_executor(tmp_path, capsys):
     """The README's main path (`headstudy run`, Ray with 2 actors) writes the tables the local executor writes."""
     spec = tmp_path / "s.yaml"
-    spec.write_text("defaults: {limit: 3}\nships: {limit: 2}\nsahara: {steps: 2}\n")
+    spec.write_text("defaults: {limit: 2}\nships: {limit: 2}\nsahara: {steps: 2}\n")
     assert main(["run", str(spec), "--out", str(tmp_path / "ray"), "--actors", "2"]) == 0
     printed = capsys.readouterr().out
     assert "overall" in printed and "step 2" in printed and "group:" in printed and "2 actor(s)" in printed
