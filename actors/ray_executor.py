@@ -73,6 +73,11 @@ class _Member:
     engines: set = field(default_factory=set)  # generation backends whose engine this actor has started
     starting: str | None = None  # the backend whose engine its shard in flight starts
 
+    @property
+    def free(self) -> bool:
+        """Loaded, and with room for another shard."""
+        return self.ready_ref is None and len(self.busy) < IN_FLIGHT
+
 
 @dataclass
 class _Pool:
@@ -94,7 +99,6 @@ class RayExecutor(Executor):
         super().__init__()
         self.cfg = cfg
         self.pools: dict[ModelRef, _Pool] = {}
-        self._spare: list[_Member] = []  # actors of released pools, model dropped, for the next pool
         self.pids: dict[str, set[int]] = {}  # the processes that served each model (by label, as `stats`)
         self.load_failures: dict[ModelRef, int] = {}
         self.queues: dict[ModelRef, deque[AnyShard]] = {}
@@ -179,14 +183,14 @@ class RayExecutor(Executor):
             self.slots = Slots(slots.count, self.slots.num_cpus, self.slots.num_gpus)
 
     def _actors(self) -> int:
-        return sum(len(p.members) for p in self.pools.values()) + len(self._spare)
+        return sum(len(p.members) for p in self.pools.values())
 
     def _idle(self, model: ModelRef) -> list[_Member]:
         """Members of `model`'s pool that are loaded and have nothing to do (its queue is empty)."""
         pool = self.pools.get(model)
         if pool is None or self.queues.get(model):
             return []
-        return [mb for mb in pool.members if not mb.busy and mb.ready_ref is None]
+        return [mb for mb in pool.members if mb.free]
 
     def _wants(self, model: ModelRef) -> bool:
         """Whether `model` should get one more actor: it has queued work nobody is free to take, its pool is
@@ -198,7 +202,7 @@ class RayExecutor(Executor):
         n = len(pool.members) if pool else 0
         if n >= (self.cfg.actors or self.slots.count):
             return False
-        if any(not mb.busy and mb.ready_ref is None for mb in (pool.members if pool else [])):
+        if any(mb.free for mb in (pool.members if pool else [])):
             return False  # a member of its own is free: dispatch will give it work
         if n == 0:
             return True
@@ -206,7 +210,7 @@ class RayExecutor(Executor):
         return len(queue) > loading and self.remaining(model) / (n + 1) > self._load_cost(model)
 
     def _rebalance(self) -> None:
-        """Deal free slots, spare actors and idle actors to the models whose work needs them most."""
+        """Deal free slots and idle actors to the models whose work needs them most."""
         self._refresh_slots()
         while True:
             wanting = [m for m in self.queues if self._wants(m)]
@@ -220,7 +224,7 @@ class RayExecutor(Executor):
 
             model = max(wanting, key=need)
             pool = self.pools.setdefault(model, _Pool(model, self.options.get(model, WorkerOptions())))
-            if self._actors() < self.slots.count or self._spare:
+            if self._actors() < self.slots.count:
                 pool.members.append(self._new_member(pool))
                 continue
             donors = [(mb, m) for m in list(self.pools) if m != model for mb in self._idle(m)]
@@ -258,10 +262,6 @@ class RayExecutor(Executor):
 
     def _new_member(self, pool: _Pool) -> _Member:
         self.stats_for(pool.model).actors = max(self.stats_for(pool.model).actors, len(pool.members) + 1)
-        if self._spare:  # a released pool's actor: same process, another model
-            member = self._spare.pop()
-            self._load(member, pool)
-            return member
         slot, env = self._core_binding()
         options: dict[str, Any] = dict(num_cpus=self.slots.num_cpus, num_gpus=self.slots.num_gpus,
                                        max_restarts=ACTOR_RESTARTS, max_task_retries=0)
@@ -284,17 +284,14 @@ class RayExecutor(Executor):
         ray.kill(member.handle, no_restart=True)
         self._core_slots.discard(member.core_slot)
 
-    def _release(self, model: ModelRef, keep: bool = True) -> None:
-        """End a model's pool; its actors drop the model and wait for the next pool (`keep`) or are killed."""
+    def _release(self, model: ModelRef) -> None:
+        """End a model's pool and kill its actors (a model given up, or the executor closing; an actor that is
+        still useful is handed on by `_hand_over` instead)."""
         pool = self.pools.pop(model, None)
         if pool is None:
             return
         for m in pool.members:
-            if keep and not m.busy:
-                m.handle.unload.remote()
-                self._spare.append(m)
-            else:
-                self._drop(m)
+            self._drop(m)
         log.info("ray: released the pool of %s", model.label)
 
     # ------------------------------------------------------------------------------------------ poll
@@ -363,13 +360,13 @@ class RayExecutor(Executor):
         self._rows.pop(model, None)
         for ref in [r for r, (p, _, _) in self.in_flight.items() if p.model == model]:
             del self.in_flight[ref]
-        self._release(model, keep=False)
+        self._release(model)
 
     def _dispatch(self) -> None:
         for model, pool in self.pools.items():
             queue = self.queues.get(model)
             for member in pool.members:
-                while queue and member.ready_ref is None and len(member.busy) < IN_FLIGHT:
+                while queue and member.free:
                     i = next((i for i, shard in enumerate(itertools.islice(queue, SCAN))
                               if self._takes(member, pool, shard)), None)
                     if i is None:
@@ -449,8 +446,6 @@ class RayExecutor(Executor):
 
     def close(self) -> None:
         for model in list(self.pools):
-            self._release(model, keep=False)
-        while self._spare:
-            self._drop(self._spare.pop())
+            self._release(model)
         if self.owns_ray:
             shutdown()

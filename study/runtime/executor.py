@@ -3,8 +3,7 @@
 An executor takes shards at any time (`submit`) and hands back results as they complete (`poll`); the runner's
 `study.runtime.rounds` drives jobs on it with no barrier between them. `LocalExecutor` runs shards in this
 process on one `Worker` at a time. The Ray executor (in `actors/`, found through the `headstudy.executors`
-entry point) fans them out to a pool of Ray actors per model. `execute` is one round on an executor, for tools
-and tests: it skips shards already in a `ShardStore`, runs the rest and stores each one as it completes.
+entry point) fans them out to a pool of Ray actors per model.
 """
 
 from __future__ import annotations
@@ -22,9 +21,7 @@ from pydantic import Field, field_validator, model_validator
 from study.core import plugins
 from study.core.errors import UsageError, one_line
 from study.core.frozen import Frozen
-from study.runtime.progress import progress_bar
 from study.runtime.shards import AnyShard, ModelRef
-from study.runtime.store import ShardStore
 
 log = logging.getLogger(__name__)
 
@@ -245,51 +242,9 @@ def make_executor(cfg: ExecutionConfig) -> Executor:
 
 @dataclass
 class Outcome:
-    """The results of `execute`: every shard's table by id, and how many were computed now."""
+    """A job's round come back: every shard's table by id (what the job absorbs)."""
 
     tables: dict[str, pa.Table] = field(default_factory=dict)
-    computed: int = 0
-    reused: int = 0
-    failed: dict[str, str] = field(default_factory=dict)  # model label -> cause: its shards are missing
-
-    def ok(self, shards: Sequence[AnyShard]) -> bool:
-        """Whether every one of `shards` came back (none is of a model that was given up)."""
-        return all(s.id in self.tables for s in shards)
 
     def table(self, shard: AnyShard) -> pa.Table:
         return self.tables[shard.id]
-
-
-def execute(executor: Executor, store: ShardStore | None, shards: Sequence[AnyShard],
-            options: dict[ModelRef, WorkerOptions], *, force: bool = False, desc: str = "scoring") -> Outcome:
-    """Every shard's result: from the store where present (unless `force`), else computed and stored."""
-    unique = list({s.id: s for s in shards}.values())
-    out = Outcome()
-    todo = []
-    for shard in unique:
-        if store is not None and not force and store.has(shard.id):
-            out.tables[shard.id] = store.get(shard.id)
-            executor.stats_for(shard.model).reused += 1
-        else:
-            todo.append(shard)
-    out.reused = len(unique) - len(todo)
-    if out.reused:
-        log.info("%s: %d of %d shards already in the run folder", desc, out.reused, len(unique))
-    if not todo:
-        return out
-    total = sum(s.rows for s in todo)
-    with progress_bar(total, desc) as bar:
-        for shard, batch in executor.run(todo, options):
-            if not batch.schema.equals(shard.schema):
-                raise RuntimeError(f"shard {shard.id} came back with schema {batch.schema}, expected {shard.schema}")
-            if store is not None:
-                store.put(shard.id, batch)
-            out.tables[shard.id] = pa.Table.from_batches([batch])
-            out.computed += 1
-            bar.update(shard.rows)
-            bar.set_postfix_str(f"{out.computed}/{len(todo)} shards", refresh=False)
-    out.failed = dict(executor.failed)
-    missing = [s.id for s in todo if s.id not in out.tables and s.model.label not in out.failed]
-    if missing:
-        raise RuntimeError(f"{len(missing)} shard(s) never came back from the {executor.name} executor")
-    return out

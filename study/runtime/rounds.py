@@ -160,7 +160,7 @@ class Rounds:
         if rnd in self._open:
             self._open.remove(rnd)
         self.progress.closed(rnd.job.model.label, rnd.label)
-        rnd.job.absorb(Outcome(tables=rnd.tables, failed=self.failed))
+        rnd.job.absorb(Outcome(tables=rnd.tables))
         self._waiting.append(rnd.job)
 
     def _drop_failed_models(self) -> None:

@@ -14,7 +14,7 @@ from study.core.errors import RunFailed
 from study.core.frozen import build
 from study.experiments.ships import ShipsJob
 from study.runner import plan_study, run_study
-from study.runtime.executor import ExecutionConfig, LocalExecutor, execute
+from study.runtime.executor import ExecutionConfig, LocalExecutor
 from study.runtime.store import read_table
 from study.spec import StudyConfig
 from tests.integration.test_runner import assert_same_tables, spec
@@ -54,7 +54,7 @@ def test_actor_killed_from_the_driver_mid_scan(cluster, tiny, tmp_path):
     assert isinstance(job, ShipsJob)
     shards = job.pending()
     options = {job.model: job.options}
-    expected = execute(LocalExecutor(), None, shards, options)
+    expected = {shard.id: batch for shard, batch in LocalExecutor().run(shards, options)}
     got = {}
     with RayExecutor(ExecutionConfig(actors=2)) as ex:
         for i, (shard, batch) in enumerate(ex.run(shards, options)):
@@ -66,7 +66,7 @@ def test_actor_killed_from_the_driver_mid_scan(cluster, tiny, tmp_path):
         assert ex.stats[tiny].retries >= 1
     assert set(got) == {s.id for s in shards}
     for shard in shards:
-        a = expected.table(shard).to_pydict()
+        a = expected[shard.id].to_pydict()
         b = got[shard.id].to_pydict()
         assert a["ablation"] == b["ablation"] and a["prompt_id"] == b["prompt_id"]
         assert max(abs(x - y) for x, y in zip(a["kl"], b["kl"])) <= 1e-12 * max(1.0, max(a["kl"]))
@@ -79,7 +79,7 @@ def test_a_handed_on_actor_restarted_by_ray_loads_its_new_model(cluster, tiny, t
     jobs = [plan_study(spec(m, tmp_path / f"x{i}", heads=1, prompts=1)).jobs[0] for i, m in enumerate((tiny, other))]
     shards = [s for job in jobs for s in job.pending()]
     options = {job.model: job.options for job in jobs}
-    expected = execute(LocalExecutor(), None, shards, options)
+    expected = {shard.id: batch for shard, batch in LocalExecutor().run(shards, options)}
     got = {}
     with RayExecutor(ExecutionConfig(cpus_per_actor=2)) as ex:
         assert ex.slots.count == 1
@@ -96,7 +96,7 @@ def test_a_handed_on_actor_restarted_by_ray_loads_its_new_model(cluster, tiny, t
         assert ray.get(restarted.history.remote()) == [other]  # took on the model it serves now, not its first
     assert set(got) == {s.id for s in shards}
     for shard in shards:
-        a, b = expected.table(shard).to_pydict(), got[shard.id].to_pydict()
+        a, b = expected[shard.id].to_pydict(), got[shard.id].to_pydict()
         assert a["ablation"] == b["ablation"] and a["prompt_id"] == b["prompt_id"]
         assert max(abs(x - y) for x, y in zip(a["kl"], b["kl"])) <= 1e-12 * max(1.0, max(a["kl"]))
 
