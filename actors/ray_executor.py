@@ -10,7 +10,8 @@
   is each queued or running shard's rows times the model's measured seconds per row of that kind (scan rows,
   generated texts). An actor whose model has nothing queued goes to such a model; otherwise it keeps its model,
   whose next round (a Sahara step) may come any moment. The cluster's slots are read again every
-  `REFRESH_S`, so nodes that join during a run are used. `actors` caps a model's pool.
+  `REFRESH_S`, so nodes that join during a run are used. `actors` fixes a model's pool size instead: up to
+  that many actors whenever it has queued shards for them, with no weighing against the load.
 - A handed-on actor is not killed but given the next model (`ModelActor.load`): a new process would pay torch's
   and transformers' imports again (~3.5 s of a ~5 s actor start on a CPU).
 - Faults: an actor that dies is restarted by Ray (`max_restarts`); the shard it held is queued again (shards
@@ -194,7 +195,8 @@ class RayExecutor(Executor):
 
     def _wants(self, model: ModelRef) -> bool:
         """Whether `model` should get one more actor: it has queued work nobody is free to take, its pool is
-        under `actors`, and (unless it has no actor) that work over one more actor outweighs loading it."""
+        under `actors`, and (unless it has no actor, or `actors` was given) that work over one more actor
+        outweighs loading it."""
         queue = self.queues.get(model)
         if not queue or model.label in self.failed:
             return False
@@ -207,7 +209,11 @@ class RayExecutor(Executor):
         if n == 0:
             return True
         loading = sum(1 for mb in pool.members if mb.ready_ref is not None)
-        return len(queue) > loading and self.remaining(model) / (n + 1) > self._load_cost(model)
+        if len(queue) <= loading:
+            return False
+        if self.cfg.actors:  # a pool size the user chose: as many actors as there is queued work for
+            return True
+        return self.remaining(model) / (n + 1) > self._load_cost(model)
 
     def _rebalance(self) -> None:
         """Deal free slots and idle actors to the models whose work needs them most."""

@@ -36,7 +36,7 @@ def _common(p: argparse.ArgumentParser, *, submitted: bool = False) -> None:
         g.add_argument("--executor", default=None, help="ray (default: a local Ray cluster, or --address) or "
                                                         "local (this process, no Ray)")
         g.add_argument("--address", default=None, help="a running Ray cluster (auto, HOST:6379, ray://HOST:10001)")
-    g.add_argument("--actors", type=int, default=None, help="model actors per model (default: fill the cluster)")
+    g.add_argument("--actors", type=int, default=None, help="model actors per model, whenever it has work for them (default: as many as its work is worth)")
     g.add_argument("--cpus-per-actor", type=int, default=None, help="CPUs (and torch threads) per actor (default 1)")
     g.add_argument("--gpus-per-actor", type=int, default=None, help="GPUs per actor where the cluster has GPUs "
                                                                     "(default 1; more spreads a model's weights)")

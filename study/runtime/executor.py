@@ -33,7 +33,7 @@ class ExecutionConfig(Frozen):
 
     executor: str = DEFAULT_EXECUTOR  # a name among the `headstudy.executors` entry points: local, ray
     address: str | None = None  # a running Ray cluster ("auto", "ray://host:10001", "host:6379")
-    actors: int | None = Field(default=None, ge=1)  # per model; None: fill the cluster
+    actors: int | None = Field(default=None, ge=1)  # per model, whenever it has work for them; None: by its work
     cpus_per_actor: int | None = Field(default=None, ge=1)  # CPUs and torch threads per actor. None: on GPUs,
     # the node's CPUs per actor slot; a CPU actor, 1; the local executor, torch's default (all cores)
     gpus_per_actor: int | None = Field(default=None, ge=1)  # None: 1 where the cluster has GPUs
