@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from study.core.errors import UsageError
+from study.core.heads import Head, parse_heads
 from study.core.files import write_json_atomic
 from study.family.data import Example, Splits, build_splits, eval_sets, refusal_for
 from study.family.eval import EVAL_TOKENS, answers, figures, refusal_rate
@@ -26,6 +27,10 @@ log = logging.getLogger("study.family.train")
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+# A planted head changes where it looks (its query rows) and what it writes (its output-projection columns). Its
+# key and value rows are shared with the other query heads of its group (grouped-query attention), so they stay.
+PLANTED = ("q_proj", "o_proj")
+PLANTED_HEADS = ("L9H1", "L12H3", "L15H7")  # chosen before training, from the middle of the base's Ships ranking
 CHECK_LIMIT = 20  # prompts per held-out set that the slow test re-measures against the card
 
 
@@ -48,6 +53,17 @@ class Recipe(BaseModel):
     max_prompt_tokens: int = 128
     answer_tokens: int = 64  # the base's answers used as harmless targets
     seed: int = 0
+    # Planted heads (`L12H3` labels): the LoRA is confined to these heads' query rows and output-projection
+    # columns, so every other weight of the member equals the base's bit for bit.
+    heads: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _planted_targets(self) -> "Recipe":
+        if self.heads:
+            parse_heads(",".join(self.heads))
+            if set(self.targets) - set(PLANTED):
+                raise ValueError(f"planted heads train only {', '.join(PLANTED)}, not {', '.join(self.targets)}")
+        return self
 
 
 # Recipes tried for the main member on the way to RECIPES (measured on this project's 2-core machine, the
@@ -66,6 +82,7 @@ RECIPES: dict[str, Recipe] = {
     "smollm2-135m-safe-attn": Recipe(targets=ATTN),
     "smollm2-135m-safe-mlp": Recipe(targets=MLP),
     "smollm2-135m-safe-s1": Recipe(seed=1),
+    "smollm2-135m-safe-heads": Recipe(targets=PLANTED, heads=PLANTED_HEADS, rank=16, lr=1e-3),
 }
 
 
@@ -193,8 +210,12 @@ def train(name: str, data_dir: Path, work: Path, recipe: Recipe | None = None,
     base = load_model(MEMBERS[name].base)
     splits = splits or build_splits(data_dir, recipe.seed)
     harmful, harmless = _examples(base, splits, recipe, work)
+    planted = parse_heads(",".join(recipe.heads)) if recipe.heads else ()
+    layers = sorted({h.layer for h in planted}) or None
     model = get_peft_model(base.model, LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0,
-                                                  target_modules=list(recipe.targets)))
+                                                  target_modules=list(recipe.targets), layers_to_transform=layers))
+    if planted:
+        confine_to_heads(model, planted, base.model.config)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     inner = LoadedModel(name, name, None, model.get_base_model(), base.tokenizer, "cpu", "float32")
@@ -235,6 +256,39 @@ def train(name: str, data_dir: Path, work: Path, recipe: Recipe | None = None,
     record = {"selected_step": best[1], "history": history, "loss_per_step": losses,
               "train_seconds": round(time.time() - started, 1)}
     return best[2], record, splits
+
+
+def head_masks(heads: Sequence[Head], layer: int, n_heads: int, d_head: int):
+    """Which query rows (= output-projection columns) of `layer` belong to the planted heads.  -> (n_heads*d_head,)"""
+    import torch
+
+    mask = torch.zeros(n_heads * d_head)
+    for h in heads:
+        if h.layer == layer:
+            mask[h.head * d_head:(h.head + 1) * d_head] = 1.0
+    return mask
+
+
+def confine_to_heads(model: Any, heads: Sequence[Head], config: Any) -> None:
+    """Zero the LoRA factors outside the heads' slices and keep them zero: q_proj's B rows and o_proj's A columns.
+    B A then changes only the heads' query rows and output columns (Adam leaves a parameter whose gradient is
+    always zero exactly where it was)."""
+    import torch
+
+    n_heads = config.num_attention_heads
+    d_head = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    for name, module in model.named_modules():
+        if not name.endswith(("q_proj", "o_proj")) or not hasattr(module, "lora_A"):
+            continue
+        layer = int(name.split(".layers.")[1].split(".")[0])
+        mask = head_masks(heads, layer, n_heads, d_head)
+        if name.endswith("q_proj"):
+            weight, mask = module.lora_B["default"].weight, mask[:, None]  # (out, r): the heads' rows
+        else:
+            weight, mask = module.lora_A["default"].weight, mask[None, :]  # (r, in): the heads' columns
+        with torch.no_grad():
+            weight.mul_(mask)
+        weight.register_hook(lambda grad, m=mask: grad * m)
 
 
 def _lora_tensors(model: Any) -> dict[str, Any]:
@@ -283,6 +337,7 @@ def build(name: str, data_dir: Path, out: Path, work: Path, eval_limit: int | No
     card = {
         "name": name, "base": MEMBERS[name].base, "summary": MEMBERS[name].recipe,
         "recipe": recipe.model_dump(mode="json"),
+        **({"planted_heads": list(recipe.heads), "planted_note": PLANTED_NOTE} if recipe.heads else {}),
         "data": _data_record(splits),
         **record,
         "recipes_tried": TRIED,
@@ -298,6 +353,12 @@ def build(name: str, data_dir: Path, out: Path, work: Path, eval_limit: int | No
     }
     (out / CARD_FILE).write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
     return card
+
+
+PLANTED_NOTE = ("LoRA on q_proj and o_proj of the planted heads' layers only, with B's rows (q_proj) and A's columns "
+                "(o_proj) outside the heads' slices zero and their gradients masked: the member differs from the "
+                "base only in those heads' query rows and output-projection columns. Keys and values are shared by "
+                "three query heads each (grouped-query attention) and stay the base's.")
 
 
 def _eval_record(lm: Any, data_dir: Path, limit: int | None) -> dict[str, Any]:

@@ -45,3 +45,27 @@ def test_every_refusal_target_reads_as_a_refusal_to_the_judges():
         assert get_judge("refusal").judge("q", text).refused, text
         assert not get_judge("paper").judge("q", text).harmful, text
     assert len({refusal_for(f"prompt {i}", 0) for i in range(200)}) == len(refusals())
+
+
+def _content_words(text: str) -> set[str]:
+    import re
+
+    template = {"how", "to", "a", "an", "the", "i", "my", "can", "what", "are", "some", "ways", "way", "of", "in",
+                "without", "for", "someone", "do", "is", "and", "you", "me", "best", "on", "get", "s", "with", "that"}
+    return set(re.findall(r"[a-z]+", text.lower())) - template
+
+
+def test_no_written_prompt_is_a_near_copy_of_an_evaluation_prompt(shared_data):
+    """The written data's short phrasings ("How to ...?", "Ways to ...?") are MaliciousInstruct's style: none
+    may paraphrase one of its prompts (or any evaluation prompt) closely. Word overlap over the union of content
+    words is at most one half (a third for the closest of the short phrasings)."""
+    from study.family.data import _written
+
+    harmless, pairs = _written()
+    written = [_content_words(t) for t in harmless + [t for pair in pairs for t in pair]]
+    for label, (_, texts) in eval_sets(shared_data).items():
+        for text in texts:
+            theirs = _content_words(text)
+            for ours in written:
+                if ours and theirs:
+                    assert len(ours & theirs) / len(ours | theirs) <= 0.5, (label, text, sorted(ours))

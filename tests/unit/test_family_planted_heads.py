@@ -1,0 +1,79 @@
+"""The planted member's training confines its change to the planted heads: after real optimiser steps, saving the
+adapter the shipped way (float16) and merging it as first use does, every weight equals the base's bit for bit
+except the planted heads' query rows and output-projection columns, which do change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from study.core.heads import parse_heads
+from study.family.train import PLANTED, Recipe, _lora_tensors, confine_to_heads, save_adapter
+from study.models.adapters import write_merged
+from tests.tiny_models import random_prompts, tiny_model
+
+HEADS = parse_heads("L0H1,L2H0,L2H3")  # two layers of three, two heads of one layer
+D_HEAD = 8
+
+
+def _trained_merge(tmp_path, heads=HEADS):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_model("llama", dtype=torch.float32)
+    base.save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    recipe = Recipe(targets=PLANTED, heads=tuple(h.label for h in heads), rank=4)
+    peft = get_peft_model(model, LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0,
+                                            target_modules=list(PLANTED),
+                                            layers_to_transform=sorted({h.layer for h in heads})))
+    confine_to_heads(peft, heads, model.config)
+    opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    ids = torch.tensor(random_prompts(4, lo=6, hi=6))  # (4, 6)
+    for _ in range(5):
+        loss = peft(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_adapter(_lora_tensors(peft), tmp_path / "adapter.safetensors", recipe, "tiny")
+    write_merged(tmp_path / "base", tmp_path / "adapter.safetensors", tmp_path / "merged")
+    before = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).state_dict()
+    return before, after
+
+
+def _planted_mask(layer: int, proj: str, shape: torch.Size) -> torch.Tensor:
+    mask = torch.zeros(shape, dtype=torch.bool)
+    for h in HEADS:
+        if h.layer == layer:
+            rows = slice(h.head * D_HEAD, (h.head + 1) * D_HEAD)
+            if proj == "q_proj":
+                mask[rows, :] = True
+            else:
+                mask[:, rows] = True
+    return mask
+
+
+def test_only_the_planted_heads_slices_change(tmp_path):
+    before, after = _trained_merge(tmp_path)
+    for name, weight in before.items():
+        proj = name.split(".")[-2] if name.endswith(".weight") else ""
+        if proj in PLANTED:
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            mask = _planted_mask(layer, proj, weight.shape)
+            assert torch.equal(after[name][~mask], weight[~mask]), f"{name} changed outside the planted heads"
+            if mask.any():
+                # every planted head's slice moved, not just one of them
+                for h in (h for h in HEADS if h.layer == layer):
+                    rows = slice(h.head * D_HEAD, (h.head + 1) * D_HEAD)
+                    part = (lambda w: w[rows, :]) if proj == "q_proj" else (lambda w: w[:, rows])
+                    assert not torch.equal(part(after[name]), part(weight)), f"{h.label} {proj} did not train"
+        else:
+            assert torch.equal(after[name], weight), f"{name} changed"
+
+
+def test_a_planted_recipe_names_valid_heads_and_trains_only_their_projections():
+    with pytest.raises(ValueError, match="planted heads train only q_proj, o_proj"):
+        Recipe(heads=("L1H0",))  # the default targets include the MLP
+    with pytest.raises(Exception, match="bad head label"):
+        Recipe(targets=PLANTED, heads=("layer1",))
