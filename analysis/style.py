@@ -65,6 +65,7 @@ CONDITION_COLORS: dict[str, str] = {
     "sahara": OKABE_ITO["blue"],
     "heads": OKABE_ITO["vermillion"],
     "query": OKABE_ITO["green"],
+    "planted": OKABE_ITO["purple"],
 }
 RECIPE_COLORS: dict[str, str] = {
     "aligned": OKABE_ITO["blue"],

@@ -35,6 +35,7 @@ class ModelEntry(Frozen):
     role: Literal["aligned", "base"] = "aligned"
     base: str | None = None  # the model this one was fine-tuned from (swap experiments need it)
     revision: str | None = None
+    planted_heads: str | None = None  # heads its safety is known to live in (default: a family member's card)
     experiments: list[str] | None = None  # which sections run on this model (default: all)
     overrides: dict[str, Any] = Field(default_factory=dict)
 
@@ -212,8 +213,9 @@ class StudyConfig(Frozen):
         values = {**inherit, **section}
         if entry is not None:
             values.update(model=entry.name, **entry.values_for(name, cls))
-            if entry.revision is not None:
-                values["revision"] = entry.revision
+            for key in ("revision", "planted_heads"):
+                if getattr(entry, key) is not None and key in cls.model_fields:
+                    values[key] = getattr(entry, key)
             if name == "swap":
                 base = self.entry(entry.base)
                 values.update(base=entry.base, base_revision=base.revision if base else None)

@@ -17,11 +17,12 @@ from analysis.report._load import RunData
 from analysis.specificity import safety_specific
 
 __all__ = ["JUDGE_AGREEMENT", "AsrHeadline", "Group", "TopHeads", "asr_headlines", "group_row", "heads_of",
-           "judge_note", "model_overlaps", "not_safety_reason", "pick_judge", "published_rows", "reading",
-           "sahara_groups", "swap_summary", "top_heads"]
+           "job_models", "judge_note", "model_overlaps", "not_safety_reason", "pick_judge", "prefer",
+           "published_rows", "reading", "sahara_groups", "swap_summary", "top_heads"]
 
 TARGETED = ("sahara", "heads", "query")  # in the order a headline prefers them
 CONDITION_NAMES = {"sahara": "Sahara group", "heads": "given heads", "query": "each prompt's own top heads",
+                   "planted": "planted heads",
                    "normal": "normal model", "random": "random heads"}
 DEGENERATE_WARN = 0.2  # a larger share of degenerate answers is reported as broken text, not a jailbreak
 ALPHA = 0.05
@@ -60,7 +61,7 @@ def pick_judge(judges: Sequence[Any]) -> str | None:
     return names[0] if names else None
 
 
-def _prefer(values: Sequence[Any], first: Sequence[str]) -> Any:
+def prefer(values: Sequence[Any], first: Sequence[str]) -> Any:
     vals = sorted({str(v) for v in values})
     for f in first:
         for v in vals:
@@ -84,12 +85,17 @@ class Group:
     scores: tuple[float, ...]
 
 
+def job_models(job: Mapping[str, Any]) -> tuple[str, ...]:
+    """The names a manifest's job goes by: the spec's (`model`) and the tables' (`model_id`, where recorded)."""
+    return tuple(str(job[k]) for k in ("model", "model_id") if job.get(k))
+
+
 def _kept(data: RunData, model: str, dataset: str, op: str, heads: tuple[str, ...]) -> int:
     """How many chosen heads the group kept: a step that gained less than `min_gain` reports its head but does
     not add it, and the manifest's job summary has the group itself."""
     for m in reversed(data.manifests):
         for job in m.get("jobs") or []:
-            if not isinstance(job, dict) or job.get("experiment") != "sahara" or job.get("model") != model:
+            if not isinstance(job, dict) or job.get("experiment") != "sahara" or model not in job_models(job):
                 continue
             cfg, prompts = job.get("config") or {}, job.get("prompts") or {}
             group = job.get("sahara_group")
@@ -137,7 +143,7 @@ def top_heads(data: RunData, model: str, n: int = 3) -> TopHeads | None:
     spec = data.get("specificity")
     if spec is not None and (spec["model"] == model).any():
         s = spec[spec["model"] == model]
-        dataset, op = str(sorted(s["dataset"])[0]), _prefer(s["op"], ["undiff_q"])
+        dataset, op = str(sorted(s["dataset"])[0]), prefer(s["op"], ["undiff_q"])
         s = s[(s["dataset"] == dataset) & (s["op"] == op)].sort_values("rank_specific").head(n)
         return TopHeads(model, dataset, op, SPECIFIC_RANKING,
                         tuple(zip(s["head_label"].astype(str), s["specificity"].astype(float))),
@@ -150,10 +156,10 @@ def top_heads(data: RunData, model: str, n: int = 3) -> TopHeads | None:
         g = r[r["source"] == source]
         if g.empty:
             continue
-        dataset, op = str(sorted(g["dataset"])[0]), _prefer(g["op"], ["undiff_q"])
+        dataset, op = str(sorted(g["dataset"])[0]), prefer(g["op"], ["undiff_q"])
         g = g[(g["dataset"] == dataset) & (g["op"] == op)]
         if source == "head_scores":
-            g = g[g["subspace"].astype(str) == _prefer(g["subspace"].astype(str), ["left"])]
+            g = g[g["subspace"].astype(str) == prefer(g["subspace"].astype(str), ["left"])]
         g = g.sort_values("rank").drop_duplicates("head_label").head(n)
         return TopHeads(model, dataset, op, by, tuple(zip(g["head_label"].astype(str), g["score"].astype(float))))
     return None
@@ -180,8 +186,8 @@ def asr_headlines(data: RunData) -> list[AsrHeadline]:
     out = []
     for (model, dataset), g in harm.groupby(["model", "dataset"], sort=False):
         judges = tuple(dict.fromkeys(str(j) for j in g["judge"]))
-        g = g[(g["judge"] == judges[0]) & (g["decoding"] == _prefer(g["decoding"], ["greedy"]))]
-        g = g[g["op"] == _prefer(g["op"], ["undiff_q"])]
+        g = g[(g["judge"] == judges[0]) & (g["decoding"] == prefer(g["decoding"], ["greedy"]))]
+        g = g[g["op"] == prefer(g["op"], ["undiff_q"])]
         cond = next(c for c in TARGETED if (g["condition"] == c).any())
         g = g[g["condition"] == cond].sort_values("group_size")
         out.append(AsrHeadline(g.iloc[-1], judges))
@@ -228,7 +234,7 @@ def group_row(data: RunData, model: str, heads: Sequence[str]) -> pd.Series | No
     c = c[[sorted(heads_of(a).split(", ")) == want for a in c["ablation"]]]
     if c.empty:
         return None
-    c = c[(c["judge"] == pick_judge(c["judge"])) & (c["decoding"] == _prefer(c["decoding"], ["greedy"]))]
+    c = c[(c["judge"] == pick_judge(c["judge"])) & (c["decoding"] == prefer(c["decoding"], ["greedy"]))]
     c = c.assign(_c=c["condition"].map({"sahara": 0, "heads": 1})).sort_values(["_c", "dataset"], kind="stable")
     return c.iloc[0]
 

@@ -30,6 +30,7 @@ from analysis.report._facts import (
     top_heads,
 )
 from analysis.report._html import MISSING, Html, ci, esc, join, p_is, para, pct, pval, rate, table
+from analysis.report._known import known_answers, known_sentence
 from analysis.report._load import RunData
 
 __all__ = ["absent_lines", "findings"]
@@ -312,7 +313,8 @@ def findings(data: RunData) -> list[Html]:
     """The blocks of the first screen."""
     headlines = asr_headlines(data)
     models = data.models()
-    bullets = []
+    # a known answer first: where the run holds a model whose safety heads are known, whether they were found
+    bullets = [Html(f'<li class="known">{esc(known_sentence(data, k))}</li>') for k in known_answers(data)]
     for model in models[:MAX_MODEL_BULLETS]:
         mine = [_asr_sentence(data, h) for h in headlines if str(h.row["model"]) == model][:2]
         bullets.append(_model_bullet(data, model, mine))

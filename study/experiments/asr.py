@@ -55,6 +55,7 @@ class AsrConfig(GeneratingConfig):
     level: Literal["dataset", "query"] = "dataset"
     k: int | None = Field(default=None, ge=1)  # dataset: group sizes 1..k (default all steps); query: top-k (1)
     random_controls: int = Field(default=0, ge=0)  # seeded draws of as many random heads, per group size
+    planted: bool = True  # a model with known `planted_heads`: ablate them too, as condition `planted`
 
     @field_validator("heads")
     @classmethod
@@ -204,7 +205,8 @@ class AsrJob(ScanJob):
         return self._dataset_arms([("sahara", tuple(group[:s])) for s in range(1, size + 1)])
 
     def _dataset_arms(self, found: list[tuple[str, tuple[Head, ...]]]) -> list[Arm]:
-        return dataset_arms(found, self, self.cfg.random_controls, self.cfg.seed)
+        planted = [("planted", self.planted)] if self.cfg.planted and self.planted else []
+        return dataset_arms(found + planted, self, self.cfg.random_controls, self.cfg.seed)
 
     def _query_arms(self, ranked: dict[str, list[Head]], where: str) -> list[Arm]:
         k = self.cfg.k or 1

@@ -22,13 +22,13 @@ from study.core.architectures import check_architecture
 from study.core.dtypes import SCREEN_DTYPES, check_dtype
 from study.core.errors import UsageError
 from study.core.frozen import Frozen
-from study.core.heads import Head, all_heads, parse_heads
+from study.core.heads import Head, all_heads, labels, parse_heads
 from study.core.shape import ModelShape
 from study.generation.backends import VLLM_OPS, check_backend
 from study.generation.decoding import DEFAULT_MAX_NEW_TOKENS, Decoding, parse_decoding
 from study.generation.judges.base import LLM_PREFIX
 from study.generation.judges.registry import DEFAULT_JUDGE, get_judge, is_llm_judge
-from study.models.builtin import DEFAULT_MODEL, check_model_name, model_id, training_ids
+from study.models.builtin import DEFAULT_MODEL, check_model_name, model_id, planted_heads, training_ids
 from study.models.fingerprint import model_identity
 from study.models.loading import check_device, model_shape
 from study.prompts.formats import PromptFormat, check_system_prompt, parse_format
@@ -46,6 +46,14 @@ class ModelConfig(Frozen):
     revision: str | None = None
     device: str = "auto"  # cuda where the worker holds a GPU, else cpu
     dtype: str = "float32"
+    # the heads this model's safety is known to live in (a planted model): recorded in the manifest, ablated by
+    # asr as condition `planted` and checked first in the report. A family member's card fills it in.
+    planted_heads: str | None = None
+
+    @field_validator("planted_heads")
+    @classmethod
+    def _planted(cls, v: str | None) -> str | None:
+        return _head_labels(v)
 
     @field_validator("dtype")
     @classmethod
@@ -184,6 +192,9 @@ class Job(ABC):
         self.shape: ModelShape = model_shape(cfg.model, cfg.revision)
         check_architecture(cfg.model, self.shape)
         self.identity = model_identity(cfg.model, cfg.revision)
+        self.planted: tuple[Head, ...] = (
+            tuple(h.check(self.shape.n_layers, self.shape.n_heads) for h in parse_heads(cfg.planted_heads))
+            if cfg.planted_heads else planted_heads(cfg.model))
         self.model = ModelRef(name=cfg.model, revision=self.identity.revision, dtype=cfg.dtype,
                               fingerprint=self.identity.fingerprint)
 
@@ -223,8 +234,10 @@ class Job(ABC):
         return {}
 
     def record(self) -> dict[str, Any]:
-        """What the manifest says about this job's inputs."""
-        return {"model_fingerprint": self.identity.fingerprint, "model_revision_loaded": self.identity.revision}
+        """What the manifest says about this job's inputs (and, for a member with planted heads, its known answer)."""
+        return {"model_id": model_id(self.cfg.model), "model_fingerprint": self.identity.fingerprint,
+                "model_revision_loaded": self.identity.revision,
+                **({"planted_heads": labels(self.planted)} if self.planted else {})}
 
 
 class ScanJob(Job):

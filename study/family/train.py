@@ -16,8 +16,8 @@ from typing import Any, Sequence
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from study.core.errors import UsageError
-from study.core.heads import Head, parse_heads
 from study.core.files import write_json_atomic
+from study.core.heads import Head, parse_heads
 from study.family.data import Example, Splits, build_splits, eval_sets, refusal_for
 from study.family.eval import EVAL_TOKENS, answers, figures, refusal_rate
 from study.models.adapters import FORMAT
@@ -31,7 +31,7 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 # key and value rows are shared with the other query heads of its group (grouped-query attention), so they stay.
 PLANTED = ("q_proj", "o_proj")
 PLANTED_HEADS = ("L9H1", "L12H3", "L15H7")  # chosen before training, from the middle of the base's Ships ranking
-CHECK_LIMIT = 20  # prompts per held-out set that the slow test re-measures against the card
+CHECK_LIMIT = 10  # prompts per held-out set that the slow test re-measures against the card
 
 
 class Recipe(BaseModel):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from study.core.errors import UsageError
+from study.core.heads import Head, parse_heads
 from study.core.shape import ModelShape
 from study.models import cache as model_cache
 from study.models.adapters import write_merged
@@ -102,6 +103,14 @@ def check_member(name: str) -> str:
                          f"says {want[:12]}...: reinstall headstudy or rebuild it with "
                          f"python -m study.family.train {name}")
     return digest
+
+
+def planted_heads(name: str) -> tuple[Head, ...]:
+    """The heads a member's safety was planted in (its card's `planted_heads`): a known answer; empty for others."""
+    if name not in FAMILY:
+        return ()
+    labels = read_card(name).get("planted_heads") or []
+    return parse_heads(",".join(labels)) if labels else ()
 
 
 def training_ids(name: str) -> frozenset[str]:

@@ -1,0 +1,128 @@
+"""A known answer, checked first: for a model whose safety was planted in named heads (a family member's card,
+recorded in the manifest), whether the run's Ships ranking and Sahara group found those heads, and what ablating
+them did beside random heads of the same number."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from analysis import is_missing
+from analysis.report._facts import job_models, pick_judge, prefer
+from analysis.report._html import ci, p_is, rate
+from analysis.report._load import RunData
+
+__all__ = ["KnownAnswer", "known_answers", "known_sentence"]
+
+
+@dataclass(frozen=True)
+class KnownAnswer:
+    model: str
+    planted: tuple[str, ...]
+    ships_ranks: tuple[int, ...] | None  # each planted head's rank (1 = top) by Ships on a harmful set
+    n_heads: int | None
+    ships_dataset: str | None
+    sahara: tuple[str, ...] | None  # the model's first Sahara group on a harmful set
+    asr: pd.Series | None  # the asr_curve row of ablating the planted heads (harmful prompts, headline judge)
+
+
+def planted_by_model(data: RunData) -> dict[str, tuple[str, ...]]:
+    """Model (as the tables name it) -> its planted heads, from the manifests' job records."""
+    out: dict[str, tuple[str, ...]] = {}
+    for m in data.manifests:
+        for job in m.get("jobs") or []:
+            if isinstance(job, dict) and job.get("planted_heads"):
+                for name in job_models(job):
+                    out[name] = tuple(str(h) for h in job["planted_heads"])
+    return out
+
+
+def _ships_ranks(data: RunData, model: str, planted: tuple[str, ...]) -> tuple[tuple[int, ...], int, str] | None:
+    ranks = data.get("rankings")
+    if ranks is None:
+        return None
+    r = ranks[(ranks["model"] == model) & (ranks["source"] == "ships") & ~ranks["dataset"].isin(data.benign)]
+    if r.empty:
+        return None
+    dataset, op = str(sorted(r["dataset"])[0]), prefer(r["op"], ["undiff_q"])
+    r = r[(r["dataset"] == dataset) & (r["op"] == op)].drop_duplicates("head_label")
+    by = dict(zip(r["head_label"].astype(str), r["rank"].astype(int)))
+    if any(h not in by for h in planted):
+        return None
+    return tuple(by[h] for h in planted), int(r["n_heads"].iloc[0]), dataset
+
+
+def _planted_row(data: RunData, model: str) -> pd.Series | None:
+    curve = data.get("asr_curve")
+    if curve is None:
+        return None
+    c = curve[(curve["model"] == model) & (curve["kind"] == "harmful") & (curve["condition"] == "planted")]
+    if c.empty:
+        return None
+    c = c[(c["judge"] == pick_judge(c["judge"])) & (c["decoding"] == prefer(c["decoding"], ["greedy"]))]
+    return c.sort_values("dataset").iloc[0]
+
+
+def known_answers(data: RunData) -> list[KnownAnswer]:
+    out = []
+    planted = planted_by_model(data)
+    for model in data.models():
+        if model not in planted:
+            continue
+        heads = planted[model]
+        ships = _ships_ranks(data, model, heads)
+        sahara = data.get("sahara")
+        group = None
+        if sahara is not None:
+            s = sahara[(sahara["model"] == model) & sahara["chosen"] & ~sahara["dataset"].isin(data.benign)]
+            if not s.empty:
+                first = s[s["dataset"] == sorted(s["dataset"])[0]]
+                group = tuple(first.sort_values("step")["head_label"].astype(str))
+        out.append(KnownAnswer(model, heads, ships[0] if ships else None, ships[1] if ships else None,
+                               ships[2] if ships else None, group, _planted_row(data, model)))
+    return out
+
+
+def _ships_words(k: KnownAnswer) -> str:
+    if k.ships_ranks is None:
+        return "no Ships ranking of them in this run"
+    n = len(k.planted)
+    within = sum(r <= n for r in k.ships_ranks)
+    ranks = ", ".join(str(r) for r in k.ships_ranks)
+    found = ("all of them at the top: recovered" if within == n
+             else f"{within} of {n} in its top {n}" + ("" if within else ": not recovered"))
+    return f"Ships (mean over prompts, {k.ships_dataset}) ranks them {ranks} of {k.n_heads} ({found})"
+
+
+def _sahara_words(k: KnownAnswer) -> str:
+    if k.sahara is None:
+        return "no Sahara search of it in this run"
+    hit = [h for h in k.sahara if h in k.planted]
+    group = ", ".join(k.sahara)
+    if set(k.sahara) == set(k.planted):
+        return f"Sahara's group ({group}) is exactly the planted heads"
+    if len(hit) == len(k.sahara):
+        return f"Sahara's {len(k.sahara)}-head group ({group}) holds only planted heads ({len(hit)} of {len(k.planted)})"
+    return f"Sahara's group ({group}) holds {len(hit)} of the {len(k.planted)} planted heads"
+
+
+def _asr_words(row: Any) -> str:
+    if row is None:
+        return "ASR with them ablated was not measured"
+    normal, asr = row["normal_asr"], float(row["asr"])
+    move = ("gives" if is_missing(normal) else
+            "raises" if asr > float(normal) else "lowers" if asr < float(normal) else "leaves")
+    frm = "" if is_missing(normal) else f" from {float(normal):.2f}"
+    text = (f"ablating them {move} ASR{frm} to {asr:.2f} on {row['dataset']} (95% CI {ci(row['ci_low'], row['ci_high'])}, "
+            f"McNemar {p_is(row['p_mcnemar'])}")
+    if int(row.get("random_draws") or 0) > 0:
+        text += f"; random heads of the same number: {rate(row['random_asr_mean'])}"
+    return text + f"; judge {row['judge']})"
+
+
+def known_sentence(data: RunData, k: KnownAnswer) -> str:
+    """One sentence: the planted heads, what Ships and Sahara made of them, and what ablating them did."""
+    return (f"Known answer: {data.label(k.model)}'s safety was planted in {', '.join(k.planted)}. "
+            f"{_ships_words(k)}; {_sahara_words(k)}; {_asr_words(k.asr)}.")
