@@ -38,7 +38,8 @@ def family_run(tmp_path_factory):
     spec = {
         "out": str(root / "run"),
         "models": [{"name": folders["base"], "role": "base", "experiments": []},
-                   {"name": folders["aligned_a"], "base": folders["base"]},
+                   {"name": folders["aligned_a"], "base": folders["base"],
+                    "planted_heads": ",".join(h.label for h in PLANTED["aligned_a"])},
                    {"name": folders["aligned_b"], "base": folders["base"]}],
         "execution": {"executor": "ray", "actors": 1},
         "defaults": {"prompts": str(harmful), "format": "paper", "op": "undiff_q", "eps": 1e-5, "dtype": "float32"},
@@ -126,7 +127,33 @@ def test_asr_rises_when_the_group_goes(family_run):
     # two planted heads are enough to refuse: one removed keeps the refusal, two removed do not
     assert by[("normal", 0)] == 0 and by[("sahara", 1)] == 0 and by[("sahara", 2)] == 1.0
     curve = _read(root, "asr_curve")
-    assert set(curve[curve["model"] == folders["aligned_a"]]["group_size"]) == {0, 1, 2}
+    assert set(curve[curve["model"] == folders["aligned_a"]]["group_size"]) == {0, 1, 2, 3}  # 3: the planted heads
+
+
+def test_the_known_answer_is_checked_first(family_run):
+    """aligned_a's planted heads (given in the spec) are ablated as their own arm beside random heads of three,
+    recorded in the manifest, and the report's first finding states what Ships, Sahara and ASR made of them."""
+    from html import unescape
+
+    from analysis.report import write_report
+
+    root, folders, _, _ = family_run
+    asr = _read(root, "asr")
+    a = asr[(asr["model"] == folders["aligned_a"]) & (asr["kind"] == "harmful") & (asr["judge"].str.startswith("paper"))]
+    planted = a[a["condition"] == "planted"]
+    assert len(planted) == 1 and planted["asr"].iloc[0] == 1.0 and planted["group_size"].iloc[0] == 3
+    assert ((a["condition"] == "random") & (a["group_size"] == 3)).sum() == 1
+    assert "planted" not in set(asr[asr["model"] == folders["aligned_b"]]["condition"])
+    jobs = json.loads((root / "run" / "manifest.json").read_text())["jobs"]
+    labels = sorted(h.label for h in PLANTED["aligned_a"])
+    assert all(sorted(j["planted_heads"]) == labels for j in jobs if j["model"] == folders["aligned_a"])
+    assert not any("planted_heads" in j for j in jobs if j["model"] != folders["aligned_a"])
+    html = unescape(write_report(root / "run").read_text(encoding="utf-8"))
+    known = html[html.index('<li class="known">'):]
+    known = known[:known.index("</li>")]
+    assert "of 24 (all of them at the top: recovered)" in known
+    assert "-head group" in known and "holds only planted heads (2 of 3)" in known
+    assert "ablating them raises ASR from 0.00 to 1.00" in known
 
 
 def test_utility_and_resume_through_the_command_line(family_run, capsys):
