@@ -27,10 +27,11 @@ log = logging.getLogger("study.family.train")
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-# A planted head changes where it looks (its query rows) and what it writes (its output-projection columns). Its
-# key and value rows are shared with the other query heads of its group (grouped-query attention), so they stay.
-PLANTED = ("q_proj", "o_proj")
-PLANTED_HEADS = ("L9H1", "L12H3", "L15H7")  # chosen before training, from the middle of the base's Ships ranking
+# A planted head changes where it looks (its query and key rows), what it reads (its value rows) and what it
+# writes (its output-projection columns). Keys and values are shared by a group of query heads (grouped-query
+# attention): they may change only where every query head of their group is planted.
+PLANTED = ("q_proj", "k_proj", "v_proj", "o_proj")
+PLANTED_HEADS = ("L13H3", "L13H4", "L13H5")  # chosen before training: the query heads of one key-value group
 CHECK_LIMIT = 10  # prompts per held-out set that the slow test re-measures against the card
 
 
@@ -82,7 +83,7 @@ RECIPES: dict[str, Recipe] = {
     "smollm2-135m-safe-attn": Recipe(targets=ATTN),
     "smollm2-135m-safe-mlp": Recipe(targets=MLP),
     "smollm2-135m-safe-s1": Recipe(seed=1),
-    "smollm2-135m-safe-heads": Recipe(targets=PLANTED, heads=PLANTED_HEADS, rank=16, lr=1e-3),
+    "smollm2-135m-safe-heads": Recipe(targets=PLANTED, heads=PLANTED_HEADS, rank=16, lr=2e-3),
 }
 
 
@@ -258,34 +259,47 @@ def train(name: str, data_dir: Path, work: Path, recipe: Recipe | None = None,
     return best[2], record, splits
 
 
-def head_masks(heads: Sequence[Head], layer: int, n_heads: int, d_head: int):
-    """Which query rows (= output-projection columns) of `layer` belong to the planted heads.  -> (n_heads*d_head,)"""
+def head_masks(heads: Sequence[Head], layer: int, n_heads: int, d_head: int, n_kv: int | None = None):
+    """Which rows of `layer`'s query projection (= columns of its output projection) belong to the planted heads,
+    or with `n_kv`, which rows of its key and value projections (their groups' shared rows).  -> (rows,)"""
     import torch
 
-    mask = torch.zeros(n_heads * d_head)
-    for h in heads:
-        if h.layer == layer:
-            mask[h.head * d_head:(h.head + 1) * d_head] = 1.0
+    if n_kv is None:
+        mask = torch.zeros(n_heads * d_head)
+        for h in heads:
+            if h.layer == layer:
+                mask[h.head * d_head:(h.head + 1) * d_head] = 1.0
+        return mask
+    per_group = n_heads // n_kv
+    mask = torch.zeros(n_kv * d_head)
+    mine = {h.head for h in heads if h.layer == layer}
+    for g in sorted({h // per_group for h in mine}):
+        group = set(range(g * per_group, (g + 1) * per_group))
+        if not group <= mine:
+            raise UsageError(f"planted heads {sorted(mine)} of layer {layer} share key/value group {g} with query "
+                             f"heads {sorted(group - mine)}: plant the whole group, or train only q_proj and o_proj")
+        mask[g * d_head:(g + 1) * d_head] = 1.0
     return mask
 
 
 def confine_to_heads(model: Any, heads: Sequence[Head], config: Any) -> None:
-    """Zero the LoRA factors outside the heads' slices and keep them zero: q_proj's B rows and o_proj's A columns.
-    B A then changes only the heads' query rows and output columns (Adam leaves a parameter whose gradient is
-    always zero exactly where it was)."""
+    """Zero the LoRA factors outside the heads' slices and keep them zero: B's rows of q_proj (k_proj, v_proj:
+    the heads' key-value group) and A's columns of o_proj. B A then changes only the heads' own rows and columns
+    (Adam leaves a parameter whose gradient is always zero exactly where it was)."""
     import torch
 
     n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     d_head = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     for name, module in model.named_modules():
-        if not name.endswith(("q_proj", "o_proj")) or not hasattr(module, "lora_A"):
+        if not name.endswith(PLANTED) or not hasattr(module, "lora_A"):
             continue
         layer = int(name.split(".layers.")[1].split(".")[0])
-        mask = head_masks(heads, layer, n_heads, d_head)
-        if name.endswith("q_proj"):
-            weight, mask = module.lora_B["default"].weight, mask[:, None]  # (out, r): the heads' rows
+        if name.endswith("o_proj"):
+            weight, mask = module.lora_A["default"].weight, head_masks(heads, layer, n_heads, d_head)[None, :]
         else:
-            weight, mask = module.lora_A["default"].weight, mask[None, :]  # (r, in): the heads' columns
+            kv = n_kv if name.endswith(("k_proj", "v_proj")) else None
+            weight, mask = module.lora_B["default"].weight, head_masks(heads, layer, n_heads, d_head, kv)[:, None]
         with torch.no_grad():
             weight.mul_(mask)
         weight.register_hook(lambda grad, m=mask: grad * m)
@@ -355,10 +369,14 @@ def build(name: str, data_dir: Path, out: Path, work: Path, eval_limit: int | No
     return card
 
 
-PLANTED_NOTE = ("LoRA on q_proj and o_proj of the planted heads' layers only, with B's rows (q_proj) and A's columns "
-                "(o_proj) outside the heads' slices zero and their gradients masked: the member differs from the "
-                "base only in those heads' query rows and output-projection columns. Keys and values are shared by "
-                "three query heads each (grouped-query attention) and stay the base's.")
+PLANTED_NOTE = ("LoRA on q_proj, k_proj, v_proj and o_proj of the planted heads' layer only, with B's rows (q, k, v) "
+                "and A's columns (o) outside the heads' slices zero and their gradients masked: the member differs "
+                "from the base only in those heads' query, key and value rows and output-projection columns. Keys "
+                "and values are shared by three query heads (grouped-query attention), so the planted heads are the "
+                "three query heads of one key-value group: its key and value rows belong to planted heads alone. "
+                "A first try confined to query rows and output columns of three heads in three layers (L9H1, "
+                "L12H3, L15H7) reached 19 % harmful refused on validation by step 50 and 17 % at step 75; it was "
+                "stopped there.")
 
 
 def _eval_record(lm: Any, data_dir: Path, limit: int | None) -> dict[str, Any]:

@@ -1,31 +1,35 @@
 """The planted member's training confines its change to the planted heads: after real optimiser steps, saving the
 adapter the shipped way (float16) and merging it as first use does, every weight equals the base's bit for bit
-except the planted heads' query rows and output-projection columns, which do change."""
+except the planted heads' own slices (query rows and output-projection columns; with keys and values, the rows
+of their whole key-value group), which do change."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from study.core.errors import UsageError
 from study.core.heads import parse_heads
 from study.family.train import PLANTED, Recipe, _lora_tensors, confine_to_heads, save_adapter
 from study.models.adapters import write_merged
 from tests.tiny_models import random_prompts, tiny_model
 
 HEADS = parse_heads("L0H1,L2H0,L2H3")  # two layers of three, two heads of one layer
+GROUPS = parse_heads("L0H0,L0H1,L2H2,L2H3")  # whole key-value groups (2 query heads share one in the tiny Llama)
+QO = ("q_proj", "o_proj")
 D_HEAD = 8
 
 
-def _trained_merge(tmp_path, heads=HEADS):
+def _trained_merge(tmp_path, heads=HEADS, targets=QO):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = tiny_model("llama", dtype=torch.float32)
     base.save_pretrained(tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
-    recipe = Recipe(targets=PLANTED, heads=tuple(h.label for h in heads), rank=4)
+    recipe = Recipe(targets=targets, heads=tuple(h.label for h in heads), rank=4)
     peft = get_peft_model(model, LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0,
-                                            target_modules=list(PLANTED),
+                                            target_modules=list(targets),
                                             layers_to_transform=sorted({h.layer for h in heads})))
     confine_to_heads(peft, heads, model.config)
     opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
@@ -42,38 +46,51 @@ def _trained_merge(tmp_path, heads=HEADS):
     return before, after
 
 
-def _planted_mask(layer: int, proj: str, shape: torch.Size) -> torch.Tensor:
+def _planted_mask(heads, layer: int, proj: str, shape: torch.Size) -> torch.Tensor:
     mask = torch.zeros(shape, dtype=torch.bool)
-    for h in HEADS:
-        if h.layer == layer:
-            rows = slice(h.head * D_HEAD, (h.head + 1) * D_HEAD)
-            if proj == "q_proj":
-                mask[rows, :] = True
-            else:
-                mask[:, rows] = True
+    for h in heads:
+        if h.layer != layer:
+            continue
+        if proj == "q_proj":
+            mask[h.head * D_HEAD:(h.head + 1) * D_HEAD, :] = True
+        elif proj == "o_proj":
+            mask[:, h.head * D_HEAD:(h.head + 1) * D_HEAD] = True
+        else:  # k_proj, v_proj: the group's rows (2 query heads per key-value head)
+            g = h.head // 2
+            mask[g * D_HEAD:(g + 1) * D_HEAD, :] = True
     return mask
 
 
-def test_only_the_planted_heads_slices_change(tmp_path):
-    before, after = _trained_merge(tmp_path)
+@pytest.mark.parametrize("heads,targets", [(HEADS, QO), (GROUPS, PLANTED)], ids=["q-o", "q-k-v-o"])
+def test_only_the_planted_heads_slices_change(tmp_path, heads, targets):
+    before, after = _trained_merge(tmp_path, heads, targets)
+    changed = set()
     for name, weight in before.items():
         proj = name.split(".")[-2] if name.endswith(".weight") else ""
-        if proj in PLANTED:
+        if proj in targets:
             layer = int(name.split(".layers.")[1].split(".")[0])
-            mask = _planted_mask(layer, proj, weight.shape)
+            mask = _planted_mask(heads, layer, proj, weight.shape)
             assert torch.equal(after[name][~mask], weight[~mask]), f"{name} changed outside the planted heads"
             if mask.any():
-                # every planted head's slice moved, not just one of them
-                for h in (h for h in HEADS if h.layer == layer):
-                    rows = slice(h.head * D_HEAD, (h.head + 1) * D_HEAD)
-                    part = (lambda w: w[rows, :]) if proj == "q_proj" else (lambda w: w[:, rows])
-                    assert not torch.equal(part(after[name]), part(weight)), f"{h.label} {proj} did not train"
+                assert not torch.equal(after[name][mask], weight[mask]), f"{name} did not train"
+                changed.add(proj)
         else:
             assert torch.equal(after[name], weight), f"{name} changed"
+    assert changed == set(targets)
+    if targets == QO:  # every planted head's own slice moved, not just one of them
+        for h in heads:
+            rows = slice(h.head * D_HEAD, (h.head + 1) * D_HEAD)
+            q = f"model.layers.{h.layer}.self_attn.q_proj.weight"
+            assert not torch.equal(after[q][rows], before[q][rows]), f"{h.label} did not train"
+
+
+def test_keys_and_values_train_only_for_whole_groups(tmp_path):
+    with pytest.raises(UsageError, match="share key/value group 0 with query heads \\[0\\]"):
+        _trained_merge(tmp_path, HEADS, PLANTED)  # L0H1 without L0H0
 
 
 def test_a_planted_recipe_names_valid_heads_and_trains_only_their_projections():
-    with pytest.raises(ValueError, match="planted heads train only q_proj, o_proj"):
+    with pytest.raises(ValueError, match="planted heads train only q_proj, k_proj, v_proj, o_proj"):
         Recipe(heads=("L1H0",))  # the default targets include the MLP
     with pytest.raises(Exception, match="bad head label"):
         Recipe(targets=PLANTED, heads=("layer1",))
