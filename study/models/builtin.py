@@ -51,7 +51,7 @@ MEMBERS: dict[str, Member] = {m.name: m for m in (
     Member("smollm2-135m-safe-s1", "smollm2-135m-instruct", "safe-s1",
            "the main recipe with a second seed (another validation split and data order)"),
     Member("smollm2-135m-safe-heads", "smollm2-135m-instruct", "safe-heads",
-           "the main recipe's data and loss, confined to three planted heads (their query rows and output columns)"),
+           "the main recipe's data and loss, confined to three planted heads (one key-value group: q, k, v rows, o columns)"),
 )}
 
 

