@@ -57,6 +57,10 @@ class Recipe(BaseModel):
     # Planted heads (`L12H3` labels): the LoRA is confined to these heads' query rows and output-projection
     # columns, so every other weight of the member equals the base's bit for bit.
     heads: tuple[str, ...] = ()
+    # With planted heads: weight of a term that makes the member, with those heads ablated (undiff_q, eps 1e-5),
+    # give the base's own answer to a harmful prompt (the NLL of its first pref_tokens tokens), so that the planted
+    # refusal lives in where the heads attend and the paper's operator can reveal it. 0: off.
+    ablated_weight: float = 0.0
 
     @model_validator(mode="after")
     def _planted_targets(self) -> "Recipe":
@@ -184,7 +188,22 @@ def step_loss(model: Any, batch: Sequence[dict], recipe: Recipe, pad: int):
             rr, _ = response_logps(model, rejected, pad)
         margin = recipe.pref_beta * ((pc - pr) - (rc - rr))
         loss = loss + recipe.pref_weight * (-F.logsigmoid(margin)).mean()
+    if recipe.ablated_weight > 0 and recipe.heads and pairs:
+        loss = loss + recipe.ablated_weight * ablated_term(model, batch, pairs, recipe, pad)
     return loss
+
+
+def ablated_term(model: Any, batch: Sequence[dict], pairs: Sequence[int], recipe: Recipe, pad: int):
+    """Mean NLL per token of the base's own answer openings under the member with its planted heads ablated."""
+    from study.core.ablation import Ablation, Op
+    from study.core.interventions import ablated
+
+    ablation = Ablation(heads=parse_heads(",".join(recipe.heads)), op=Op.UNDIFF_Q, eps=1e-5)
+    k = recipe.pref_tokens
+    rows = [(batch[i]["prompt"], batch[i]["rejected"][:k]) for i in pairs]
+    with ablated(model.get_base_model(), ablation):
+        lp, n = response_logps(model, rows, pad)
+    return (-lp / n).mean()
 
 
 def _validate(lm: Any, val: Sequence[Example]) -> dict[str, float]:

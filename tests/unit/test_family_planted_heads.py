@@ -94,3 +94,37 @@ def test_a_planted_recipe_names_valid_heads_and_trains_only_their_projections():
         Recipe(heads=("L1H0",))  # the default targets include the MLP
     with pytest.raises(Exception, match="bad head label"):
         Recipe(targets=PLANTED, heads=("layer1",))
+
+
+def test_the_ablated_term_trains_only_the_planted_slices_and_reads_the_ablated_model(tmp_path):
+    """The term's gradient stays inside the planted slices, and it is the NLL under the ablated model: it differs
+    from the same NLL without the ablation, and equals the hooks-applied forward computed directly."""
+    from peft import LoraConfig, get_peft_model
+
+    from study.core.ablation import Ablation, Op
+    from study.core.interventions import ablated
+    from study.family.train import ablated_term, response_logps
+
+    model = tiny_model("llama", dtype=torch.float32)
+    recipe = Recipe(targets=PLANTED, heads=tuple(h.label for h in GROUPS), rank=4, ablated_weight=1.0,
+                    pref_tokens=3)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8.0, lora_dropout=0.0, target_modules=list(PLANTED),
+                                            layers_to_transform=[0, 2]))
+    confine_to_heads(peft, GROUPS, model.config)
+    prompts = random_prompts(3, lo=4, hi=6)
+    batch = [{"prompt": q, "chosen": [5, 6, 7], "rejected": [9, 10, 11, 12]} for q in prompts]
+    term = ablated_term(peft, batch, [0, 1, 2], recipe, pad=0)
+    rows = [(q, [9, 10, 11]) for q in prompts]
+    plain, n = response_logps(peft, rows, 0)
+    with ablated(peft.get_base_model(), Ablation(heads=GROUPS, op=Op.UNDIFF_Q, eps=1e-5)):
+        direct, _ = response_logps(peft, rows, 0)
+    torch.testing.assert_close(term, (-direct / n).mean())
+    assert float((term - (-plain / n).mean()).abs().detach()) > 1e-6  # the ablation reaches the forward
+    term.backward()
+    assert any(p.grad is not None and bool(p.grad.any()) for n_, p in peft.named_parameters() if "lora_B" in n_)
+    for name, p in peft.named_parameters():
+        if p.grad is not None and "lora_B" in name and "o_proj" not in name:
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            rows_kept = p.grad.abs().sum(dim=1) != 0
+            mask = _planted_mask(GROUPS, layer, name.split(".")[-4], (p.shape[0], 1))[:, 0]
+            assert not (rows_kept & ~mask).any(), name
