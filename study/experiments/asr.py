@@ -23,7 +23,7 @@ from pydantic import Field, field_validator, model_validator
 from study import __version__
 from study.core.ablation import Ablation
 from study.core.errors import UsageError
-from study.core.heads import Head, parse_heads
+from study.core.heads import Head, labels, parse_heads
 from study.core.stats import mcnemar_exact, wilson
 from study.experiments.base import GeneratingConfig, Job, ScanJob, _head_labels, require_source
 from study.experiments.sahara import SaharaJob
@@ -287,7 +287,10 @@ class AsrJob(ScanJob):
             head += f" (+{len(self.benign)} benign)"
         if self.arms is None:
             source = "Sahara group" if c.level == "dataset" else "Ships top heads"
-            return f"{head}, heads from this run's {source} once it is done; {dec.label}, {dec.max_new_tokens} tokens"
+            planted = (f" and its planted heads {','.join(labels(self.planted))}"
+                       if c.planted and self.planted and c.level == "dataset" else "")
+            return (f"{head}, heads from this run's {source} once it is done{planted}; {dec.label}, "
+                    f"{dec.max_new_tokens} tokens")
         rows = sum(s.rows for s in shards)
         return (f"{head} x {len(self.arms)} conditions: {len(shards)} shards, {rows} generations of up to "
                 f"{dec.max_new_tokens} tokens ({rows * dec.max_new_tokens} at most), {have} shards already done")

@@ -156,6 +156,17 @@ def test_the_known_answer_is_checked_first(family_run):
     assert "ablating them raises ASR from 0.00 to 1.00" in known
 
 
+def test_planted_heads_outside_the_model_are_refused_at_plan_time(family_run, tmp_path, capsys):
+    root, folders, path, _ = family_run
+    spec = yaml.safe_load(path.read_text())
+    spec["models"][1]["planted_heads"] = "L1H0,L7H0"  # the tiny family has 3 layers
+    spec["out"] = str(tmp_path / "out")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(spec))
+    assert main(["plan", str(bad)]) == 2
+    assert "head L7H0 is out of range" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_utility_and_resume_through_the_command_line(family_run, capsys):
     root, folders, path, first = family_run
     util = _read(root, "utility")
