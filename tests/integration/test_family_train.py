@@ -25,15 +25,15 @@ def test_training_is_deterministic_given_the_seed_and_ships_a_loadable_adapter(s
     from study.models.builtin import materialize_alias
     from study.models.loading import load_model
 
-    recipe = Recipe(steps=3, eval_every=3, harmful_per_batch=2, harmless_per_batch=2, answer_tokens=8)
+    recipe = Recipe(steps=2, eval_every=2, harmful_per_batch=2, harmless_per_batch=2, answer_tokens=4)
     splits = _small(shared_data, 0)
     a, record, _ = train(MAIN, shared_data, tmp_path / "work", recipe, splits)
     b, _, _ = train(MAIN, shared_data, tmp_path / "work", recipe, splits)
     c, _, _ = train(MAIN, shared_data, tmp_path / "work", recipe.model_copy(update={"seed": 1}), splits)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a if k.endswith("lora_B"))
-    assert len(a) == 2 * 7 * 30 and record["selected_step"] == 3 and len(record["loss_per_step"]) == 3
-    assert record["history"][0]["step"] == 3 and 0 <= record["history"][0]["harmful_refused"] <= 1
+    assert len(a) == 2 * 7 * 30 and record["selected_step"] == 2 and len(record["loss_per_step"]) == 2
+    assert record["history"][0]["step"] == 2 and 0 <= record["history"][0]["harmful_refused"] <= 1
     save_adapter(a, tmp_path / "adapter.safetensors", recipe, "smollm2-135m-instruct")
     pairs, scale, meta = read_adapter(tmp_path / "adapter.safetensors")
     assert len(pairs) == 210 and scale == recipe.alpha / recipe.rank and meta["base"] == "smollm2-135m-instruct"
