@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from analysis import is_missing
-from analysis.report._facts import job_models, pick_judge, prefer
+from analysis.report._facts import job_models, pick_judge, prefer, sahara_groups
 from analysis.report._html import ci, p_is, rate
 from analysis.report._load import RunData
 
@@ -73,13 +73,8 @@ def known_answers(data: RunData) -> list[KnownAnswer]:
             continue
         heads = planted[model]
         ships = _ships_ranks(data, model, heads)
-        sahara = data.get("sahara")
-        group = None
-        if sahara is not None:
-            s = sahara[(sahara["model"] == model) & sahara["chosen"] & ~sahara["dataset"].isin(data.benign)]
-            if not s.empty:
-                first = s[s["dataset"] == sorted(s["dataset"])[0]]
-                group = tuple(first.sort_values("step")["head_label"].astype(str))
+        group = next((g.heads for g in sahara_groups(data) if g.model == model and g.dataset not in data.benign),
+                     None)
         out.append(KnownAnswer(model, heads, ships[0] if ships else None, ships[1] if ships else None,
                                ships[2] if ships else None, group, _planted_row(data, model)))
     return out
