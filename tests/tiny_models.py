@@ -78,3 +78,28 @@ def random_prompts(n: int, lo: int = 3, hi: int = 9, seed: int = 1) -> list[list
         length = int(torch.randint(lo, hi + 1, (1,), generator=g))
         out.append(torch.randint(1, VOCAB, (length,), generator=g).tolist())
     return out
+
+
+def spread(model: torch.nn.Module, devices: list[str]) -> torch.nn.Module:
+    """`model` dispatched over `devices` as `device_map` places a model bigger than one GPU: the embedding on the
+    first, the layers in contiguous runs, the final norm and LM head on the last; accelerate's hooks move the
+    activations between them. On the CPU (`["cpu", "cpu"]`) the same hooks run with nothing to move."""
+    from accelerate import dispatch_model
+
+    from study.core.architectures import Arch
+
+    arch = Arch.of(model)
+    decoder_path, layers_path = arch.spec.decoder, arch.spec.layers
+    n = arch.shape.n_layers
+    prefix = f"{decoder_path}." if decoder_path else ""
+    device_map: dict[str, str] = {}
+    for name, _ in arch.decoder(model).named_children():
+        if name == layers_path:
+            for i in range(n):
+                device_map[f"{prefix}{layers_path}.{i}"] = devices[i * len(devices) // n]
+        else:
+            device_map[f"{prefix}{name}"] = devices[0] if "emb" in name or name == "wte" else devices[-1]
+    for name, _ in model.named_children():
+        if f"{name}." != prefix and name != decoder_path:
+            device_map[name] = devices[-1]
+    return dispatch_model(model, device_map=device_map)

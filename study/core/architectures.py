@@ -162,6 +162,10 @@ class Arch:
     def final_norm(self, model: nn.Module) -> nn.Module:
         return get_path(self.decoder(model), self.spec.final_norm)
 
+    def layer_devices(self, model: nn.Module) -> list[torch.device]:
+        """Each layer's device: a model spread over several GPUs (`device_map`) keeps a layer's weights on one."""
+        return [next(layer.parameters()).device for layer in self.layers(model)]
+
     def site_module(self, model: nn.Module, layer: int, site: Site) -> nn.Module:
         """Where an operator on `site` acts (the hooks attach here): the module whose output holds the heads'
         final queries/keys (the q/k norm where the row has one, else the projection), or whose input holds

@@ -102,7 +102,10 @@ class ScanEngine:
         self.prefix_reuse = prefix_reuse
         self.top_mlp_last = top_mlp_last
         param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        # a model spread over GPUs: the tokens enter on the embedding's device, each layer's tables and indices
+        # go to that layer's device, and the LM head's device computes the log-probs
+        self.device, self.dtype = model.get_input_embeddings().weight.device, param.dtype
+        self.layer_devices = self.arch.layer_devices(model)
         self.token_budget = token_budget or default_token_budget(self.device)
         self.cache_bytes = cache_bytes or default_cache_bytes(self.device)
         self.vocab = model.get_output_embeddings().weight.shape[0]
@@ -118,7 +121,7 @@ class ScanEngine:
             self._unembed = (head.weight.detach().to(self.out_dtype),
                              None if bias is None else bias.detach().to(self.out_dtype))
         weight, bias = self._unembed
-        logits = hidden.to(self.out_dtype) @ weight.T  # (rows, vocab)
+        logits = hidden.to(device=weight.device, dtype=self.out_dtype) @ weight.T  # (rows, vocab)
         return logits if bias is None else logits + bias
 
     def _logit_blocks(self, n_rows: int) -> list[slice]:
@@ -141,7 +144,11 @@ class ScanEngine:
 
     def _final(self, resid_last: torch.Tensor) -> torch.Tensor:
         """(rows, 1, d_model) pre-norm last-position residual -> (rows, d_model) final-norm state."""
-        return self.arch.final_norm(self.model)(resid_last)[:, -1].to(self.out_dtype)
+        norm = self.arch.final_norm(self.model)
+        weight = next(norm.parameters(), None)
+        if weight is not None:
+            resid_last = resid_last.to(weight.device)
+        return norm(resid_last)[:, -1].to(self.out_dtype)
 
     def forget(self) -> None:
         """Drop the kept base passes (`keep_bases`): needed after the model's weights change."""
@@ -260,7 +267,7 @@ class ScanEngine:
                     if hidden:
                         hidden_out[a_out, p_out] = out.cpu()
                     if kl:
-                        kl_out[a_out, p_out] = self._kl(ref_logp, out, j.to(self.device)).cpu()
+                        kl_out[a_out, p_out] = self._kl(ref_logp, out, j.to(ref_logp.device)).cpu()
                     if progress:
                         progress(len(j))
                 del bp, kept
@@ -282,7 +289,6 @@ class ScanEngine:
         first = int(row_start[0])
         counts = torch.bincount(row_start, minlength=n_layers + 1).cumsum(0)  # active rows per layer
         row_tables = tables.select(a_idx)
-        b_dev = b_idx.to(self.device)
         prompts_done = bp.prompts_per_row()[b_idx].cumsum(0)  # (rows,) (ablation, prompt) rows up to each
         if bp.prefix_len:
             # one prefix row per ablation present, in row order (so also sorted by start layer)
@@ -290,40 +296,43 @@ class ScanEngine:
             prefix_tables = tables.select(uniq)
             prefix_start = row_start[runs.cumsum(0) - runs]  # (ablations,) each ablation's first row
             prefix_counts = torch.bincount(prefix_start, minlength=n_layers + 1).cumsum(0)
-            slot_dev = slot.to(self.device)
         h: torch.Tensor | None = None
         hp: torch.Tensor | None = None
         work = tokens = 0
         for layer in range(first, n_layers):
+            dev = self.layer_devices[layer]
             top = self.top_mlp_last and layer == n_layers - 1
             n_active = int(counts[layer])
             n_have = 0 if h is None else h.shape[0]
             if n_active > n_have:
-                joining = bp.calls[layer].hidden.index_select(0, b_dev[n_have:n_active])
-                h = joining if h is None else torch.cat([h, joining], dim=0)  # (active, S, d_model)
+                entering = bp.calls[layer].hidden
+                joining = entering.index_select(0, b_idx[n_have:n_active].to(entering.device))
+                h = joining if h is None else torch.cat([h, joining.to(h.device)], dim=0)  # (active, S, d_model)
+            h = h.to(dev)
             cache = None
             if bp.prefix_len:
                 n_pre = int(prefix_counts[layer])
                 n_pre_have = 0 if hp is None else hp.shape[0]
                 if n_pre > n_pre_have:
                     joining = bp.prefix_calls[layer].hidden.expand(n_pre - n_pre_have, -1, -1)
-                    hp = joining if hp is None else torch.cat([hp, joining], dim=0)  # (ablations, P, d_model)
+                    hp = joining if hp is None else torch.cat([hp, joining.to(hp.device)], dim=0)  # (ablations, P, d)
+                hp = hp.to(dev)
                 hooks.clear()
-                hooks.set_layer(layer, prefix_tables.select(torch.arange(n_pre)), self.device, self.dtype)
+                hooks.set_layer(layer, prefix_tables.select(torch.arange(n_pre)), dev, self.dtype)
                 recorder = KVRecorder()
-                zeros = torch.zeros(n_pre, dtype=torch.long, device=self.device)
+                zeros = torch.zeros(n_pre, dtype=torch.long, device=dev)
                 # at the top layer only the prefix's keys and values are used: its MLP output is not
                 with mlp_at(self.model, self.arch, layer, zeros) if top else contextlib.nullcontext():
                     hp = bp.prefix_calls[layer].run(hp, zeros, recorder)
                 tokens += n_pre * bp.prefix_len
-                rows_slot = slot_dev[:n_active]
+                rows_slot = slot[:n_active].to(recorder.keys.device)
                 cache = PrefixKV(recorder.keys.index_select(0, rows_slot),
                                  recorder.values.index_select(0, rows_slot))
             hooks.clear()
-            hooks.set_layer(layer, row_tables.select(torch.arange(n_active)), self.device, self.dtype)
-            with (mlp_at(self.model, self.arch, layer, bp.row_lasts[b_idx[:n_active]].to(self.device))
+            hooks.set_layer(layer, row_tables.select(torch.arange(n_active)), dev, self.dtype)
+            with (mlp_at(self.model, self.arch, layer, bp.row_lasts[b_idx[:n_active]].to(dev))
                   if top else contextlib.nullcontext()):
-                h = bp.calls[layer].run(h, b_dev[:n_active], cache)
+                h = bp.calls[layer].run(h, b_idx[:n_active].to(dev), cache)
             work += int(prompts_done[n_active - 1])
             tokens += n_active * bp.width
         hooks.clear()

@@ -163,8 +163,8 @@ class HeadHooks:
         x = x.clone()
         view = self.arch.part_view(x, site)  # (rows, seq, heads, d_head)
         # tables are (rows, heads): add the sequence axis; a single row broadcasts over the batch
-        s = None if scale is None else scale[:, None, :]
-        m = None if mean is None else mean[:, None, :]
+        s = None if scale is None else scale[:, None, :].to(view.device)  # no copy unless the layer moved
+        m = None if mean is None else mean[:, None, :].to(view.device)
         view.copy_(apply_heads(view, s, m))
         return x
 
@@ -185,11 +185,12 @@ def ablated(model: nn.Module, ablation: Ablation, arch: Arch | None = None) -> I
     """Run the block with `ablation` applied by hooks to every forward (any batch, every decoding step)."""
     arch = arch or Arch.of(model)
     ablation.check(arch.shape)
-    param = next(model.parameters())
+    dtype = next(model.parameters()).dtype
+    devices = arch.layer_devices(model)
     tables = HeadTables.build([ablation], arch)
     with HeadHooks(model, arch) as hooks:
         for layer in {h.layer for h in ablation.heads}:
-            hooks.set_layer(layer, tables, param.device, param.dtype)
+            hooks.set_layer(layer, tables, devices[layer], dtype)
         yield
 
 

@@ -53,7 +53,9 @@ def sliding_window(model: nn.Module) -> int | None:
 def _index_batched(value: Any, rows: torch.Tensor, batch: int) -> Any:
     """Select prompt rows on dim 0 of a batched layer argument (tensors, or tuples such as (cos, sin))."""
     if isinstance(value, torch.Tensor):
-        return value.index_select(0, rows) if value.dim() > 0 and value.shape[0] == batch else value
+        if value.dim() > 0 and value.shape[0] == batch:
+            return value.index_select(0, rows.to(value.device))
+        return value
     if isinstance(value, (tuple, list)):
         return type(value)(_index_batched(v, rows, batch) for v in value)
     return value

@@ -72,8 +72,7 @@ class HFGenerator:
         from study.core.interventions import HeadHooks
 
         model = self.lm.model
-        param = next(model.parameters())
-        device = param.device
+        device = model.get_input_embeddings().weight.device
         rows = len(prompts)
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         out: list[list[int]] = [[] for _ in range(rows)]
@@ -88,7 +87,7 @@ class HFGenerator:
                         done[r] = t in self.stop
                 if all(done):
                     break
-                nxt = torch.where(torch.tensor(done, device=device), torch.full_like(nxt, self.pad_id), nxt)
+                nxt = torch.where(torch.tensor(done, device=nxt.device), torch.full_like(nxt, self.pad_id), nxt)
                 mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], dim=1)
                 pos = pos[:, -1:] + 1
                 res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
@@ -109,16 +108,16 @@ class HFGenerator:
         from study.core.passes import shared_prefix_len, sliding_window
 
         model = self.lm.model
-        param = next(model.parameters())
-        device, dtype = param.device, param.dtype
+        device, dtype = model.get_input_embeddings().weight.device, next(model.parameters()).dtype
         rows = len(prompts)
         # a sliding window would keep only part of a long prefix in the cache: whole prompts there
         prefix = shared_prefix_len(prompts) if rows > 1 and sliding_window(model) is None else 0
         cache = None
         if prefix:
             kinds = list(dict.fromkeys(ablations))  # the batch's distinct ablations, in first-seen order
-            kind_of = torch.tensor([kinds.index(a) for a in ablations], device=device)  # (rows,)
-            self._set_tables(hooks, HeadTables.build(kinds, self.arch), device, dtype)
+            # (rows,) on the CPU: a cache spread over GPUs indexes each layer's tensors with it
+            kind_of = torch.tensor([kinds.index(a) for a in ablations])
+            self._set_tables(hooks, HeadTables.build(kinds, self.arch), dtype)
             head = torch.tensor([list(prompts[0][:prefix])] * len(kinds), device=device)  # (kinds, prefix)
             cache = model(input_ids=head, position_ids=torch.arange(prefix, device=device).expand_as(head),
                           use_cache=True, logits_to_keep=1).past_key_values
@@ -133,12 +132,12 @@ class HFGenerator:
             mask[r, prefix + width - len(s):] = 1
         ids, mask = ids.to(device), mask.to(device)
         pos = ((mask.cumsum(-1) - 1).clamp(min=0))[:, prefix:]  # (rows, width)
-        self._set_tables(hooks, HeadTables.build(ablations, self.arch), device, dtype)
+        self._set_tables(hooks, HeadTables.build(ablations, self.arch), dtype)
         res = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                     logits_to_keep=1)
         return res, mask, pos
 
-    def _set_tables(self, hooks: Any, tables: Any, device: Any, dtype: Any) -> None:
-        """Every layer's hooks to `tables` (one row per batch row of the next forward)."""
-        for layer in range(self.arch.shape.n_layers):
+    def _set_tables(self, hooks: Any, tables: Any, dtype: Any) -> None:
+        """Every layer's hooks to `tables` (one row per batch row of the next forward), on the layer's device."""
+        for layer, device in enumerate(self.arch.layer_devices(self.lm.model)):
             hooks.set_layer(layer, tables, device, dtype)

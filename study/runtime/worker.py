@@ -195,7 +195,7 @@ class Worker:
                                                                                                torch.Tensor]:
         """(ablations, prompts) summed NLL and token counts, each ablation scoped by hooks on the model."""
         model = self.lm.model
-        device = next(model.parameters()).device
+        device = model.get_input_embeddings().weight.device
         pad = self.lm.tokenizer.pad_token_id or 0
         nll = torch.zeros(len(ablations), len(ids), dtype=torch.float64)
         count = torch.zeros(len(ablations), len(ids), dtype=torch.long)
@@ -207,7 +207,7 @@ class Worker:
                     x = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)  # (b, seq)
                     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
                     logits = model(input_ids=x, attention_mask=mask).logits  # (b, seq, vocab)
-                    s, n = token_nll(logits, x, mask)
+                    s, n = token_nll(logits, x.to(logits.device), mask.to(logits.device))
                     nll[a, i:i + len(rows)] = s.double().cpu()
                     count[a, i:i + len(rows)] = n.cpu()
         return nll, count

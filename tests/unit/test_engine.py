@@ -7,6 +7,7 @@ from study.core.ablation import Ablation, Op
 from study.core.engine import ScanEngine, naive_scan
 from study.core.heads import Head, all_heads
 from tests.planted import PLANTED, harmful_prompts, planted_model
+from tests.spread_checks import check_engine, check_generation
 from tests.tiny_models import CONFIGS, MHA, QK_NORM_CONFIGS, random_prompts, tiny_model
 
 
@@ -279,3 +280,12 @@ def test_packing_with_eager_attention_and_only_where_the_mask_can_say_it():
         assert not takes_packed_rows(model)
     finally:
         model.config._attn_implementation = "eager"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_model_dispatched_by_device_map_scores_and_generates_like_the_plain_model(arch):
+    """accelerate's device hooks (what a model spread over GPUs runs with) leave the engine and the HF generator
+    exact: the base pass captures layer calls before the hooks move their inputs. Over two real devices:
+    tests/gpu/test_spread.py."""
+    check_engine(arch, ["cpu", "cpu"], prefixed=True)
+    check_generation(arch, ["cpu", "cpu"])
