@@ -96,6 +96,14 @@ class RayExecutor(Executor):
     def from_config(cls, cfg: ExecutionConfig) -> "RayExecutor":
         return cls(cfg)
 
+    @classmethod
+    def has_gpus(cls, cfg: ExecutionConfig) -> bool:
+        """A cluster elsewhere (`address`): joined now, so the plan knows whether its actors will hold GPUs."""
+        if not cfg.address:
+            return super().has_gpus(cfg)
+        connect(cfg)
+        return actor_slots(cfg).num_gpus > 0
+
     def __init__(self, cfg: ExecutionConfig, *, actor_options: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.cfg = cfg

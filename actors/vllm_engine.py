@@ -59,35 +59,72 @@ def sampling_params(*, greedy: bool, top_k: int, temperature: float, max_new_tok
                           detokenize=False)
 
 
+GPU_SHARE = 0.9  # of the GPU memory free when an engine starts: weights, activations and the KV cache
+
+
+def gpu_memory_share(share: float = GPU_SHARE) -> float:
+    """vLLM's `gpu_memory_utilization` (a fraction of each GPU's total memory) that takes `share` of the
+    memory free now on the tightest visible GPU: what is left beside anything else this process holds."""
+    import torch
+
+    left = min(free / total for free, total in (torch.cuda.mem_get_info(i) for i in range(torch.cuda.device_count())))
+    return round(share * left, 4)
+
+
+def engine_kwargs(device: str, *, dtype: str, seed: int, block_size: int | None, enforce_eager: bool | None, tensor_parallel_size: int | None,
+                  gpu_memory_utilization: float | None) -> dict[str, Any]:
+    """The `vllm.LLM` arguments of an engine for one model on `device`.
+
+    On a GPU: CUDA graphs (the head edits change weights in place, so the captured graphs read them), one
+    tensor-parallel rank per GPU the process sees (an actor holding several GPUs spreads the model over them),
+    and the KV cache sized from the memory left (`gpu_memory_share`). On the CPU: eager (the KV space is set
+    through the environment)."""
+    kwargs: dict[str, Any] = dict(dtype=dtype, seed=seed, worker_extension_cls=EXTENSION,
+                                  enable_prefix_caching=True)
+    if block_size is not None:
+        kwargs["block_size"] = block_size
+    if device == "cpu":
+        kwargs["enforce_eager"] = True if enforce_eager is None else enforce_eager
+        return kwargs
+    import torch
+
+    kwargs["enforce_eager"] = False if enforce_eager is None else enforce_eager
+    kwargs["tensor_parallel_size"] = tensor_parallel_size or max(1, torch.cuda.device_count())
+    if kwargs["tensor_parallel_size"] > 1:  # ranks as this process's children, on the GPUs it holds (inside a Ray
+        kwargs["distributed_executor_backend"] = "mp"  # actor vLLM would otherwise ask Ray for more GPUs)
+    kwargs["gpu_memory_utilization"] = gpu_memory_utilization or gpu_memory_share()
+    return kwargs
+
+
 class VllmGenerator:
     """A vLLM engine for one model, generating token ids with optional head ablations.
 
-    `kv_cache_gib`: on CPU it becomes `VLLM_CPU_KVCACHE_SPACE` (whole GiB, rounded up); on GPU
-    `kv_cache_memory_bytes`. `block_size=None` keeps vLLM's default (128 on CPU, where it must be a multiple
-    of 32). Extra keyword arguments go to `vllm.LLM`. On CPU the worker's cores come from the environment:
-    vLLM keeps one core off the worker by default (`VLLM_CPU_NUM_OF_RESERVED_CPU=0` gives it all of them;
-    `VLLM_CPU_OMP_THREADS_BIND` pins it, e.g. one core per engine when several share a machine).
+    `kv_cache_gib` (CPU only) becomes `VLLM_CPU_KVCACHE_SPACE` (whole GiB, rounded up); on a GPU the engine
+    sizes its KV cache from the memory left (`engine_kwargs`). `block_size=None` keeps vLLM's default (128 on
+    CPU, where it must be a multiple of 32). Extra keyword arguments go to `vllm.LLM`. On CPU the worker's
+    cores come from the environment: vLLM keeps one core off the worker by default
+    (`VLLM_CPU_NUM_OF_RESERVED_CPU=0` gives it all of them; `VLLM_CPU_OMP_THREADS_BIND` pins it, e.g. one core
+    per engine when several share a machine).
     """
 
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu", block_size: int | None = None,
-                 kv_cache_gib: float = 1, enforce_eager: bool = True, seed: int = 0, **llm_kwargs: Any) -> None:
+                 kv_cache_gib: float = 1, enforce_eager: bool | None = None, seed: int = 0,
+                 tensor_parallel_size: int | None = None, gpu_memory_utilization: float | None = None,
+                 **llm_kwargs: Any) -> None:
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {device!r} (pick GPUs with CUDA_VISIBLE_DEVICES)")
         self.model_path = str(model_path)
         self.device = device
-        kwargs: dict[str, Any] = dict(model=self.model_path, dtype=dtype, enforce_eager=enforce_eager, seed=seed,
-                                      worker_extension_cls=EXTENSION, enable_prefix_caching=True)
-        if block_size is not None:
-            kwargs["block_size"] = block_size
+        kwargs = engine_kwargs(device, dtype=dtype, seed=seed, block_size=block_size, enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
+                               gpu_memory_utilization=gpu_memory_utilization)
         if device == "cpu":
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_cache_gib)))
-        else:
-            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         kwargs.update(llm_kwargs)
+        self.settings = {k: v for k, v in kwargs.items() if k != "worker_extension_cls"}  # what the engine ran with
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # no usage report to vLLM unless the user asks for one
         from vllm import LLM
 
-        self.llm = LLM(**kwargs)
+        self.llm = LLM(model=self.model_path, **kwargs)
 
     # ------------------------------------------------------------------------------------------ edits
 

@@ -37,12 +37,15 @@ def _common(p: argparse.ArgumentParser, *, submitted: bool = False) -> None:
                                                         "local (this process, no Ray)")
         g.add_argument("--address", default=None, help="a running Ray cluster (auto, HOST:6379, ray://HOST:10001)")
     g.add_argument("--actors", type=int, default=None, help="model actors per model, whenever it has work for them (default: as many as its work is worth)")
-    g.add_argument("--cpus-per-actor", type=int, default=None, help="CPUs (and torch threads) per actor (default 1)")
+    g.add_argument("--cpus-per-actor", type=int, default=None,
+                   help="CPUs (and torch threads) per actor (default: on GPUs, a node's CPUs over its GPU slots; "
+                        "on CPUs, 1)")
     g.add_argument("--gpus-per-actor", type=int, default=None, help="GPUs per actor where the cluster has GPUs "
                                                                     "(default 1; more spreads a model's weights)")
     g.add_argument("--device", default=None,
                    help="auto (default: cuda where the worker holds a GPU, else cpu), cpu, cuda or cuda:N")
-    g.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16 or float64")
+    g.add_argument("--dtype", default=None, help="auto (default: bfloat16 where the workers hold a GPU, else "
+                                                 "float32), float32, bfloat16, float16 or float64")
     g.add_argument("--data-dir", default=None, help="folder with known datasets (default $HEADSTUDY_DATA)"
                    + ("; as the head node sees it" if submitted else ""))
     g.add_argument("--token-budget", type=int, default=None,
@@ -154,7 +157,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, default=None, help=f"scale (default {SURGERY_EPS:g}, the paper's)")
     p.add_argument("--out", required=True, help="checkpoint folder (new or empty)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16 or float64")
+    p.add_argument("--dtype", default=None, help="auto (default: bfloat16 on a GPU, else float32), float32, "
+                                                 "bfloat16, float16 or float64")
     p.add_argument("--force", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v: log each step (info), -vv: debug "
                    "(default: warnings and errors only)")

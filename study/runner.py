@@ -21,14 +21,15 @@ from typing import Callable
 
 import pyarrow as pa
 
+from study.core.dtypes import AUTO
 from study.core.errors import RunFailed, UsageError
 from study.experiments.asr import AsrJob
-from study.experiments.base import Job, ScanJob
+from study.experiments.base import Job, ModelConfig, ScanJob
 from study.experiments.registry import JOBS
 from study.experiments.swap import SwapJob
 from study.experiments.utility import UtilityJob
 from study.models.builtin import model_id
-from study.runtime.executor import Executor, ModelStats, make_executor
+from study.runtime.executor import Executor, ModelStats, make_executor, resolve_dtype
 from study.runtime.rounds import Rounds
 from study.runtime.runfolder import FolderLock, recover
 from study.runtime.shards import GenShard
@@ -83,7 +84,16 @@ def check_out(out: str | os.PathLike[str]) -> Path:
 def plan_study(study: StudyConfig, out: str | os.PathLike[str] | None = None) -> Plan:
     """Everything that can be checked and planned without loading a model."""
     out_dir = check_out(out or study.out)
-    jobs = [JOBS[name](cfg, out_dir) for name, cfg in study.jobs()]
+    dtypes: dict[str, str] = {}  # device -> what dtype auto is there (a cluster elsewhere is asked once)
+
+    def resolved(cfg: ModelConfig) -> ModelConfig:
+        if cfg.dtype != AUTO:
+            return cfg
+        if cfg.device not in dtypes:
+            dtypes[cfg.device] = resolve_dtype(AUTO, cfg.device, study.execution)
+        return cfg.model_copy(update={"dtype": dtypes[cfg.device]})
+
+    jobs = [JOBS[name](resolved(cfg), out_dir) for name, cfg in study.jobs()]
     check_distinct_files(jobs)
     for job in jobs:
         job.link(jobs)

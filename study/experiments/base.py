@@ -19,7 +19,7 @@ from pydantic_core import to_jsonable_python
 from study import __version__
 from study.core.ablation import DEFAULT_OP, SCORING_EPS, Ablation, Op, check_eps, parse_op
 from study.core.architectures import check_architecture
-from study.core.dtypes import SCREEN_DTYPES, check_dtype
+from study.core.dtypes import AUTO, SCREEN_DTYPES, check_dtype
 from study.core.errors import UsageError
 from study.core.frozen import Frozen
 from study.core.heads import Head, all_heads, labels, parse_heads
@@ -33,7 +33,7 @@ from study.models.fingerprint import model_identity
 from study.models.loading import check_device, model_shape
 from study.prompts.formats import PromptFormat, check_system_prompt, parse_format
 from study.prompts.sets import PromptSet, load_prompts
-from study.runtime.executor import Outcome, WorkerOptions
+from study.runtime.executor import ExecutionConfig, Outcome, WorkerOptions, resolve_dtype
 from study.runtime.shards import ModelRef, PromptBlock, Shard
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class ModelConfig(Frozen):
     model: str = DEFAULT_MODEL
     revision: str | None = None
     device: str = "auto"  # cuda where the worker holds a GPU, else cpu
-    dtype: str = "float32"
+    dtype: str = AUTO  # bfloat16 where the workers hold a GPU, else float32 (resolved when the study is planned)
     # the heads this model's safety is known to live in (a planted model): recorded in the manifest, ablated by
     # asr as condition `planted` and checked first in the report. A family member's card fills it in.
     planted_heads: str | None = None
@@ -58,7 +58,7 @@ class ModelConfig(Frozen):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:
-        return check_dtype(v)
+        return check_dtype(v, auto=True)
 
     @field_validator("device")
     @classmethod
@@ -188,6 +188,8 @@ class Job(ABC):
 
     def __init__(self, cfg: ModelConfig, out: Path) -> None:
         check_model_name(cfg.model)
+        if cfg.dtype == AUTO:  # a job made outside a plan: this machine decides (`plan_study` asks the executor)
+            cfg = cfg.model_copy(update={"dtype": resolve_dtype(AUTO, cfg.device, ExecutionConfig())})
         self.cfg = cfg
         self.shape: ModelShape = model_shape(cfg.model, cfg.revision)
         check_architecture(cfg.model, self.shape)

@@ -9,6 +9,7 @@ entry point) fans them out to a pool of Ray actors per model.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -19,6 +20,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from study.core import plugins
+from study.core.dtypes import ACCELERATOR_DTYPE, AUTO, CPU_DTYPE
 from study.core.errors import UsageError, one_line
 from study.core.frozen import Frozen
 from study.runtime.shards import AnyShard, ModelRef
@@ -94,6 +96,12 @@ class Executor(ABC):
     def from_config(cls, cfg: ExecutionConfig) -> "Executor":
         """The executor a study's `execution` section describes."""
         raise NotImplementedError
+
+    @classmethod
+    def has_gpus(cls, cfg: ExecutionConfig) -> bool:
+        """Whether this executor's workers will hold GPUs (asked only where the plan cannot tell: a cluster
+        elsewhere). By default: this machine's."""
+        return visible_gpus() > 0
 
     def submit(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions], *,
                urgent: bool = False) -> None:
@@ -231,6 +239,35 @@ class LocalExecutor(Executor):
         for worker in self.workers.values():
             worker.close()
         self.workers.clear()
+
+
+def visible_gpus() -> int:
+    """The NVIDIA GPUs a process started here could use, read without importing torch (plans stay light): the
+    driver's device list, narrowed by CUDA_VISIBLE_DEVICES."""
+    found = len(os.listdir("/proc/driver/nvidia/gpus")) if os.path.isdir("/proc/driver/nvidia/gpus") else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return found
+    named = [d for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+    return min(found, len(named))
+
+
+def workers_hold_gpus(cfg: ExecutionConfig, device: str) -> bool:
+    """Whether the workers of a model run on `device` ("auto": a GPU where they get one) will hold a GPU."""
+    if device != "auto":
+        return device.startswith("cuda")
+    if cfg.executor == "ray" and cfg.gpus_per_actor:
+        return True
+    if cfg.address is None:  # this process, or a Ray cluster started on this machine
+        return visible_gpus() > 0
+    return plugins.load(plugins.EXECUTORS, cfg.executor, "executor").has_gpus(cfg)  # a cluster elsewhere: asked
+
+
+def resolve_dtype(dtype: str, device: str, cfg: ExecutionConfig) -> str:
+    """`auto` -> bfloat16 where the workers hold a GPU, else float32; any other dtype as given."""
+    if dtype != AUTO:
+        return dtype
+    return ACCELERATOR_DTYPE if workers_hold_gpus(cfg, device) else CPU_DTYPE
 
 
 def make_executor(cfg: ExecutionConfig) -> Executor:
