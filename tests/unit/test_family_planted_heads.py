@@ -10,7 +10,8 @@ import torch
 
 from study.core.errors import UsageError
 from study.core.heads import parse_heads
-from study.family.train import PLANTED, Recipe, _lora_tensors, confine_to_heads, save_adapter
+from study.family.planted import PLANTED, confine_to_heads
+from study.family.train import Recipe, _lora_tensors, save_adapter
 from study.models.adapters import write_merged
 from tests.tiny_models import random_prompts, tiny_model
 

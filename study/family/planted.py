@@ -1,0 +1,61 @@
+"""Planted heads: confining a LoRA fine-tune to a few named heads, so that the member differs from its base in
+those heads' own slices alone (their query, key and value rows and their output-projection columns)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from study.core.errors import UsageError
+from study.core.heads import Head
+
+# A planted head changes where it looks (its query and key rows), what it reads (its value rows) and what it
+# writes (its output-projection columns). Keys and values are shared by a group of query heads (grouped-query
+# attention): they may change only where every query head of their group is planted.
+PLANTED = ("q_proj", "k_proj", "v_proj", "o_proj")
+PLANTED_HEADS = ("L13H3", "L13H4", "L13H5")  # chosen before training: the query heads of one key-value group
+
+
+def head_masks(heads: Sequence[Head], layer: int, n_heads: int, d_head: int, n_kv: int | None = None):
+    """Which rows of `layer`'s query projection (= columns of its output projection) belong to the planted heads,
+    or with `n_kv`, which rows of its key and value projections (their groups' shared rows).  -> (rows,)"""
+    import torch
+
+    if n_kv is None:
+        mask = torch.zeros(n_heads * d_head)
+        for h in heads:
+            if h.layer == layer:
+                mask[h.head * d_head:(h.head + 1) * d_head] = 1.0
+        return mask
+    per_group = n_heads // n_kv
+    mask = torch.zeros(n_kv * d_head)
+    mine = {h.head for h in heads if h.layer == layer}
+    for g in sorted({h // per_group for h in mine}):
+        group = set(range(g * per_group, (g + 1) * per_group))
+        if not group <= mine:
+            raise UsageError(f"planted heads {sorted(mine)} of layer {layer} share key/value group {g} with query "
+                             f"heads {sorted(group - mine)}: plant the whole group, or train only q_proj and o_proj")
+        mask[g * d_head:(g + 1) * d_head] = 1.0
+    return mask
+
+
+def confine_to_heads(model: Any, heads: Sequence[Head], config: Any) -> None:
+    """Zero the LoRA factors outside the heads' slices and keep them zero: B's rows of q_proj (k_proj, v_proj:
+    the heads' key-value group) and A's columns of o_proj. B A then changes only the heads' own rows and columns
+    (Adam leaves a parameter whose gradient is always zero exactly where it was)."""
+    import torch
+
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    d_head = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    for name, module in model.named_modules():
+        if not name.endswith(PLANTED) or not hasattr(module, "lora_A"):
+            continue
+        layer = int(name.split(".layers.")[1].split(".")[0])
+        if name.endswith("o_proj"):
+            weight, mask = module.lora_A["default"].weight, head_masks(heads, layer, n_heads, d_head)[None, :]
+        else:
+            kv = n_kv if name.endswith(("k_proj", "v_proj")) else None
+            weight, mask = module.lora_B["default"].weight, head_masks(heads, layer, n_heads, d_head, kv)[:, None]
+        with torch.no_grad():
+            weight.mul_(mask)
+        weight.register_hook(lambda grad, m=mask: grad * m)
