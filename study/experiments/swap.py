@@ -108,6 +108,7 @@ class SwapJob(ScanJob):
             self.ablation(self.safety).check(self.shape)
         self.source: SaharaJob | None = None
         self.results: Outcome | None = None
+        self._early: Outcome | None = None  # what needs no safety heads, run while the Sahara group is searched
         self._round: list[AnyShard] = []
 
     def link(self, jobs: Sequence[Job]) -> None:
@@ -133,12 +134,15 @@ class SwapJob(ScanJob):
         return "swaps"
 
     def variants(self) -> list[tuple[Recipe, ModelRef]]:
-        """(recipe, the model it measures): the two references first, then every mixed recipe asked for."""
+        """(recipe, the model it measures): the two references first, then every mixed recipe asked for (those that
+        move safety heads only once the heads are known)."""
         c = self.cfg
         out = [(Recipe.ALIGNED, self.model),
                (Recipe.BASE, ModelRef(name=c.base, revision=self.base_identity.revision, dtype=c.dtype,
                                       fingerprint=self.base_identity.fingerprint))]
         for recipe in c.recipe_list:
+            if recipe.needs_heads and self.safety is None:
+                continue  # known once this run's Sahara group is
             heads = self.safety if recipe.needs_heads else ()
             swap = Swap(recipe=recipe, aligned=c.model, base=c.base, base_revision=self.base_identity.revision,
                         heads=heads, base_fingerprint=self.base_identity.fingerprint)
@@ -167,18 +171,29 @@ class SwapJob(ScanJob):
         return out
 
     def pending(self) -> list[AnyShard]:
+        """Two rounds where the heads come from this run's Sahara job: the generations that need no heads (the
+        references and the whole-module recipes, each its own model to load) start at once, beside the search;
+        the head recipes and the Ships rows follow once the group is known. One round where the heads are given."""
         if self.done:
             return []
         if self.safety is None and self.source is not None:
             if not self.source.done:
-                return []  # waiting for this run's Sahara group
+                if self._early is not None:
+                    return []  # waiting for this run's Sahara group
+                self._round = [s for _, ref in self.variants() for s in self._shards(ref)]  # no heads: no Ships
+                return self._round
             self.safety = tuple(self.source.group[:self.cfg.k or len(self.source.group)])
-        self._round = [s for _, ref in self.variants() for s in self._shards(ref)]
+        early = self._early.tables if self._early is not None else {}
+        self._round = [s for _, ref in self.variants() for s in self._shards(ref) if s.id not in early]
         return self._round
 
     def absorb(self, outcome: Outcome) -> None:
-        if self._round:
-            self.results = outcome
+        if not self._round:
+            return
+        if self.safety is None:
+            self._early = outcome
+        else:
+            self.results = Outcome(tables={**(self._early.tables if self._early else {}), **outcome.tables})
 
     def plan_line(self, shards: Sequence[AnyShard], have: int) -> str:
         c = self.cfg
@@ -187,7 +202,8 @@ class SwapJob(ScanJob):
         if self.benign is not None:
             head += f" (+{len(self.benign)} benign)"
         if self.safety is None and self.source is not None:
-            return f"{head}; safety heads from this run's Sahara group once it is done"
+            return (f"{head}; {len(shards)} shards of the references and whole-module recipes now, the head "
+                    f"recipes once this run's Sahara group is done")
         gens = sum(s.rows for s in shards if isinstance(s, GenShard))
         return (f"{head}: {len(shards)} shards, {gens} generations of up to {self.decoding.max_new_tokens} tokens, "
                 f"{sum(s.rows for s in shards if isinstance(s, Shard))} Ships rows, {have} shards already done")

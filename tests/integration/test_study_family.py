@@ -182,3 +182,43 @@ def test_utility_and_resume_through_the_command_line(family_run, capsys):
     assert "shared top heads across models" in out and "top-3" in out
     manifest = json.loads((root / "run" / "manifest.json").read_text())
     assert set(manifest["derived"]) == {"rankings", "overlap", "specificity", "asr_curve"}
+
+
+def test_swap_generations_that_need_no_heads_start_while_sahara_searches(tmp_path):
+    """The references and the whole-module recipes are models of their own to load and generate with: they are
+    submitted with Sahara's first step, not after its last; the head recipes wait for the group."""
+    from study.core.frozen import build
+    from study.runtime.executor import LocalExecutor
+    from study.spec import StudyConfig
+
+    folders = {k: str(v) for k, v in family_folders(tmp_path / "models").items()}
+
+    class Recording(LocalExecutor):
+        def __init__(self) -> None:
+            super().__init__()
+            self.log: list[tuple[str, str]] = []  # (what, recipe or experiment) per submitted shard, in order
+
+        def _submit(self, shards, options, urgent) -> None:
+            self.log += [(type(s).__name__, s.model.swap.recipe.value if s.model.swap
+                          else "base" if s.model.name == folders["base"] else "aligned") for s in shards]
+            super()._submit(shards, options, urgent)
+
+    harmful, _ = write_prompt_files(tmp_path)
+    study = build(StudyConfig, {
+        "out": str(tmp_path / "run"),
+        "models": [{"name": folders["base"], "role": "base", "experiments": []},
+                   {"name": folders["aligned_a"], "base": folders["base"]}],
+        "defaults": {"prompts": str(harmful), "format": "paper", "limit": 4, "dtype": "float32"},
+        "sahara": {"steps": 2},
+        "swap": {"max_new_tokens": 4, "judges": ["paper"], "k": 2,
+                 "recipes": ["attn-from-base", "heads-from-base"]}})
+    executor = Recording()
+    result = run_study(study, executor=executor)
+    last_sahara = max(i for i, entry in enumerate(executor.log) if entry == ("Shard", "aligned"))  # its last step
+    early = set(executor.log[:last_sahara]) - {("Shard", "aligned")}
+    assert early == {("GenShard", "aligned"), ("GenShard", "base"), ("GenShard", "attn-from-base")}
+    late = set(executor.log[last_sahara + 1:])
+    assert ("GenShard", "heads-from-base") in late and not late & early  # each generation computed once
+    assert ("Shard", "base") in late  # the references' Ships rows need the group
+    swaps = next(t for t in result.job_tables if "swaps" in t)["swaps"].to_pandas()
+    assert set(swaps["recipe"]) == {"aligned", "base", "attn-from-base", "heads-from-base"}
