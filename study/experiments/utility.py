@@ -4,7 +4,8 @@ Perplexity on benign passages (the `utility` table) for the normal model, the he
 run's Sahara group prefixes) and seeded random head sets of the same sizes, in shards like every other
 measure. Over-refusal of the same ablations is in the `asr` table's benign rows. The paper also reports
 lm-eval zero-shot accuracy (BoolQ, RTE, WinoGrande, ARC-Challenge, OpenBookQA): with `lm_eval_tasks` the job
-runs them in the driver (study.experiments.lm_eval), checked at plan time, each failure an error row.
+adds an lm-eval shard per head set (study.generation.lm_eval), run by the model's worker and kept like every
+shard, checked at plan time, each failure an error row.
 Light at import (no torch).
 """
 
@@ -21,11 +22,11 @@ from pydantic import Field, field_validator
 from study.core.heads import parse_heads
 from study.experiments.asr import Arm, dataset_arms
 from study.experiments.base import Job, ScanConfig, ScanJob, _head_labels, require_source
-from study.experiments.lm_eval import LmEvalResult, check_tasks, run_lm_eval
 from study.experiments.sahara import SaharaJob
+from study.generation.lm_eval import LmEvalResult, check_tasks, tasks_digest
 from study.runtime.executor import Outcome
 from study.runtime.schema import make_table
-from study.runtime.shards import Shard, blocks
+from study.runtime.shards import EvalShard, Shard, blocks
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,11 @@ class UtilityJob(ScanJob):
         self.source: SaharaJob | None = None
         self.results: Outcome | None = None
         self.lm_eval = LmEvalResult()
-        self._round: list[Shard] = []
+        self._round: list[Shard | EvalShard] = []
+        self._tasks_digest: str | None = None
         if cfg.lm_eval_tasks:
             check_tasks(cfg.lm_eval_tasks, cfg.lm_eval_include, f"utility on {cfg.model!r}")
+            self._tasks_digest = tasks_digest(cfg.lm_eval_tasks, cfg.lm_eval_include)
         if cfg.heads is not None:
             heads = parse_heads(cfg.heads)
             self.ablation(heads).check(self.shape)
@@ -82,7 +85,7 @@ class UtilityJob(ScanJob):
     def done(self) -> bool:
         return self.results is not None
 
-    def pending(self) -> list[Shard]:
+    def pending(self) -> list[Shard | EvalShard]:
         if self.done:
             return []
         if self.arms is None:
@@ -97,36 +100,38 @@ class UtilityJob(ScanJob):
                              ablations=tuple(abl), measure="nll")
                        for p0 in range(0, len(self.prompts), self.cfg.shard_prompts)
                        for abl in blocks(ablations, self.cfg.shard_heads)]
+        if self.cfg.lm_eval_tasks:  # the normal model and each head set found (not the random controls)
+            c = self.cfg
+            self._round += [EvalShard(model=self.model, ablations=(a.ablation,), tasks=tuple(c.lm_eval_tasks),
+                                      include=None if c.lm_eval_include is None
+                                      else str(Path(c.lm_eval_include).resolve()),  # as an actor sees it
+                                      tasks_digest=self._tasks_digest,
+                                      limit=c.lm_eval_limit) for a in self.arms if a.condition != "random"]
         return self._round
 
     def absorb(self, outcome: Outcome) -> None:
         if self._round:
             self.results = outcome
+            for shard in self._round:
+                if isinstance(shard, EvalShard):
+                    self.lm_eval.add(outcome.table(shard))
 
-    def plan_line(self, shards: Sequence[Shard], have: int) -> str:
+    def plan_line(self, shards: Sequence[Shard | EvalShard], have: int) -> str:
         head = f"  utility {self.cfg.model}: {len(self.prompts)} passages of {self.prompts.name}"
         if self.arms is None:
             return f"{head}, heads from this run's Sahara group once it is done"
-        return (f"{head} x {len(self.arms)} conditions: {len(shards)} shards ({sum(s.rows for s in shards)} "
-                f"passage forwards), {have} already done")
-
-    def finish(self) -> None:
-        if self.cfg.lm_eval_tasks:
-            self.lm_eval = self._run_lm_eval()
-
-    def _run_lm_eval(self) -> LmEvalResult:
-        """The normal model and each found head set (not the random controls), in the driver."""
-        from study.models.loading import load_model
-
-        c = self.cfg
-        lm = load_model(c.model, device=c.device, dtype=c.dtype, revision=self.identity.revision)
-        return run_lm_eval(lm.model, lm.tokenizer, [a for a in self.arms if a.condition != "random"],
-                           c.lm_eval_tasks, c.lm_eval_include, c.lm_eval_limit)
+        evals = [s for s in shards if isinstance(s, EvalShard)]
+        tasks = f", {len(evals)} lm-eval shards ({len(self.cfg.lm_eval_tasks)} tasks each)" if evals else ""
+        return (f"{head} x {len(self.arms)} conditions: {len(shards) - len(evals)} shards "
+                f"({sum(s.rows for s in shards if isinstance(s, Shard))} passage forwards){tasks}, {have} already "
+                f"done")
 
     def tables(self, run_id: str) -> dict[str, pa.Table]:
         nll: dict[str, float] = {}
         tokens: dict[str, int] = {}
         for shard in self._round:
+            if isinstance(shard, EvalShard):
+                continue
             for r in self.results.table(shard).to_pylist():
                 nll[r["ablation"]] = nll.get(r["ablation"], 0.0) + r["nll"]
                 tokens[r["ablation"]] = tokens.get(r["ablation"], 0) + r["n_tokens"]

@@ -41,6 +41,9 @@ RESULT_SCHEMAS: dict[str, pa.Schema] = {
                            pa.field("sample", pa.int32(), False), pa.field("seed", pa.int64(), False),
                            pa.field("token_ids", pa.list_(pa.int32()), False), pa.field("text", pa.string(), False),
                            pa.field("n_tokens", pa.int32(), False)]),
+    "lm_eval": pa.schema([pa.field("ablation", pa.string(), False), pa.field("metric", pa.string(), False),
+                          pa.field("value", pa.float64(), True), pa.field("n", pa.int64(), False),
+                          pa.field("error", pa.string(), True)]),
 }
 
 
@@ -173,7 +176,38 @@ class GenShard(Frozen):
         return RESULT_SCHEMAS[self.measure]
 
 
-AnyShard = Shard | GenShard
+class EvalShard(Frozen):
+    """lm-eval tasks (the paper's zero-shot accuracy) on the model under each ablation, run by the worker that holds
+    the model. `include`: a folder of task YAMLs as the workers see it; its content is in `tasks_digest`."""
+
+    model: ModelRef
+    ablations: tuple[Ablation, ...] = Field(min_length=1)
+    tasks: tuple[str, ...] = Field(min_length=1)
+    include: str | None = None
+    tasks_digest: str  # study.generation.lm_eval.tasks_digest: the tasks, lm-eval's version, the include files
+    limit: int | None = None
+    code_version: str = Field(default_factory=scoring_identity)
+    measure: Literal["lm_eval"] = "lm_eval"
+
+    @property
+    def id(self) -> str:
+        return _digest({
+            "model": self.model.key, "ablations": [a.model_dump(mode="json") for a in self.ablations],
+            "tasks": list(self.tasks), "tasks_digest": self.tasks_digest, "limit": self.limit,
+            "measure": self.measure, "code_version": self.code_version,
+        })
+
+    @property
+    def rows(self) -> int:
+        """(ablation, task) pairs."""
+        return len(self.ablations) * len(self.tasks)
+
+    @property
+    def schema(self) -> pa.Schema:
+        return RESULT_SCHEMAS[self.measure]
+
+
+AnyShard = Shard | GenShard | EvalShard
 
 
 def _digest(obj: object) -> str:

@@ -25,7 +25,7 @@ from study.generation.backends import Generator, backend_class
 from study.generation.decoding import sample_seed
 from study.models.loading import LoadedModel, load_model, load_tokenizer
 from study.prompts.formats import encode
-from study.runtime.shards import AnyShard, GenShard, ModelRef, PromptBlock
+from study.runtime.shards import AnyShard, EvalShard, GenShard, ModelRef, PromptBlock
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,8 @@ class Worker:
             raise ValueError(f"shard for {shard.model.label!r} sent to the worker of {self.ref.label!r}")
         if isinstance(shard, GenShard):
             return self.generate(shard)
+        if isinstance(shard, EvalShard):
+            return self.lm_eval(shard)
         _ = self.lm  # scoring needs the model: load it (with its tokenizer) first, not a tokenizer on its own too
         ids = self.token_ids(shard.prompts)
         labels = [a.label for a in shard.ablations]
@@ -211,6 +213,16 @@ class Worker:
                     nll[a, i:i + len(rows)] = s.double().cpu()
                     count[a, i:i + len(rows)] = n.cpu()
         return nll, count
+
+    def lm_eval(self, shard: EvalShard) -> pa.RecordBatch:
+        """lm-eval's tasks under each ablation (hooks), one row per (ablation, metric), one per failed task."""
+        from study.generation.lm_eval import run_lm_eval
+
+        result = run_lm_eval(self.lm.model, self.lm.tokenizer, shard.ablations, shard.tasks, shard.include,
+                             shard.limit)
+        columns = result.columns()
+        return pa.RecordBatch.from_arrays([pa.array(columns[f.name], f.type) for f in shard.schema],
+                                          schema=shard.schema)
 
     def generate(self, shard: GenShard) -> pa.RecordBatch:
         """One row per (prompt, ablation, sample): token ids, text and the seed that drew them."""

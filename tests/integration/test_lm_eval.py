@@ -75,10 +75,11 @@ def setup(tmp_path_factory):
     return root, str(model), str(tasks)
 
 
-def spec(root, model: str, tasks: str | None, names: list[str]) -> StudyConfig:
-    return build(StudyConfig, dict(out=str(root / "run"), defaults=dict(model=model, dtype="float64"),
+def spec(root, model: str, tasks: str | None, names: list[str], executor: str = "local",
+         out: str = "run") -> StudyConfig:
+    return build(StudyConfig, dict(out=str(root / out), defaults=dict(model=model, dtype="float64"),
                                    utility=dict(heads=HEADS, limit=2, lm_eval_tasks=names, lm_eval_include=tasks),
-                                   execution=dict(executor="local")))
+                                   execution=dict(executor=executor, actors=1)))
 
 
 def loglik(model, tok, context: str, continuation: str) -> tuple[float, int]:
@@ -132,6 +133,28 @@ def test_tasks_from_local_files_run_and_failures_are_kept(setup):
     record = next(j["lm_eval"] for j in manifest["jobs"] if j["experiment"] == "utility")
     assert record["status"] == "failed" and {f["task"] for f in record["failed"]} == {"tiny_broken"}
     assert len(record["failed"]) == 2
+
+
+def test_on_ray_lm_eval_runs_on_the_model_actor_and_a_rerun_reads_it_back(setup, monkeypatch):
+    """The lm-eval shards cross to the model's actor (the driver loads no model) and give the local values; a
+    rerun of the same study computes nothing, lm-eval included."""
+    root, model, tasks = setup
+    names = ["tiny_yesno"]
+    on_ray = run_study(spec(root, model, tasks, names, executor="ray", out="ray-run"))
+    local = run_study(spec(root, model, tasks, names, out="local-run"))
+    for result in (on_ray, local):
+        assert result.computed == 1 + 2  # one perplexity shard (2 passages x 2 head sets), an lm-eval one per set
+    cols = ["condition", "metric", "value", "n"]
+    got = [read_table(r.out, "utility").to_pandas()[cols].sort_values(cols[:2]).reset_index(drop=True)
+           for r in (on_ray, local)]
+    assert got[0].equals(got[1])
+
+    def fail(*args, **kwargs):
+        raise AssertionError("lm-eval ran again")
+
+    monkeypatch.setattr("study.generation.lm_eval.run_lm_eval", fail)
+    again = run_study(spec(root, model, tasks, names, out="local-run"))
+    assert again.computed == 0 and again.reused == local.computed
 
 
 def pd_isnull(value) -> bool:
