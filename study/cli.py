@@ -308,7 +308,8 @@ def _cmd_surgery(args: argparse.Namespace) -> None:
     from study.spec import one_experiment
 
     values = _values(args, ("model", "revision", "heads", "op", "eps", "device", "dtype"))
-    _run(one_experiment("surgery", {**values, "checkpoint": args.out}, {}, args.out), args)
+    # one model, one save: in this process (a study's surgery section runs on its executor, an actor on a cluster)
+    _run(one_experiment("surgery", {**values, "checkpoint": args.out}, {"executor": "local"}, args.out), args)
 
 
 def print_ships(table, top: int) -> None:

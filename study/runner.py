@@ -137,7 +137,7 @@ def _run(plan: Plan, study: StudyConfig, force: bool, executor: Executor | None,
     store = ShardStore(plan.out)
     result = RunOutput(run_id, plan.out, plan.jobs)
     t0 = time.perf_counter()
-    options = {j.model: j.options for j in plan.jobs if isinstance(j, ScanJob)}
+    options = {j.model: j.options for j in plan.jobs}
     # Ray starts only when a shard must be computed, not for a rerun that reads everything back
     rounds = Rounds(plan.jobs, store, options, lambda: executor or make_executor(study.execution), force=force,
                     sources=lambda job: getattr(job, "source", None))

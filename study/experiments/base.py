@@ -199,6 +199,7 @@ class Job(ABC):
             if cfg.planted_heads else planted_heads(cfg.model))
         self.model = ModelRef(name=cfg.model, revision=self.identity.revision, dtype=cfg.dtype,
                               fingerprint=self.identity.fingerprint)
+        self.options = WorkerOptions(device=cfg.device, token_budget=getattr(cfg, "token_budget", None))
 
     @property
     def round_label(self) -> str:
@@ -250,7 +251,6 @@ class ScanJob(Job):
     def __init__(self, cfg: ScanConfig, out: Path) -> None:
         super().__init__(cfg, out)
         self.prompts: PromptSet = load_prompts(cfg.prompts, data_dir=cfg.data_dir, limit=cfg.limit)
-        self.options = WorkerOptions(device=cfg.device, token_budget=cfg.token_budget)
         self.heads: list[Head] = all_heads(self.shape.n_layers, self.shape.n_heads)
         trained = training_ids(cfg.model)
         self.trained_on = sum(p.id in trained for p in self.prompts)

@@ -4,6 +4,8 @@ Config and job.
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,12 @@ from study.core.errors import UsageError
 from study.core.heads import parse_heads
 from study.experiments.base import AblatingConfig, Job
 from study.models.builtin import model_id
+from study.runtime.executor import Outcome
 from study.runtime.runfolder import LOCK_FILE
+from study.runtime.shards import SurgeryShard
 from study.runtime.store import model_slug
+
+log = logging.getLogger(__name__)
 
 
 class SurgeryConfig(AblatingConfig):
@@ -36,7 +42,8 @@ class SurgeryConfig(AblatingConfig):
 
 
 class SurgeryJob(Job):
-    """Save the model with an ablation written into its weights (no shards: a load, an edit, a save)."""
+    """Save the model with an ablation written into its weights: one shard, run by a worker that holds the model
+    (on a cluster, an actor: the checkpoint folder must be storage it can write), which puts the weights back."""
 
     experiment = "surgery"
     cfg: SurgeryConfig
@@ -46,22 +53,43 @@ class SurgeryJob(Job):
         cfg.ablation.check(self.shape)  # heads against the config, before any weight loads
         self.checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else out / "checkpoints" / model_slug(
             model_id(cfg.model))
-        if self.checkpoint.exists() and (not self.checkpoint.is_dir() or any(
-                p.name not in _RUN_FILES for p in self.checkpoint.iterdir())):
-            raise UsageError(f"checkpoint folder {str(self.checkpoint)!r} exists and is not empty: "
-                             f"choose a new --out")
-        self.saved: dict[str, Any] = {}
+        self.saved: dict[str, Any] = self._already_saved()
+        self.shard = SurgeryShard(model=self.model, ablation=cfg.ablation, checkpoint=str(self.checkpoint.resolve()),
+                                  may_hold=_RUN_FILES)
+
+    def _already_saved(self) -> dict[str, Any]:
+        """A checkpoint folder that holds this very surgery (same model content, same ablation) is done: a rerun
+        of the study keeps it. Any other content in it is refused before anything loads."""
+        folder = self.checkpoint
+        if not folder.exists() or (folder.is_dir() and all(p.name in _RUN_FILES for p in folder.iterdir())):
+            return {}
+        try:
+            info = json.loads((folder / "headstudy_surgery.json").read_text())
+        except (OSError, ValueError):
+            info = {}
+        if (info.get("ablation") == self.cfg.ablation.model_dump(mode="json")
+                and info.get("source_fingerprint") == self.identity.fingerprint):
+            log.info("surgery: %s already holds %s of this model: kept", folder, self.cfg.ablation.label)
+            return info
+        raise UsageError(f"checkpoint folder {str(folder)!r} exists and is not empty (and holds no save of this "
+                         f"model with {self.cfg.ablation.label}): choose a new --out")
 
     @property
     def done(self) -> bool:
-        return True  # no shard rounds
+        return bool(self.saved)
 
-    def finish(self) -> None:
-        from study.models.loading import load_model
-        from study.models.surgery import save_ablated
+    @property
+    def round_label(self) -> str:
+        return "surgery"
 
-        lm = load_model(self.cfg.model, device=self.cfg.device, dtype=self.cfg.dtype, revision=self.identity.revision)
-        self.saved = save_ablated(lm, self.cfg.ablation, self.checkpoint, may_hold=_RUN_FILES)
+    def pending(self) -> list[SurgeryShard]:
+        return [] if self.done else [self.shard]
+
+    def absorb(self, outcome: Outcome) -> None:
+        row = outcome.table(self.shard).to_pylist()[0]
+        self.saved = {"source": model_id(self.cfg.model), "ablation": self.cfg.ablation.model_dump(mode="json"),
+                      "source_fingerprint": self.identity.fingerprint,
+                      **{k: row[k] for k in ("label", "edited_parameters", "total_parameters")}}
 
     def summary(self) -> dict[str, Any]:
         return {"checkpoint": str(self.checkpoint), **self.saved}

@@ -13,19 +13,20 @@ from study.core.ablation import Ablation
 from study.core.architectures import Arch
 from study.core.errors import UsageError
 from study.core.files import staging_dir
-from study.core.interventions import edit_weights_inplace
+from study.core.interventions import weights_edited
 from study.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
 
 def save_ablated(lm: LoadedModel, ablation: Ablation, out: str | Path,
-                 may_hold: Collection[str] = ()) -> dict[str, Any]:
-    """Edit `lm.model` in place with `ablation` and save it (with its tokenizer) to `out`, atomically.
+                 may_hold: Collection[str] = (), record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Save `lm.model` with `ablation` written into its weights (and its tokenizer) to `out`, atomically; the
+    model's own weights are put back afterwards, bit for bit.
 
     `out` must be new or empty, or hold only entries named in `may_hold` (a run folder's own files, when the
     checkpoint is the run folder: its lock, its manifests), which stay in it. Returns what was saved (source,
-    ablation, edited and total parameter counts), as also written to `out/headstudy_surgery.json`."""
+    ablation, edited and total parameter counts, and `record`), as also written to `out/headstudy_surgery.json`."""
     out = Path(out)
     if out.exists() and any(p.name not in may_hold for p in out.iterdir()):
         raise UsageError(f"checkpoint folder {str(out)!r} exists and is not empty: choose a new --out")
@@ -35,15 +36,15 @@ def save_ablated(lm: LoadedModel, ablation: Ablation, out: str | Path,
     # (524,288 for a Llama-2-7B head), d_head for a q/k norm's weight; refuses before anything is written
     n_params = sum(part[..., h.head, :].numel() for h in ablation.heads
                    for part in arch.edit_target(lm.model, h.layer, ablation.op).parts)
-    edit_weights_inplace(lm.model, ablation, arch)
     total = sum(p.numel() for p in lm.model.parameters())
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(out.parent, f".{out.name}-")
     try:
-        lm.model.save_pretrained(staging)
+        with weights_edited(lm.model, ablation, arch):
+            lm.model.save_pretrained(staging)
         lm.tokenizer.save_pretrained(staging)
         info = dict(source=lm.model_id, ablation=ablation.model_dump(mode="json"), label=ablation.label,
-                    edited_parameters=n_params, total_parameters=total)
+                    edited_parameters=n_params, total_parameters=total, **(record or {}))
         (staging / "headstudy_surgery.json").write_text(json.dumps(info, indent=2))
         kept = [p.name for p in out.iterdir()] if out.exists() else []
         for name in kept:  # the run folder's own files go along (an open lock keeps its inode, so it holds)

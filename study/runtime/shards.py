@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from typing import Literal, Sequence
 
 import pyarrow as pa
@@ -44,6 +45,9 @@ RESULT_SCHEMAS: dict[str, pa.Schema] = {
     "lm_eval": pa.schema([pa.field("ablation", pa.string(), False), pa.field("metric", pa.string(), False),
                           pa.field("value", pa.float64(), True), pa.field("n", pa.int64(), False),
                           pa.field("error", pa.string(), True)]),
+    "surgery": pa.schema([pa.field("checkpoint", pa.string(), False), pa.field("label", pa.string(), False),
+                          pa.field("edited_parameters", pa.int64(), False),
+                          pa.field("total_parameters", pa.int64(), False)]),
 }
 
 
@@ -207,7 +211,35 @@ class EvalShard(Frozen):
         return RESULT_SCHEMAS[self.measure]
 
 
-AnyShard = Shard | GenShard | EvalShard
+class SurgeryShard(Frozen):
+    """Write `ablation` into the model's weights, save a checkpoint to `checkpoint` (a folder the worker can write:
+    on a cluster, shared storage) and put the weights back. An action, not a cached value: `nonce` (one per plan)
+    keeps a rerun from reading an earlier save back instead of saving again."""
+
+    model: ModelRef
+    ablation: Ablation
+    checkpoint: str
+    may_hold: tuple[str, ...] = ()  # names the checkpoint folder may already hold (a run folder's own files)
+    nonce: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    code_version: str = Field(default_factory=scoring_identity)
+    measure: Literal["surgery"] = "surgery"
+
+    @property
+    def id(self) -> str:
+        return _digest({"model": self.model.key, "ablation": self.ablation.model_dump(mode="json"),
+                        "checkpoint": self.checkpoint, "nonce": self.nonce, "measure": self.measure,
+                        "code_version": self.code_version})
+
+    @property
+    def rows(self) -> int:
+        return 1
+
+    @property
+    def schema(self) -> pa.Schema:
+        return RESULT_SCHEMAS[self.measure]
+
+
+AnyShard = Shard | GenShard | EvalShard | SurgeryShard
 
 
 def _digest(obj: object) -> str:

@@ -25,7 +25,7 @@ from study.generation.backends import Generator, backend_class
 from study.generation.decoding import sample_seed
 from study.models.loading import LoadedModel, load_model, load_tokenizer
 from study.prompts.formats import encode
-from study.runtime.shards import AnyShard, EvalShard, GenShard, ModelRef, PromptBlock
+from study.runtime.shards import AnyShard, EvalShard, GenShard, ModelRef, PromptBlock, SurgeryShard
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,8 @@ class Worker:
             return self.generate(shard)
         if isinstance(shard, EvalShard):
             return self.lm_eval(shard)
+        if isinstance(shard, SurgeryShard):
+            return self.surgery(shard)
         _ = self.lm  # scoring needs the model: load it (with its tokenizer) first, not a tokenizer on its own too
         ids = self.token_ids(shard.prompts)
         labels = [a.label for a in shard.ablations]
@@ -222,6 +224,16 @@ class Worker:
                              shard.limit)
         columns = result.columns()
         return pa.RecordBatch.from_arrays([pa.array(columns[f.name], f.type) for f in shard.schema],
+                                          schema=shard.schema)
+
+    def surgery(self, shard: SurgeryShard) -> pa.RecordBatch:
+        """The checkpoint with the ablation written in; the loaded weights are put back after the save."""
+        from study.models.surgery import save_ablated
+
+        info = save_ablated(self.lm, shard.ablation, shard.checkpoint, may_hold=shard.may_hold,
+                            record={"source_fingerprint": shard.model.fingerprint})
+        values = {"checkpoint": shard.checkpoint, **info}
+        return pa.RecordBatch.from_arrays([pa.array([values[f.name]], f.type) for f in shard.schema],
                                           schema=shard.schema)
 
     def generate(self, shard: GenShard) -> pa.RecordBatch:

@@ -208,6 +208,10 @@ def test_surgery_through_the_runner_saves_a_checkpoint_equal_to_hook_ablation(ti
     torch.testing.assert_close(got, expect, atol=1e-10, rtol=0)
     assert (got - original(input_ids=ids).logits).abs().max() > 1e-4  # the edit changed the model
 
+    saved = (ckpt / "model.safetensors").stat().st_mtime_ns
+    # the same surgery again (a study rerun): kept, not refused and not redone; another one: refused
+    assert main(["surgery", "--model", tiny, "--heads", "L2H1,L0H3", "--dtype", "float64", "--out", str(ckpt)]) == 0
+    assert (ckpt / "model.safetensors").stat().st_mtime_ns == saved
     assert main(["surgery", "--model", tiny, "--heads", "L0H1", "--out", str(ckpt)]) == 2  # not empty
     assert main(["surgery", "--model", tiny, "--heads", "L3H0", "--out", str(tmp_path / "c2")]) == 2
     assert "out of range" in capsys.readouterr().err and not (tmp_path / "c2").exists()

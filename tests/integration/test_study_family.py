@@ -49,6 +49,7 @@ def family_run(tmp_path_factory):
         "asr": {"max_new_tokens": 16, "judges": ["paper", "refusal"], "benign": str(benign), "random_controls": 1},
         "swap": {"max_new_tokens": 16, "judges": ["paper"], "benign": str(benign)},
         "utility": {"limit": 6, "random_controls": 1},
+        "surgery": {"heads": "L1H2,L0H3"},
         "overlap": {"k": 3},
     }
     path = root / "study.yaml"
@@ -59,6 +60,28 @@ def family_run(tmp_path_factory):
 
 def _read(root, table):
     return pd.read_parquet(root / "run" / table)
+
+
+def test_surgery_runs_on_the_models_actor_and_saves_the_edited_weights(family_run):
+    """A study's surgery section is a shard like any other: the model's Ray actor writes the checkpoint (the driver
+    loads no model) and its weights are the model's with the ablation written in."""
+    import torch
+
+    from study.core.ablation import SURGERY_EPS, Ablation
+    from study.core.heads import parse_heads
+    from study.core.interventions import weights_edited
+    from study.models.loading import load_model
+
+    root, folders, _, first = family_run
+    jobs = [j for j in first.jobs if j.experiment == "surgery"]
+    assert {j.cfg.model for j in jobs} == {folders["aligned_a"], folders["aligned_b"]}
+    for job in jobs:
+        assert job.saved["edited_parameters"] > 0 and job.checkpoint.parent == root / "run" / "checkpoints"
+        saved = load_model(str(job.checkpoint)).model.state_dict()
+        original = load_model(job.cfg.model).model
+        with weights_edited(original, Ablation(heads=parse_heads("L1H2,L0H3"), eps=SURGERY_EPS)):
+            want = original.state_dict()
+            assert saved.keys() == want.keys() and all(torch.equal(saved[k], want[k]) for k in want)
 
 
 def test_sahara_finds_planted_heads(family_run):
