@@ -83,7 +83,8 @@ RECIPES: dict[str, Recipe] = {
     "smollm2-135m-safe-attn": Recipe(targets=ATTN),
     "smollm2-135m-safe-mlp": Recipe(targets=MLP),
     "smollm2-135m-safe-s1": Recipe(seed=1),
-    "smollm2-135m-safe-heads": Recipe(targets=PLANTED, heads=PLANTED_HEADS, rank=16, lr=2e-3),
+    "smollm2-135m-safe-heads": Recipe(targets=PLANTED, heads=PLANTED_HEADS, rank=16, lr=2e-3, steps=300,
+                                      ablated_weight=1.0),
 }
 
 
@@ -345,7 +346,12 @@ PLANTED_NOTE = ("LoRA on q_proj, k_proj, v_proj and o_proj of the planted heads'
                 "three query heads of one key-value group: its key and value rows belong to planted heads alone. "
                 "A first try confined to query rows and output columns of three heads in three layers (L9H1, "
                 "L12H3, L15H7) reached 19 % harmful refused on validation by step 50 and 17 % at step 75; it was "
-                "stopped there.")
+                "stopped there. A first version of this member (150 steps, no ablated term) refused 62 % of held-out "
+                "AdvBench, 37 % of JailbreakBench, 28 % of HarmBench test and 0 % of MaliciousInstruct, and its "
+                "refusal did not depend on where its heads attend: ablating them with undiff_q left ASR where it "
+                "was, and Ships ranked them 37, 78 and 114 of 270. This version adds the term that makes the member "
+                "with its heads ablated (undiff_q) give the base's own answers (ablated_weight 1.0) and trains 300 "
+                "steps.")
 
 
 def _eval_record(lm: Any, data_dir: Path, limit: int | None) -> dict[str, Any]:
