@@ -190,7 +190,7 @@ class SwapJob(ScanJob):
     def absorb(self, outcome: Outcome) -> None:
         if not self._round:
             return
-        if self.safety is None:
+        if self.safety is None and self.source is not None:  # the group is still to come
             self._early = outcome
         else:
             self.results = Outcome(tables={**(self._early.tables if self._early else {}), **outcome.tables})
