@@ -96,7 +96,17 @@ class PromptBlock(Frozen):
         return _digest({"ids": self.ids, "format": self.format.value, "system": self.system_prompt})
 
 
-class Shard(Frozen):
+class _Spec(Frozen):
+    """What every shard kind shares: its result rows have the schema of its `measure`."""
+
+    measure: str
+
+    @property
+    def schema(self) -> pa.Schema:
+        return RESULT_SCHEMAS[self.measure]
+
+
+class Shard(_Spec):
     """Score `ablations` on every prompt of `prompts`, starting rows from `base`'s cached residuals.
 
     measure `kl`: KL(normal || ablated) of the next-token distribution per (ablation, prompt).
@@ -132,12 +142,8 @@ class Shard(Frozen):
         """(ablation, prompt) rows of work."""
         return len(self.ablations) * len(self.prompts)
 
-    @property
-    def schema(self) -> pa.Schema:
-        return RESULT_SCHEMAS[self.measure]
 
-
-class GenShard(Frozen):
+class GenShard(_Spec):
     """Generate under ablation: `cross` runs every ablation on every prompt, `zip` gives prompt i its own
     ablation i (query-level experiments: each prompt's own top heads). One row per (pair, sample)."""
 
@@ -175,12 +181,8 @@ class GenShard(Frozen):
     def rows(self) -> int:
         return len(self.pairs()) * self.decoding.samples
 
-    @property
-    def schema(self) -> pa.Schema:
-        return RESULT_SCHEMAS[self.measure]
 
-
-class EvalShard(Frozen):
+class EvalShard(_Spec):
     """lm-eval tasks (the paper's zero-shot accuracy) on the model under each ablation, run by the worker that holds
     the model. `include`: a folder of task YAMLs as the workers see it; its content is in `tasks_digest`."""
 
@@ -206,12 +208,8 @@ class EvalShard(Frozen):
         """(ablation, task) pairs."""
         return len(self.ablations) * len(self.tasks)
 
-    @property
-    def schema(self) -> pa.Schema:
-        return RESULT_SCHEMAS[self.measure]
 
-
-class SurgeryShard(Frozen):
+class SurgeryShard(_Spec):
     """Write `ablation` into the model's weights, save a checkpoint to `checkpoint` (a folder the worker can write:
     on a cluster, shared storage) and put the weights back. An action, not a cached value: `nonce` (one per plan)
     keeps a rerun from reading an earlier save back instead of saving again."""
@@ -233,10 +231,6 @@ class SurgeryShard(Frozen):
     @property
     def rows(self) -> int:
         return 1
-
-    @property
-    def schema(self) -> pa.Schema:
-        return RESULT_SCHEMAS[self.measure]
 
 
 AnyShard = Shard | GenShard | EvalShard | SurgeryShard

@@ -7,17 +7,11 @@ import torch
 from study.core.ablation import Ablation, Op
 from study.core.engine import ACCELERATOR_CACHE_SHARE, ACCELERATOR_TOKEN_BUDGET, ScanEngine, naive_scan
 from study.core.heads import Head, all_heads
-from tests.tiny_models import random_prompts, tiny_model
+from tests.spread_checks import prompts as engine_prompts
+from tests.tiny_models import tiny_model
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a lent GPU machine)")]
-
-
-def _prompts(prefixed: bool) -> list[list[int]]:
-    if not prefixed:
-        return random_prompts(7, lo=2, hi=12, seed=11)
-    system = random_prompts(1, lo=9, hi=9, seed=12)[0]
-    return [system + s for s in random_prompts(6, lo=1, hi=8, seed=13)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma2", "qwen3"])
@@ -27,7 +21,7 @@ def test_engine_equals_naive_on_cuda_float64(arch, prefixed):
     shape = ScanEngine(model, 0).arch.shape
     ablations = [Ablation(heads=(h,), op=op, eps=eps) for op, eps in ((Op.UNDIFF_Q, 1e-5), (Op.SCALE_V, 0.3))
                  for h in all_heads(shape.n_layers, shape.n_heads)]
-    prompts = _prompts(prefixed)
+    prompts = engine_prompts(prefixed)
     fast = ScanEngine(model, 0, pack_tokens=20).scan(prompts, ablations)
     ref = naive_scan(model, prompts, ablations)
     torch.testing.assert_close(fast.kl, ref.kl, atol=1e-9, rtol=0)
@@ -39,14 +33,14 @@ def test_sahara_base_on_cuda_equals_naive():
     model = tiny_model("llama").cuda()
     base = Ablation(heads=(Head(1, 2),))
     cands = [base.with_head(h) for h in all_heads(3, 4) if h not in base.heads]
-    prompts = _prompts(True)
+    prompts = engine_prompts(True)
     fast = ScanEngine(model, 0, keep_bases=True).scan(prompts, cands, base=base)
     torch.testing.assert_close(fast.kl, naive_scan(model, prompts, cands).kl, atol=1e-9, rtol=0)
 
 
 def test_float32_on_cuda_is_within_float32_noise_of_float64():
     model = tiny_model("llama")
-    prompts = _prompts(True)
+    prompts = engine_prompts(True)
     ablations = [Ablation(heads=(h,)) for h in all_heads(3, 4)]
     exact = naive_scan(model, prompts, ablations).kl  # float64 on the CPU
     fast = ScanEngine(model.float().cuda(), 0).scan(prompts, ablations).kl
