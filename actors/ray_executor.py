@@ -101,8 +101,12 @@ class RayExecutor(Executor):
         """A cluster elsewhere (`address`): joined now, so the plan knows whether its actors will hold GPUs."""
         if not cfg.address:
             return super().has_gpus(cfg)
-        connect(cfg)
-        return actor_slots(cfg).num_gpus > 0
+        joined = connect(cfg)
+        try:
+            return actor_slots(cfg).num_gpus > 0
+        finally:
+            if joined:  # leave Ray as it was found: a driver still joined when the cluster stops is ended by Ray
+                ray.shutdown()
 
     def __init__(self, cfg: ExecutionConfig, *, actor_options: dict[str, Any] | None = None) -> None:
         super().__init__()
