@@ -26,10 +26,14 @@ NO_VALUE = ""  # stands for a null key (model_revision, variant) while grouping:
 
 def frame(data: pa.Table | pd.DataFrame, name: str) -> pd.DataFrame:
     """A pandas copy of table `name`, checking it has the declared columns (a user may pass a hand-made frame).
+    Repeated strings held as dictionaries (a run's tables in memory) or categoricals come back as plain values.
 
     ValueError naming the missing columns otherwise.
     """
     df = data.to_pandas() if isinstance(data, pa.Table) else data.copy()
+    for col in df.columns:
+        if isinstance(df[col].dtype, pd.CategoricalDtype):
+            df[col] = df[col].astype(df[col].cat.categories.dtype)
     missing = [c for c in schema_for(name).names if c not in df.columns]
     if missing:
         raise ValueError(f"input table {name!r} lacks columns {missing}: expected the columns of "
@@ -70,8 +74,9 @@ def _column(values: pd.Series, field: pa.Field) -> Any:
 
 
 def to_table(name: str, df: pd.DataFrame) -> pa.Table:
-    """Derived table `name` from a frame holding (at least) its declared columns, validated by make_table."""
+    """Derived table `name` from a frame holding (at least) its declared columns, validated by make_table, in
+    the declared schema (a few rows per model: nothing to compact)."""
     schema = schema_for(name)
     if df.empty:
         return schema.empty_table()
-    return make_table(name, {f.name: _column(df[f.name], f) for f in schema})
+    return make_table(name, {f.name: _column(df[f.name], f) for f in schema}, compact=False)

@@ -16,7 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from study.core.errors import UsageError
 from study.core.frozen import Frozen, build
 from study.experiments.base import ModelConfig
-from study.experiments.registry import EXPERIMENTS, FIXED, OWN_PROMPTS
+from study.experiments.registry import EXPERIMENTS, FIXED, NOT_INHERITED
 from study.models.builtin import check_model_name
 from study.runtime.executor import ExecutionConfig
 
@@ -209,7 +209,7 @@ class StudyConfig(Frozen):
         if not isinstance(section, dict):
             raise UsageError(f"{name}: expected a mapping of keys (or a list of them), got {type(section).__name__}")
         inherit = {k: v for k, v in self.defaults.items() if k in cls.model_fields
-                   and not (k in ("prompts", "limit") and name in OWN_PROMPTS)}
+                   and k not in NOT_INHERITED.get(name, ())}
         values = {**inherit, **section}
         if entry is not None:
             values.update(model=entry.name, **entry.values_for(name, cls))

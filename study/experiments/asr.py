@@ -20,7 +20,6 @@ from typing import Any, Literal, Sequence
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
-from study import __version__
 from study.core.ablation import Ablation
 from study.core.errors import UsageError
 from study.core.heads import Head, labels, parse_heads
@@ -33,7 +32,6 @@ from study.generation.decoding import Decoding
 from study.generation.judges.base import Verdict
 from study.generation.judges.llm import ANSWER_TOKENS, LLMJudge, rubric
 from study.generation.judges.registry import get_judge
-from study.models.builtin import model_id
 from study.models.loading import model_shape
 from study.prompts.formats import PromptFormat
 from study.prompts.sets import PromptSet, load_prompts, prompt_id
@@ -127,6 +125,8 @@ class AsrJob(ScanJob):
         self.source: Job | None = None  # this study's Sahara / Ships job, when the heads come from it
         self.arms: list[Arm] | None = None
         self.results: Outcome | None = None
+        self._early: Outcome | None = None  # the arms that need no searched heads, generated beside the search
+        self._early_shards: list[GenShard] = []
         self._gen_shards: list[GenShard] = []
         self._round: list[GenShard] = []
         if cfg.heads is not None:
@@ -232,20 +232,41 @@ class AsrJob(ScanJob):
         return "asr generation" if self.results is None else "asr judging"
 
     def pending(self) -> list[GenShard]:
+        """Generation, then judging where a judge is a model. Where the heads come from this run's Sahara or
+        Ships job, generation is two rounds: the arms that need no searched heads (the normal model; the planted
+        heads and their random controls) start at once, beside the search, so the model's generation engine
+        starts early too; the searched arms follow once the heads are known."""
         if self.done:
             return []
         if self.results is not None:
             self._round = self._judge_shards()
             return self._round
         if self.arms is None:
-            if self.source is None or not self.source.done:
-                return []  # waiting for this run's Sahara / Ships job
+            if self.source is None:
+                return []
+            if not self.source.done:
+                if self._early is not None:
+                    return []  # waiting for this run's Sahara / Ships job
+                self._round = self._early_shards = self._generation(self._early_arms())
+                return self._round
             self._resolve_linked()
-        self._round = self._shards(self.prompts, self.arms)
-        if self.benign is not None:
-            self._round += self._shards(self.benign, [a for a in self.arms if a.ablation is not None])
-        self._gen_shards = self._round
+        early = {a.label for a in self._early_arms()} if self._early is not None else set()
+        self._round = self._generation([a for a in self.arms if a.label not in early])
+        self._gen_shards = self._early_shards + self._round
+        if not self._round and self._early is not None:  # every arm was known early
+            self.results = self._early
+            return self.pending()
         return self._round
+
+    def _early_arms(self) -> list[Arm]:
+        """The arms of a linked job known before its source is done."""
+        return self._dataset_arms([]) if self.cfg.level == "dataset" else [Arm("normal", 0, ablation=self.ablation())]
+
+    def _generation(self, arms: Sequence[Arm]) -> list[GenShard]:
+        out = self._shards(self.prompts, arms)
+        if self.benign is not None:
+            out += self._shards(self.benign, [a for a in arms if a.ablation is not None])
+        return out
 
     def _judge_shards(self) -> list[GenShard]:
         """The rubric of every generated text, for each llm judge's model (greedy, a few tokens)."""
@@ -298,8 +319,11 @@ class AsrJob(ScanJob):
     def absorb(self, outcome: Outcome) -> None:
         if not self._round:
             return  # this job waited for its source in that round
+        if self.arms is None:  # the early round: the searched heads are still to come
+            self._early = outcome
+            return
         if self.results is None:
-            self.results = outcome
+            self.results = Outcome(tables={**(self._early.tables if self._early else {}), **outcome.tables})
             return
         for judge in self.llm_judges:
             answers: dict[str, str] = {}
@@ -329,8 +353,7 @@ class AsrJob(ScanJob):
         if self.benign is not None:
             sets.append(("benign", self.benign, [a for a in self.arms if a.ablation is not None]))
         for kind, prompts, arms in sets:
-            meta = dict(run_id=run_id, model=model_id(self.cfg.model), model_revision=self.cfg.revision,
-                        dataset=prompts.name, prompt_format=self.cfg.format.value, code_version=__version__)
+            meta = self.meta_values(run_id, dataset=prompts.name)
             flags: dict[tuple[str, str], list[bool]] = {}  # (arm label, judge) -> harmful per generation
             for arm in arms:
                 cond = dict(condition=arm.condition, group_size=arm.group_size, draw=arm.draw, ablation=arm.label)

@@ -33,6 +33,7 @@ from study.models.fingerprint import model_identity
 from study.models.loading import check_device, model_shape
 from study.prompts.formats import PromptFormat, check_system_prompt, parse_format
 from study.prompts.sets import PromptSet, load_prompts
+from study.runtime.columns import constant
 from study.runtime.executor import ExecutionConfig, Outcome, WorkerOptions, resolve_dtype
 from study.runtime.shards import ModelRef, PromptBlock, Shard
 
@@ -261,11 +262,15 @@ class ScanJob(Job):
     def block(self, index: slice = slice(None)) -> PromptBlock:
         return PromptBlock.of(self.prompts, self.cfg.format, self.cfg.system_prompt, index)
 
-    def meta(self, run_id: str, n: int) -> dict[str, list]:
-        """The run metadata columns every table row carries, for n rows."""
-        values = dict(run_id=run_id, model=model_id(self.cfg.model), model_revision=self.cfg.revision,
-                      dataset=self.prompts.name, prompt_format=self.cfg.format.value, code_version=__version__)
-        return {k: [v] * n for k, v in values.items()}
+    def meta_values(self, run_id: str, dataset: str | None = None) -> dict[str, str | None]:
+        """The run metadata every table row carries (`dataset`: another set than the job's prompts)."""
+        return dict(run_id=run_id, model=model_id(self.cfg.model), model_revision=self.cfg.revision,
+                    dataset=dataset or self.prompts.name, prompt_format=self.cfg.format.value,
+                    code_version=__version__)
+
+    def meta(self, run_id: str, n: int) -> dict[str, pa.Array]:
+        """The run metadata columns for n rows, each one value and n indices."""
+        return {k: constant(v, n) for k, v in self.meta_values(run_id).items()}
 
     def ablation(self, heads: tuple[Head, ...] = ()) -> Ablation:
         return Ablation(heads=heads, op=self.cfg.op, eps=self.cfg.eps)

@@ -19,5 +19,8 @@ JOBS: dict[str, type[Job]] = {
     "asr": AsrJob, "swap": SwapJob, "utility": UtilityJob, "surgery": SurgeryJob}
 # generalized Ships is Sahara's first step, every head scored; perplexity reads raw text, not a prompt
 FIXED = {"generalized_ships": {"steps": 1}, "utility": {"format": "direct", "system_prompt": None}}
-# sections whose own prompt set (benign prompts, benign text) and its limit the study's defaults do not replace
-OWN_PROMPTS = ("specificity", "utility")
+# keys of the study's defaults a section does not take: its own prompt set (benign prompts, benign text) and its
+# limit; surgery's eps (1e-10, the paper's saved checkpoint, not the scoring eps the defaults set)
+NOT_INHERITED: dict[str, frozenset[str]] = {"specificity": frozenset({"prompts", "limit"}),
+                                            "utility": frozenset({"prompts", "limit"}),
+                                            "surgery": frozenset({"eps"})}

@@ -121,11 +121,10 @@ class SaharaJob(ScanJob):
         cols.update(layer=[h.layer for h in first.candidates], head=[h.head for h in first.candidates],
                     head_label=[h.label for h in first.candidates], **self._subspace_columns(n),
                     angle_deg=list(first.scores), rank=rank.tolist(), exact=self._exact(first))
-        rows: dict[str, list] = {}
+        rows: dict[str, Any] = self.meta(run_id, sum(len(st.candidates) for st in self.steps))
         for st in self.steps:
             m = len(st.candidates)
-            part = self.meta(run_id, m)
-            part.update(self._subspace_columns(m), step=[st.step] * m, layer=[h.layer for h in st.candidates],
+            part = dict(self._subspace_columns(m), step=[st.step] * m, layer=[h.layer for h in st.candidates],
                         head=[h.head for h in st.candidates], head_label=[h.label for h in st.candidates],
                         group=[[h.label for h in st.group]] * m, score=list(st.scores),
                         chosen=[h == st.chosen for h in st.candidates], exact=self._exact(st))

@@ -15,6 +15,7 @@ from pydantic import Field
 from study.core.ablation import Ablation
 from study.core.ranking import rank_desc, top_union
 from study.experiments.base import ScanJob, ScreenedScanConfig
+from study.runtime.columns import constant, pick
 from study.runtime.executor import Outcome
 from study.runtime.schema import make_table
 from study.runtime.shards import ModelRef, Shard, blocks
@@ -110,16 +111,21 @@ class ShipsJob(ScanJob):
         return kl, exact
 
     def tables(self, run_id: str) -> dict[str, pa.Table]:
-        kl, exact = self.kl_matrix()
+        kl, exact = self.kl_matrix()  # (prompts, heads)
         rank = rank_desc(kl)  # (prompts, heads), 1 = largest KL
         heads, prompts = self.heads, list(self.prompts.prompts)
+        n_p, n_h = kl.shape
         n = kl.size
+        by_prompt = np.repeat(np.arange(n_p), n_h)  # (prompts * heads,) row -> its prompt
+        by_head = np.tile(np.arange(n_h), n_p)  # (prompts * heads,) row -> its head
         cols = self.meta(run_id, n)
-        cols.update(prompt_id=[p.id for p in prompts for _ in heads], prompt=[p.text for p in prompts for _ in heads],
-                    layer=[h.layer for _ in prompts for h in heads], head=[h.head for _ in prompts for h in heads],
-                    head_label=[h.label for _ in prompts for h in heads], op=[self.cfg.op.value] * n,
-                    eps=[self.cfg.eps] * n, kl=kl.flatten().tolist(), rank=rank.flatten().tolist(),
-                    exact=exact.flatten().tolist())
+        cols.update(prompt_id=pick([p.id for p in prompts], by_prompt),
+                    prompt=pick([p.text for p in prompts], by_prompt),
+                    layer=np.array([h.layer for h in heads], np.int32)[by_head],
+                    head=np.array([h.head for h in heads], np.int32)[by_head],
+                    head_label=pick([h.label for h in heads], by_head), op=constant(self.cfg.op.value, n),
+                    eps=np.full(n, self.cfg.eps), kl=kl.reshape(-1), rank=rank.reshape(-1).astype(np.int32),
+                    exact=exact.reshape(-1))
         return {"ships": make_table("ships", cols)}
 
 

@@ -15,7 +15,6 @@ from typing import Any, Sequence
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
-from study import __version__
 from study.core.ablation import Ablation
 from study.core.architectures import check_architecture
 from study.core.errors import UsageError
@@ -229,8 +228,7 @@ class SwapJob(ScanJob):
 
             def row(dataset: str, kind: str, metric: str, judge: str | None, n: int, value: float,
                     lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
-                return dict(run_id=run_id, model=model_id(c.model), model_revision=c.revision, dataset=dataset,
-                            prompt_format=c.format.value, code_version=__version__, aligned=model_id(c.model),
+                return dict(self.meta_values(run_id, dataset=dataset), aligned=model_id(c.model),
                             base=model_id(c.base), recipe=recipe.value, heads=heads, kind=kind, metric=metric,
                             judge=judge, n=n, value=value, ci_low=lo, ci_high=hi)
 

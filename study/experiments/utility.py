@@ -135,7 +135,7 @@ class UtilityJob(ScanJob):
             for r in self.results.table(shard).to_pylist():
                 nll[r["ablation"]] = nll.get(r["ablation"], 0.0) + r["nll"]
                 tokens[r["ablation"]] = tokens.get(r["ablation"], 0) + r["n_tokens"]
-        meta = {k: v[0] for k, v in self.meta(run_id, 1).items()}
+        meta = self.meta_values(run_id)
         rows = []
         normal = {}
         for arm in self.arms:

@@ -4,6 +4,12 @@ One schema per table, so writers cannot drift and readers (the `analysis` packag
 on column names and types. Every table starts with the run metadata columns. Fields are non-nullable unless
 a missing value is meaningful (`model_revision`, `matched_rule`, `p_mcnemar`).
 
+Two forms of one schema: the declared one (plain strings) is what the files hold and `read_table` gives; the
+compact one (`compact_schema`) is how tables are assembled in memory: every top-level string column whose
+values repeat down the table (model, dataset, prompt, head label, op...) is dictionary-encoded, one copy of
+each value and an int32 index per row, so a sweep's Ships rows do not hold the prompt's text once per head.
+Only a generation's `text`, one per row, stays plain.
+
 No torch here: `analysis` imports this module.
 """
 
@@ -29,6 +35,9 @@ __all__ = [
     "TABLES",
     "UTILITY",
     "VERDICTS",
+    "DICT_STRING",
+    "compact_schema",
+    "declared_form",
     "make_table",
     "schema_for",
 ]
@@ -322,6 +331,29 @@ TABLES: dict[str, pa.Schema] = {
 }
 
 
+DICT_STRING = pa.dictionary(pa.int32(), pa.string())
+_UNIQUE_STRINGS = frozenset({"text"})  # one value per row: a dictionary would only add an index
+
+
+def _repeats(field: pa.Field) -> bool:
+    return pa.types.is_string(field.type) and field.name not in _UNIQUE_STRINGS
+
+
+def compact_schema(schema: pa.Schema) -> pa.Schema:
+    """`schema` as tables are held in memory: repeated string columns dictionary-encoded."""
+    return pa.schema([pa.field(f.name, DICT_STRING, nullable=f.nullable) if _repeats(f) else f for f in schema])
+
+
+def declared_form(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A compact (or declared) table in the declared schema: dictionary columns decoded, as files hold them.
+    ValueError unless the table is in one of the two forms of `schema`."""
+    if table.schema.equals(schema, check_metadata=False):
+        return table
+    if not table.schema.equals(compact_schema(schema), check_metadata=False):
+        raise ValueError(f"got:\n{table.schema}\nexpected:\n{schema}\n(or its compact form)")
+    return table.cast(schema)
+
+
 def schema_for(name: str) -> pa.Schema:
     """The declared schema of table `name`; ValueError naming the known tables otherwise."""
     try:
@@ -356,13 +388,22 @@ def _column(table: str, field: pa.Field, values: Any) -> pa.Array | pa.ChunkedAr
         arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise ValueError(f"{where}: cannot convert values: {e}") from None
-    if not _castable(arr.type, field.type):
-        raise ValueError(f"{where}: expected {field.type}, got values of type {arr.type}")
-    if arr.type != field.type:
-        try:
-            arr = arr.cast(field.type, safe=True)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
-            raise ValueError(f"{where}: cannot cast {arr.type} to {field.type}: {e}") from None
+    target = field.type.value_type if pa.types.is_dictionary(field.type) else field.type
+    if pa.types.is_dictionary(arr.type):  # already encoded (study.runtime.columns): its values must fit
+        if not _castable(arr.type.value_type, target):
+            raise ValueError(f"{where}: expected {target}, got values of type {arr.type.value_type}")
+        if arr.type != field.type:
+            arr = arr.cast(field.type) if pa.types.is_dictionary(field.type) else arr.cast(target)
+    else:
+        if not _castable(arr.type, target):
+            raise ValueError(f"{where}: expected {target}, got values of type {arr.type}")
+        if arr.type != target:
+            try:
+                arr = arr.cast(target, safe=True)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+                raise ValueError(f"{where}: cannot cast {arr.type} to {target}: {e}") from None
+        if pa.types.is_dictionary(field.type):
+            arr = arr.dictionary_encode()
     if not field.nullable and arr.null_count:
         raise ValueError(f"{where}: {arr.null_count} null value(s) in a non-nullable column")
     return arr
@@ -381,13 +422,17 @@ def _check_columns(table: str, schema: pa.Schema, got: Sequence[str], what: str 
         raise ValueError(f"table {table!r}: {what} do not match the schema: {'; '.join(parts)}")
 
 
-def make_table(name: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> pa.Table:
-    """Build table `name` from row dicts or a column dict, with exactly the declared columns, order and types.
+def make_table(name: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]], *,
+               compact: bool = True) -> pa.Table:
+    """Build table `name` from row dicts or a column dict (lists, or Arrow arrays such as those of
+    study.runtime.columns), with exactly the declared columns, order and types: in the compact form (repeated
+    strings dictionary-encoded, how results are held in memory) unless `compact` is False.
 
     ValueError (naming the table and the columns) for missing or extra columns, values of the wrong kind,
     lossy casts, or nulls in non-nullable columns. An empty row list gives an empty table.
     """
-    schema = schema_for(name)
+    declared = schema_for(name)
+    schema = compact_schema(declared) if compact else declared
     if isinstance(rows, Mapping):
         columns: Mapping[str, Any] = rows
         _check_columns(name, schema, list(columns))

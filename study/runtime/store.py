@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from study.core.errors import UsageError
 from study.core.files import atomic_path
 from study.runtime.runfolder import STAGING_PREFIX, commit
-from study.runtime.schema import TABLES
+from study.runtime.schema import TABLES, declared_form
 
 log = logging.getLogger(__name__)
 
@@ -161,16 +161,17 @@ class RunWriter:
         `part` names the file (`<part>.parquet`, replacing a file of that name on commit: a rerun of an
         experiment replaces its rows); None gives a new, unique `part-<run_id>-<n>`.
 
-        ValueError unless its schema equals the declared one exactly (names, order, types, nullability).
+        ValueError unless its schema equals the declared one exactly (names, order, types, nullability), or its
+        compact form (`study.runtime.schema.compact_schema`).
         """
         if not self._open:
             raise RuntimeError("RunWriter.write outside its `with` block")
         schema = _schema_of(name)
-        if not table.schema.equals(schema, check_metadata=False):
-            raise ValueError(
-                f"table {name!r} does not match its declared schema (build it with study.runtime.schema.make_table):\n"
-                f"got:\n{table.schema}\nexpected:\n{schema}"
-            )
+        try:
+            table = declared_form(table, schema)  # the file holds plain strings (Parquet dictionary-encodes them)
+        except ValueError as e:
+            raise ValueError(f"table {name!r} does not match its declared schema (build it with "
+                             f"study.runtime.schema.make_table):\n{e}") from None
         for field in schema:
             if not field.nullable and table[field.name].null_count:
                 raise ValueError(f"table {name!r}: nulls in non-nullable column {field.name!r}")

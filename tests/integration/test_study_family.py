@@ -79,7 +79,8 @@ def test_surgery_runs_on_the_models_actor_and_saves_the_edited_weights(family_ru
         assert job.saved["edited_parameters"] > 0 and job.checkpoint.parent == root / "run" / "checkpoints"
         saved = load_model(str(job.checkpoint)).model.state_dict()
         original = load_model(job.cfg.model).model
-        assert job.cfg.ablation == Ablation(heads=parse_heads("L1H2,L0H3"), eps=1e-5)  # the study's default eps
+        # the section's own eps (the paper's 1e-10), not the study's scoring default
+        assert job.cfg.ablation == Ablation(heads=parse_heads("L1H2,L0H3"), eps=1e-10)
         with weights_edited(original, job.cfg.ablation):
             want = original.state_dict()
             assert saved.keys() == want.keys() and all(torch.equal(saved[k], want[k]) for k in want)
@@ -209,9 +210,10 @@ def test_utility_and_resume_through_the_command_line(family_run, capsys):
     assert set(manifest["derived"]) == {"rankings", "overlap", "specificity", "asr_curve"}
 
 
-def test_swap_generations_that_need_no_heads_start_while_sahara_searches(tmp_path):
-    """The references and the whole-module recipes are models of their own to load and generate with: they are
-    submitted with Sahara's first step, not after its last; the head recipes wait for the group."""
+def test_generations_that_need_no_heads_start_while_sahara_searches(tmp_path):
+    """The swaps' references and whole-module recipes are models of their own to load and generate with, and
+    ASR's normal model starts its generation engine: they are submitted with Sahara's first step, not after its
+    last; the head recipes and the group's ASR arms wait for the group, and nothing is generated twice."""
     from study.core.frozen import build
     from study.runtime.executor import LocalExecutor
     from study.spec import StudyConfig
@@ -222,10 +224,16 @@ def test_swap_generations_that_need_no_heads_start_while_sahara_searches(tmp_pat
         def __init__(self) -> None:
             super().__init__()
             self.log: list[tuple[str, str]] = []  # (what, recipe or experiment) per submitted shard, in order
+            self.ablations: list[tuple[str, str, tuple[str, ...]]] = []  # (asr or other, model, labels), in order
 
         def _submit(self, shards, options, urgent) -> None:
             self.log += [(type(s).__name__, s.model.swap.recipe.value if s.model.swap
                           else "base" if s.model.name == folders["base"] else "aligned") for s in shards]
+            # Sahara's steps; ASR's generations (3 tokens; the swap's take 4)
+            self.ablations += [("sahara" if getattr(s, "measure", None) == "angle"
+                                else "asr" if type(s).__name__ == "GenShard" and not s.model.swap
+                                and s.model.name == folders["aligned_a"] and s.decoding.max_new_tokens == 3
+                                else "other", s.model.name, tuple(a.label for a in s.ablations)) for s in shards]
             super()._submit(shards, options, urgent)
 
     harmful, _ = write_prompt_files(tmp_path)
@@ -236,14 +244,23 @@ def test_swap_generations_that_need_no_heads_start_while_sahara_searches(tmp_pat
         "defaults": {"prompts": str(harmful), "format": "paper", "limit": 4, "dtype": "float32"},
         "sahara": {"steps": 2},
         "swap": {"max_new_tokens": 4, "judges": ["paper"], "k": 2,
-                 "recipes": ["attn-from-base", "heads-from-base"]}})
+                 "recipes": ["attn-from-base", "heads-from-base"]},
+        "asr": {"max_new_tokens": 3, "judges": ["paper"], "random_controls": 1}})
     executor = Recording()
     result = run_study(study, executor=executor)
-    last_sahara = max(i for i, entry in enumerate(executor.log) if entry == ("Shard", "aligned"))  # its last step
-    early = set(executor.log[:last_sahara]) - {("Shard", "aligned")}
+    last_sahara = max(i for i, (kind, _, _) in enumerate(executor.ablations) if kind == "sahara")  # its last step
+    swap_log = [e if kind == "other" else None for e, (kind, _, _) in zip(executor.log, executor.ablations)]
+    early = set(swap_log[:last_sahara]) - {None}
     assert early == {("GenShard", "aligned"), ("GenShard", "base"), ("GenShard", "attn-from-base")}
-    late = set(executor.log[last_sahara + 1:])
+    late = set(swap_log[last_sahara + 1:]) - {None}
     assert ("GenShard", "heads-from-base") in late and not late & early  # each generation computed once
     assert ("Shard", "base") in late  # the references' Ships rows need the group
     swaps = next(t for t in result.job_tables if "swaps" in t)["swaps"].to_pandas()
     assert set(swaps["recipe"]) == {"aligned", "base", "attn-from-base", "heads-from-base"}
+    # ASR: the normal model generates beside the search (its engine starts then); the group's arms after it
+    asr_early = {a for kind, who, abl in executor.ablations[:last_sahara] if kind == "asr" for a in abl}
+    asr_late = [a for kind, who, abl in executor.ablations[last_sahara + 1:] if kind == "asr" for a in abl]
+    assert asr_early == {"none"} and "none" not in asr_late
+    assert any(a.startswith("undiff_q") for a in asr_late)
+    asr = next(t for t in result.job_tables if "asr" in t)["asr"].to_pandas()
+    assert set(asr["condition"]) == {"normal", "sahara", "random"} and set(asr["n"]) == {4}

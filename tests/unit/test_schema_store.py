@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from study.core.errors import UsageError
 from study.runtime import schema
-from study.runtime.schema import TABLES, make_table
+from study.runtime.columns import constant, pick
+from study.runtime.schema import TABLES, compact_schema, make_table
 from study.runtime.store import (
     RunWriter,
     config_hash,
@@ -125,11 +127,13 @@ def test_schema_module_does_not_import_torch() -> None:
 def test_make_table_from_rows_and_columns() -> None:
     rows = _ships_rows()
     t = make_table("ships", rows)
-    assert t.schema.equals(schema.SHIPS)
+    assert t.schema.equals(compact_schema(schema.SHIPS))
     assert t.num_rows == 3
     cols = {k: [r[k] for r in rows] for k in reversed(list(rows[0]))}  # column order does not matter
     assert make_table("ships", cols).equals(t)
-    assert make_table("ships", []).schema.equals(schema.SHIPS)
+    assert make_table("ships", []).schema.equals(compact_schema(schema.SHIPS))
+    plain = make_table("ships", rows, compact=False)
+    assert plain.schema.equals(schema.SHIPS) and plain.to_pylist() == t.to_pylist() == rows
     s = make_table("sahara", _sahara_rows())
     assert s["group"].to_pylist() == [[], [], ["L2H26"], ["L2H26"]]
 
@@ -184,12 +188,37 @@ def test_round_trip_two_tables_two_parts(tmp_path: Path) -> None:
     assert not list(out.glob(".staging-*"))
     parts = sorted(p.name for p in (out / "ships" / model_slug(HF)).iterdir())
     assert parts == [f"part-{run_id}-00000.parquet", f"part-{run_id}-00001.parquet"]
-    got = read_table(out, "ships")
+    got = read_table(out, "ships")  # written compact, read back in the declared schema: plain strings
     assert got.schema.equals(schema.SHIPS)
-    assert got.equals(pa.concat_tables([a, b]))
+    assert got.equals(pa.concat_tables([a, b]).cast(schema.SHIPS))
     got_s = read_table(out, "sahara")
     assert got_s.schema.equals(schema.SAHARA)
-    assert got_s.equals(s)
+    assert got_s.equals(s.cast(schema.SAHARA))
+
+
+def test_compact_form_holds_each_repeated_string_once() -> None:
+    """Every top-level string column but a generation's text is dictionary-encoded in memory; built from
+    study.runtime.columns the arrays go in as they are, and equal the same table built from Python rows."""
+    assert compact_schema(schema.SHIPS).field("prompt").type == pa.dictionary(pa.int32(), pa.string())
+    assert compact_schema(schema.GENERATIONS).field("text").type == pa.string()
+    assert compact_schema(schema.SAHARA).field("group").type == pa.list_(pa.string())
+    assert compact_schema(schema.SHIPS).field("model_revision").nullable
+    prompts, heads = ["how to a", "how to b", "how to a"], ["L0H0", "L0H1"]
+    n = len(prompts) * len(heads)
+    by_prompt, by_head = np.repeat(np.arange(3), 2), np.tile(np.arange(2), 3)
+    cols = dict(run_id=constant("r1", n), model=constant(HF, n), model_revision=constant(None, n),
+                dataset=constant("advbench", n), prompt_format=constant("chat", n), code_version=constant("0", n),
+                prompt_id=pick(["p0", "p1", "p2"], by_prompt), prompt=pick(prompts, by_prompt),
+                layer=np.zeros(n, np.int32), head=np.array([0, 1] * 3, np.int32), head_label=pick(heads, by_head),
+                op=constant("undiff_q", n), eps=np.full(n, 1e-5), kl=np.arange(n, dtype=float),
+                rank=np.array([2, 1] * 3, np.int32), exact=np.ones(n, bool))
+    t = make_table("ships", cols)
+    assert len(t["prompt"].chunk(0).dictionary) == 2  # "how to a" stored once for two prompts
+    assert t["model_revision"].null_count == n
+    rows = [{k: (v[i].as_py() if isinstance(v, pa.Array) else v[i].item()) for k, v in cols.items()}
+            for i in range(n)]
+    assert t.to_pylist() == make_table("ships", rows).to_pylist() == rows
+    assert rows[4]["prompt"] == "how to a" and rows[4]["prompt_id"] == "p2" and rows[5]["head_label"] == "L0H1"
 
 
 def test_write_rejects_wrong_schema(tmp_path: Path) -> None:

@@ -125,3 +125,21 @@ def test_benign_sections_keep_their_own_prompts(tmp_path):
     jobs = dict(load_study(spec).jobs())
     assert jobs["specificity"].prompts == "builtin:benign" and jobs["utility"].prompts == "builtin:text"
     assert jobs["specificity"].limit is None and jobs["utility"].format.value == "direct"
+
+
+def test_surgery_keeps_its_own_eps_unless_its_section_sets_one(tmp_path):
+    """The defaults' eps is the scoring one (1e-5); a saved checkpoint is ablated at the paper's 1e-10."""
+    spec = _spec(tmp_path, """
+        models: [org/a]
+        defaults: {eps: 1.0e-5}
+        ships: {}
+        surgery: {heads: L0H1}
+    """)
+    jobs = dict(load_study(spec).jobs())
+    assert jobs["ships"].eps == 1e-5 and jobs["surgery"].eps == 1e-10
+    spec = _spec(tmp_path, """
+        models: [org/a]
+        defaults: {eps: 1.0e-5}
+        surgery: {heads: L0H1, eps: 1.0e-3}
+    """, name="s2.yaml")
+    assert dict(load_study(spec).jobs())["surgery"].eps == 1e-3
