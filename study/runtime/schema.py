@@ -388,22 +388,21 @@ def _column(table: str, field: pa.Field, values: Any) -> pa.Array | pa.ChunkedAr
         arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise ValueError(f"{where}: cannot convert values: {e}") from None
+    # the values' type and the declared one, seen through a dictionary (study.runtime.columns, the compact form)
+    encoded = pa.types.is_dictionary(arr.type)
+    got = arr.type.value_type if encoded else arr.type
     target = field.type.value_type if pa.types.is_dictionary(field.type) else field.type
-    if pa.types.is_dictionary(arr.type):  # already encoded (study.runtime.columns): its values must fit
-        if not _castable(arr.type.value_type, target):
-            raise ValueError(f"{where}: expected {target}, got values of type {arr.type.value_type}")
-        if arr.type != field.type:
-            arr = arr.cast(field.type) if pa.types.is_dictionary(field.type) else arr.cast(target)
-    else:
-        if not _castable(arr.type, target):
-            raise ValueError(f"{where}: expected {target}, got values of type {arr.type}")
-        if arr.type != target:
-            try:
-                arr = arr.cast(target, safe=True)
-            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
-                raise ValueError(f"{where}: cannot cast {arr.type} to {target}: {e}") from None
-        if pa.types.is_dictionary(field.type):
-            arr = arr.dictionary_encode()
+    if not _castable(got, target):
+        raise ValueError(f"{where}: expected {target}, got values of type {got}")
+    if got != target:
+        try:
+            arr = arr.cast(pa.dictionary(arr.type.index_type, target) if encoded else target, safe=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            raise ValueError(f"{where}: cannot cast {got} to {target}: {e}") from None
+    if pa.types.is_dictionary(field.type) and not encoded:
+        arr = arr.dictionary_encode()
+    if arr.type != field.type:  # a dictionary's index type, or a dictionary where plain values are declared
+        arr = arr.cast(field.type)
     if not field.nullable and arr.null_count:
         raise ValueError(f"{where}: {arr.null_count} null value(s) in a non-nullable column")
     return arr
