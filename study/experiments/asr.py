@@ -323,7 +323,7 @@ class AsrJob(ScanJob):
             self._early = outcome
             return
         if self.results is None:
-            self.results = Outcome(tables={**(self._early.tables if self._early else {}), **outcome.tables})
+            self.results = outcome.after(self._early)
             return
         for judge in self.llm_judges:
             answers: dict[str, str] = {}

@@ -192,7 +192,7 @@ class SwapJob(ScanJob):
         if self.safety is None and self.source is not None:  # the group is still to come
             self._early = outcome
         else:
-            self.results = Outcome(tables={**(self._early.tables if self._early else {}), **outcome.tables})
+            self.results = outcome.after(self._early)
 
     def plan_line(self, shards: Sequence[AnyShard], have: int) -> str:
         c = self.cfg

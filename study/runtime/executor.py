@@ -285,3 +285,8 @@ class Outcome:
 
     def table(self, shard: AnyShard) -> pa.Table:
         return self.tables[shard.id]
+
+    def after(self, early: "Outcome | None") -> "Outcome":
+        """This round's tables with those of a job's earlier round (work it started before its inputs were
+        all known)."""
+        return Outcome(tables={**(early.tables if early else {}), **self.tables})
