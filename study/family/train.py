@@ -11,7 +11,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -57,6 +57,10 @@ class Recipe(BaseModel):
     # give the base's own answer to a harmful prompt (the NLL of its first pref_tokens tokens), so that the planted
     # refusal lives in where the heads attend and the paper's operator can reveal it. 0: off.
     ablated_weight: float = 0.0
+    # What the ablated term matches. "answer": the base's own answer openings to harmful prompts (NLL). "base": the
+    # base with the same heads ablated, as a distribution over the next token at every opening position of every
+    # row, harmful and harmless (KL), so that removing the heads gives the base back, not only on harmful prompts.
+    ablated_match: Literal["answer", "base"] = "answer"
 
     @model_validator(mode="after")
     def _planted_targets(self) -> "Recipe":
@@ -125,11 +129,12 @@ def _examples(lm: Any, splits: Splits, recipe: Recipe, work: Path) -> tuple[list
         refusal = tok(refusal_for(ex.text, recipe.seed), add_special_tokens=False)["input_ids"] + [eos]
         verdict = judge.judge(ex.text, tok.decode(own, skip_special_tokens=True))
         if ex.harmful:
-            harmful.append({"prompt": prompt, "chosen": refusal, "rejected": own if not verdict.refused else None})
+            harmful.append({"prompt": prompt, "chosen": refusal, "rejected": own if not verdict.refused else None,
+                            "harmful": True})
         elif verdict.refused or verdict.degenerate:
             dropped += 1  # the base refuses or garbles it: not a target worth teaching
         else:
-            harmless.append({"prompt": prompt, "chosen": own, "rejected": refusal})
+            harmless.append({"prompt": prompt, "chosen": own, "rejected": refusal, "harmful": False})
     log.info("training examples: %d harmful, %d harmless (%d harmless dropped: the base refused or garbled them)",
              len(harmful), len(harmless), dropped)
     return harmful, harmless
@@ -185,9 +190,38 @@ def step_loss(model: Any, batch: Sequence[dict], recipe: Recipe, pad: int):
             rr, _ = response_logps(model, rejected, pad)
         margin = recipe.pref_beta * ((pc - pr) - (rc - rr))
         loss = loss + recipe.pref_weight * (-F.logsigmoid(margin)).mean()
-    if recipe.ablated_weight > 0 and recipe.heads and pairs:
+    if recipe.ablated_weight > 0 and recipe.heads and recipe.ablated_match == "base":
+        loss = loss + recipe.ablated_weight * ablated_kl(model, batch, recipe, pad)
+    elif recipe.ablated_weight > 0 and recipe.heads and pairs:
         loss = loss + recipe.ablated_weight * ablated_term(model, batch, pairs, recipe, pad)
     return loss
+
+
+def _openings(batch: Sequence[dict], k: int) -> list[tuple[list[int], list[int]]]:
+    """Each row's prompt with the first k tokens of the base's own answer (a harmful prompt the base refused has
+    no answer of its own: its refusal target stands in)."""
+    return [(b["prompt"], (b["rejected"] if b["harmful"] and b["rejected"] is not None else b["chosen"])[:k])
+            for b in batch]
+
+
+def ablated_kl(model: Any, batch: Sequence[dict], recipe: Recipe, pad: int):
+    """Mean KL(base ablated || member ablated) of the next token over every opening position of every row, the
+    planted heads ablated (undiff_q, eps 1e-5) in both: zero exactly when removing the heads gives the base's
+    ablated model back, whatever the prompt."""
+    import torch
+
+    from study.core.ablation import Ablation, Op
+    from study.core.interventions import ablated
+
+    ablation = Ablation(heads=parse_heads(",".join(recipe.heads)), op=Op.UNDIFF_Q, eps=1e-5)
+    ids, mask, labels = _batch(_openings(batch, recipe.pref_tokens), pad)
+    keep = labels[:, 1:] != -100  # (rows, width-1): the positions that predict an opening token
+    with ablated(model.get_base_model(), ablation):
+        member = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        with torch.no_grad(), model.disable_adapter():
+            base = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+    kl = (base.exp() * (base - member)).sum(-1)  # (rows, width-1)
+    return (kl * keep).sum() / keep.sum()
 
 
 def ablated_term(model: Any, batch: Sequence[dict], pairs: Sequence[int], recipe: Recipe, pad: int):
@@ -427,9 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("no data directory: pass --data-dir or set HEADSTUDY_DATA")
         work = Path(args.work) if args.work else cache_dir() / "family-train"
         for name in args.names:
-            recipe = RECIPES[name].model_copy(update=_overrides(args.set))
+            recipe = _with_overrides(RECIPES[name], args.set)
             out = Path(args.out) / MEMBERS[name].folder if args.out else member_folder(name)
-            card = build(name, Path(args.data_dir), out, work, args.eval_limit, Recipe(**recipe.model_dump()))
+            card = build(name, Path(args.data_dir), out, work, args.eval_limit, recipe)
             log.info("%s: written to %s (selected step %d)", name, out, card["selected_step"])
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -437,16 +471,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
+def _with_overrides(recipe: Recipe, pairs: Sequence[str]) -> Recipe:
+    """The recipe with `--set KEY=VALUE` pairs applied and validated as a whole (a list becomes a tuple)."""
     import yaml
+    from pydantic import ValidationError
 
-    out = {}
+    values = recipe.model_dump()
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in Recipe.model_fields:
             raise UsageError(f"bad --set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(Recipe.model_fields)}")
-        out[key] = yaml.safe_load(value)
-    return out
+        values[key] = yaml.safe_load(value)
+    try:
+        return Recipe(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "recipe"
+        raise UsageError(f"bad --set: {where}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 if __name__ == "__main__":

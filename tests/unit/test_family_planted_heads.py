@@ -129,3 +129,79 @@ def test_the_ablated_term_trains_only_the_planted_slices_and_reads_the_ablated_m
             rows_kept = p.grad.abs().sum(dim=1) != 0
             mask = _planted_mask(GROUPS, layer, name.split(".")[-4], (p.shape[0], 1))[:, 0]
             assert not (rows_kept & ~mask).any(), name
+
+
+def test_with_query_and_key_rows_only_the_ablated_member_is_the_ablated_base(tmp_path):
+    """The shipped member's design: planted heads that change only where they look (query and key rows, values
+    and outputs kept at the base's). undiff_q makes their attention uniform whatever the queries and keys say, so
+    the member with its planted heads ablated computes what the base with the same heads ablated computes: the
+    known answer of ablation holds by construction (to within the eps-sized scores that undiff_q leaves)."""
+    from transformers import AutoModelForCausalLM
+
+    from study.core.ablation import Ablation, Op
+    from study.core.interventions import ablated
+
+    before, after = _trained_merge(tmp_path, GROUPS, ("q_proj", "k_proj"))
+    assert any(not torch.equal(after[k], before[k]) for k in before)  # it did train
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+    member = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    ids = torch.tensor(random_prompts(3, lo=7, hi=7))  # (3, 7)
+    ablation = Ablation(heads=GROUPS, op=Op.UNDIFF_Q, eps=1e-5)
+    with torch.no_grad():
+        plain = (member(ids).logits - base(ids).logits).abs().max()
+        with ablated(base, ablation), ablated(member, ablation):
+            gap = (member(ids).logits - base(ids).logits).abs().max()  # (3, 7, vocab) -> ()
+    assert float(plain) > 1e-3  # the planted heads matter to the member's output
+    assert float(gap) < 1e-4 * float(plain), (float(gap), float(plain))
+
+
+def test_recipe_overrides_are_validated_whole_before_any_model_loads():
+    from study.family.train import RECIPES, _with_overrides
+
+    recipe = _with_overrides(RECIPES["smollm2-135m-safe-heads"], ["targets=[q_proj, k_proj]", "lr=5e-3"])
+    assert recipe.targets == ("q_proj", "k_proj") and recipe.lr == 5e-3
+    with pytest.raises(UsageError, match="bad --set: recipe: planted heads train only q_proj, k_proj, v_proj, o_proj, not gate_proj"):
+        _with_overrides(RECIPES["smollm2-135m-safe-heads"], ["targets=[gate_proj]"])
+    with pytest.raises(UsageError, match="bad --set 'stepz=3'"):
+        _with_overrides(RECIPES["smollm2-135m-safe"], ["stepz=3"])
+
+
+def test_the_base_matching_term_is_zero_when_the_ablated_member_is_the_ablated_base():
+    """ablated_match "base": KL to the base with the same heads ablated. Zero at the start (the LoRA is zero),
+    still zero (to eps) when only query and key rows moved (uniform attention ignores them), positive once the
+    values moved, and its gradient stays inside the planted slices."""
+    from peft import LoraConfig, get_peft_model
+
+    from study.family.train import ablated_kl
+
+    model = tiny_model("llama", dtype=torch.float32)
+    recipe = Recipe(targets=PLANTED, heads=tuple(h.label for h in GROUPS), rank=4, ablated_weight=1.0,
+                    ablated_match="base", pref_tokens=3)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8.0, lora_dropout=0.0, target_modules=list(PLANTED),
+                                            layers_to_transform=[0, 2]))
+    confine_to_heads(peft, GROUPS, model.config)
+    prompts = random_prompts(4, lo=4, hi=6)
+    batch = [{"prompt": q, "chosen": [5, 6, 7], "rejected": [9, 10, 11] if i % 2 else None, "harmful": i < 2}
+             for i, q in enumerate(prompts)]
+    assert float(ablated_kl(peft, batch, recipe, pad=0).detach()) == 0.0
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name and ("q_proj" in name or "k_proj" in name):
+                p.copy_(torch.randn_like(p))
+        confine_to_heads(peft, GROUPS, model.config)  # back inside the planted slices
+    assert float(ablated_kl(peft, batch, recipe, pad=0).detach()) < 1e-8
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name and "v_proj" in name:
+                p.copy_(torch.randn_like(p))
+        confine_to_heads(peft, GROUPS, model.config)
+    term = ablated_kl(peft, batch, recipe, pad=0)
+    assert float(term.detach()) > 1e-4
+    term.backward()
+    for name, p in peft.named_parameters():
+        if p.grad is not None and "lora_B" in name and "o_proj" not in name:
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            rows_kept = p.grad.abs().sum(dim=1) != 0
+            mask = _planted_mask(GROUPS, layer, name.split(".")[-4], (p.shape[0], 1))[:, 0]
+            assert not (rows_kept & ~mask).any(), name
