@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 from study.core.errors import UsageError
 from study.runtime.executor import ExecutionConfig
+from study.runtime.stopping import keep_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def start_local(**init_kwargs: Any) -> None:
             os.environ[AUTH_TOKEN] = secrets.token_urlsafe(32)
         refresh_auth()
     try:
-        with _local_only():
+        with _local_only(), keep_sigterm():
             ray.init(include_dashboard=False, **init_kwargs)
     except BaseException:
         shutdown()
@@ -223,7 +224,7 @@ def connect(cfg: ExecutionConfig) -> bool:
     token = use_token_if_set()
     check_token(cfg.address, token)
     try:
-        with _local_only(_loopback_only(cfg.address)):
+        with _local_only(_loopback_only(cfg.address)), keep_sigterm():
             ray.init(address=cfg.address, logging_level=logging.WARNING, runtime_env=env)
     except Exception as err:  # ConnectionError, RuntimeError from the GCS client, AuthenticationError
         raise UsageError(join_error(cfg.address, err, token)) from None

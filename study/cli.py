@@ -15,6 +15,7 @@ from study import __version__
 from study.core.ablation import DEFAULT_OP, SCORING_EPS, SURGERY_EPS
 from study.core.errors import RunFailed, UsageError
 from study.models.builtin import DEFAULT_MODEL
+from study.runtime.stopping import Terminated, sigterm_as_interrupt
 
 EXAMPLES = """examples:
   headstudy run                                   the built-in quickstart on a local Ray cluster
@@ -408,19 +409,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        COMMANDS[args.command](args)
+        with sigterm_as_interrupt():
+            COMMANDS[args.command](args)
     except UsageError as err:
         print(f"headstudy: error: {err}", file=sys.stderr)
         return 2
     except RunFailed as err:
         print(f"headstudy: error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated)
         out = _interrupted_out[0]
         kept = (f"finished shards are kept in {out}/shards and the same command resumes from them" if out
                 else "nothing was being written")
-        print(f"headstudy: interrupted: {kept}", file=sys.stderr)
-        return 130
+        what = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        print(f"headstudy: {what}: {kept}", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
     return 0
 
 

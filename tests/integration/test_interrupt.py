@@ -1,4 +1,5 @@
-"""Ctrl-C ends a run with one line that says what was kept and how to resume, and the rerun resumes."""
+"""Ctrl-C, or SIGTERM from a scheduler, ends a run with one line that says what was kept and how to resume, and
+the rerun resumes."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ pytestmark = pytest.mark.slow  # a model folder with the embedded tokenizer
 HEADSTUDY = str(Path(sys.executable).with_name("headstudy"))
 
 
-def test_ctrl_c_is_one_line_keeps_finished_shards_and_the_rerun_resumes(tmp_path):
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"),
+                                           (signal.SIGTERM, 143, "terminated (SIGTERM)")], ids=["ctrl-c", "sigterm"])
+def test_a_stop_is_one_line_keeps_finished_shards_and_the_rerun_resumes(tmp_path, sig, code, word):
     model = tiny_llama_folder(tmp_path / "m", layers=6, heads=8)
     out = tmp_path / "run"
     spec = tmp_path / "spec.yaml"
@@ -28,12 +31,12 @@ def test_ctrl_c_is_one_line_keeps_finished_shards_and_the_rerun_resumes(tmp_path
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list((out / "shards").glob("*.arrow"))) < 3:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last == f"headstudy: interrupted: finished shards are kept in {out}/shards and the same command " \
+    assert last == f"headstudy: {word}: finished shards are kept in {out}/shards and the same command " \
                    f"resumes from them"
     kept = len(list((out / "shards").glob("*.arrow")))
     assert kept >= 3 and not (out / "ships").exists() and not (out / ".headstudy.lock").exists()

@@ -103,3 +103,30 @@ def test_bad_study_specs(spec, needle):
 
     with pytest.raises(UsageError, match=needle):
         build(StudyConfig, spec)
+
+
+def test_sigterm_becomes_an_interrupt_only_over_the_default_handler_and_is_put_back():
+    """The CLI's stop path: SIGTERM raises Terminated (a KeyboardInterrupt) inside the block, the default handler
+    comes back after it, a process's own handler is left alone, and a replaced handler is restored."""
+    import os
+    import signal
+
+    from study.runtime.stopping import Terminated, keep_sigterm, sigterm_as_interrupt
+
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    with pytest.raises(KeyboardInterrupt) as caught:
+        with sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert isinstance(caught.value, Terminated)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    seen = []
+    own = signal.signal(signal.SIGTERM, lambda *_: seen.append(1))
+    try:
+        mine = signal.getsignal(signal.SIGTERM)
+        with sigterm_as_interrupt():
+            assert signal.getsignal(signal.SIGTERM) is mine  # not replaced
+            with keep_sigterm():
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # what ray.init does with its own handler
+            assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, own)
