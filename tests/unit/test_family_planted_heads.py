@@ -62,6 +62,17 @@ def _planted_mask(heads, layer: int, proj: str, shape: torch.Size) -> torch.Tens
     return mask
 
 
+def _assert_gradients_inside(peft, heads) -> None:
+    """Every LoRA B gradient of q, k and v is zero outside the planted heads' rows (o's B is whole-width)."""
+    assert any(p.grad is not None and bool(p.grad.any()) for n_, p in peft.named_parameters() if "lora_B" in n_)
+    for name, p in peft.named_parameters():
+        if p.grad is not None and "lora_B" in name and "o_proj" not in name:
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            rows_kept = p.grad.abs().sum(dim=1) != 0
+            mask = _planted_mask(heads, layer, name.split(".")[-4], (p.shape[0], 1))[:, 0]
+            assert not (rows_kept & ~mask).any(), name
+
+
 @pytest.mark.parametrize("heads,targets", [(HEADS, QO), (GROUPS, PLANTED)], ids=["q-o", "q-k-v-o"])
 def test_only_the_planted_heads_slices_change(tmp_path, heads, targets):
     before, after = _trained_merge(tmp_path, heads, targets)
@@ -122,13 +133,7 @@ def test_the_ablated_term_trains_only_the_planted_slices_and_reads_the_ablated_m
     torch.testing.assert_close(term, (-direct / n).mean())
     assert float((term - (-plain / n).mean()).abs().detach()) > 1e-6  # the ablation reaches the forward
     term.backward()
-    assert any(p.grad is not None and bool(p.grad.any()) for n_, p in peft.named_parameters() if "lora_B" in n_)
-    for name, p in peft.named_parameters():
-        if p.grad is not None and "lora_B" in name and "o_proj" not in name:
-            layer = int(name.split(".layers.")[1].split(".")[0])
-            rows_kept = p.grad.abs().sum(dim=1) != 0
-            mask = _planted_mask(GROUPS, layer, name.split(".")[-4], (p.shape[0], 1))[:, 0]
-            assert not (rows_kept & ~mask).any(), name
+    _assert_gradients_inside(peft, GROUPS)
 
 
 def test_with_query_and_key_rows_only_the_ablated_member_is_the_ablated_base(tmp_path):
@@ -199,9 +204,4 @@ def test_the_base_matching_term_is_zero_when_the_ablated_member_is_the_ablated_b
     term = ablated_kl(peft, batch, recipe, pad=0)
     assert float(term.detach()) > 1e-4
     term.backward()
-    for name, p in peft.named_parameters():
-        if p.grad is not None and "lora_B" in name and "o_proj" not in name:
-            layer = int(name.split(".layers.")[1].split(".")[0])
-            rows_kept = p.grad.abs().sum(dim=1) != 0
-            mask = _planted_mask(GROUPS, layer, name.split(".")[-4], (p.shape[0], 1))[:, 0]
-            assert not (rows_kept & ~mask).any(), name
+    _assert_gradients_inside(peft, GROUPS)
