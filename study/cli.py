@@ -421,9 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = _interrupted_out[0]
         kept = (f"finished shards are kept in {out}/shards and the same command resumes from them" if out
                 else "nothing was being written")
-        what = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
         print(f"headstudy: {what}: {kept}", file=sys.stderr)
-        return 143 if isinstance(stop, Terminated) else 130
+        return code
     return 0
 
 

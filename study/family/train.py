@@ -62,6 +62,13 @@ class Recipe(BaseModel):
     # row, harmful and harmless (KL), so that removing the heads gives the base back, not only on harmful prompts.
     ablated_match: Literal["answer", "base"] = "answer"
 
+    @property
+    def ablation(self):
+        """The planted heads ablated as the ablated term sees them (undiff_q, eps 1e-5)."""
+        from study.core.ablation import Ablation, Op
+
+        return Ablation(heads=parse_heads(",".join(self.heads)), op=Op.UNDIFF_Q, eps=1e-5)
+
     @model_validator(mode="after")
     def _planted_targets(self) -> "Recipe":
         if self.heads:
@@ -190,10 +197,11 @@ def step_loss(model: Any, batch: Sequence[dict], recipe: Recipe, pad: int):
             rr, _ = response_logps(model, rejected, pad)
         margin = recipe.pref_beta * ((pc - pr) - (rc - rr))
         loss = loss + recipe.pref_weight * (-F.logsigmoid(margin)).mean()
-    if recipe.ablated_weight > 0 and recipe.heads and recipe.ablated_match == "base":
-        loss = loss + recipe.ablated_weight * ablated_kl(model, batch, recipe, pad)
-    elif recipe.ablated_weight > 0 and recipe.heads and pairs:
-        loss = loss + recipe.ablated_weight * ablated_term(model, batch, pairs, recipe, pad)
+    if recipe.ablated_weight > 0 and recipe.heads:
+        if recipe.ablated_match == "base":
+            loss = loss + recipe.ablated_weight * ablated_kl(model, batch, recipe, pad)
+        elif pairs:
+            loss = loss + recipe.ablated_weight * ablated_term(model, batch, pairs, recipe, pad)
     return loss
 
 
@@ -210,13 +218,11 @@ def ablated_kl(model: Any, batch: Sequence[dict], recipe: Recipe, pad: int):
     ablated model back, whatever the prompt."""
     import torch
 
-    from study.core.ablation import Ablation, Op
     from study.core.interventions import ablated
 
-    ablation = Ablation(heads=parse_heads(",".join(recipe.heads)), op=Op.UNDIFF_Q, eps=1e-5)
     ids, mask, labels = _batch(_openings(batch, recipe.pref_tokens), pad)
     keep = labels[:, 1:] != -100  # (rows, width-1): the positions that predict an opening token
-    with ablated(model.get_base_model(), ablation):
+    with ablated(model.get_base_model(), recipe.ablation):
         member = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
         with torch.no_grad(), model.disable_adapter():
             base = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
@@ -226,13 +232,11 @@ def ablated_kl(model: Any, batch: Sequence[dict], recipe: Recipe, pad: int):
 
 def ablated_term(model: Any, batch: Sequence[dict], pairs: Sequence[int], recipe: Recipe, pad: int):
     """Mean NLL per token of the base's own answer openings under the member with its planted heads ablated."""
-    from study.core.ablation import Ablation, Op
     from study.core.interventions import ablated
 
-    ablation = Ablation(heads=parse_heads(",".join(recipe.heads)), op=Op.UNDIFF_Q, eps=1e-5)
     k = recipe.pref_tokens
     rows = [(batch[i]["prompt"], batch[i]["rejected"][:k]) for i in pairs]
-    with ablated(model.get_base_model(), ablation):
+    with ablated(model.get_base_model(), recipe.ablation):
         lp, n = response_logps(model, rows, pad)
     return (-lp / n).mean()
 
