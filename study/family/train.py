@@ -61,6 +61,10 @@ class Recipe(BaseModel):
     # base with the same heads ablated, as a distribution over the next token at every opening position of every
     # row, harmful and harmless (KL), so that removing the heads gives the base back, not only on harmful prompts.
     ablated_match: Literal["answer", "base"] = "answer"
+    # The first step at which the ablated term counts: before it the member learns to refuse alone, after it the
+    # term moves that refusal to where ablating the heads removes it (a constraint from the start slows the
+    # refusal down several times).
+    ablated_from: int = Field(default=1, ge=1)
 
     @property
     def ablation(self):
@@ -75,6 +79,9 @@ class Recipe(BaseModel):
             parse_heads(",".join(self.heads))
             if set(self.targets) - set(PLANTED):
                 raise ValueError(f"planted heads train only {', '.join(PLANTED)}, not {', '.join(self.targets)}")
+        if self.ablated_weight > 0 and self.heads and self.ablated_from > self.steps:
+            raise ValueError(f"ablated_from {self.ablated_from} is after the last step ({self.steps}): no step "
+                             f"could be selected")
         return self
 
 
@@ -178,8 +185,9 @@ def response_logps(model: Any, rows: Sequence[tuple[list[int], list[int]]], pad:
     return (logp * keep).sum(-1), keep.sum(-1)
 
 
-def step_loss(model: Any, batch: Sequence[dict], recipe: Recipe, pad: int):
-    """Mean per-example response NLL of the chosen answers, plus the preference term where a rejected exists."""
+def step_loss(model: Any, batch: Sequence[dict], recipe: Recipe, pad: int, step: int = 1):
+    """Mean per-example response NLL of the chosen answers, plus the preference term where a rejected exists,
+    plus (planted heads, from step `ablated_from`) the ablated term."""
     import torch
     import torch.nn.functional as F
 
@@ -197,7 +205,7 @@ def step_loss(model: Any, batch: Sequence[dict], recipe: Recipe, pad: int):
             rr, _ = response_logps(model, rejected, pad)
         margin = recipe.pref_beta * ((pc - pr) - (rc - rr))
         loss = loss + recipe.pref_weight * (-F.logsigmoid(margin)).mean()
-    if recipe.ablated_weight > 0 and recipe.heads:
+    if recipe.ablated_weight > 0 and recipe.heads and step >= recipe.ablated_from:
         if recipe.ablated_match == "base":
             loss = loss + recipe.ablated_weight * ablated_kl(model, batch, recipe, pad)
         elif pairs:
@@ -241,13 +249,24 @@ def ablated_term(model: Any, batch: Sequence[dict], pairs: Sequence[int], recipe
     return (-lp / n).mean()
 
 
-def _validate(lm: Any, val: Sequence[Example]) -> dict[str, float]:
+def _validate(lm: Any, val: Sequence[Example], recipe: Recipe) -> dict[str, float]:
+    """Refusal on the validation split; with an ablated term, also with the planted heads ablated, where a
+    good member refuses as little as the base (the score then subtracts both ablated rates)."""
+    from study.core.interventions import ablated
+
     harm = [e.text for e in val if e.harmful]
     safe = [e.text for e in val if not e.harmful]
     rh, _ = refusal_rate(lm, harm, None, max_new_tokens=24)
     rs, _ = refusal_rate(lm, safe, None, max_new_tokens=24)
-    return {"harmful_refused": round(rh.rate, 4), "harmless_refused": round(rs.rate, 4),
-            "score": round(rh.rate - rs.rate, 4)}
+    out = {"harmful_refused": round(rh.rate, 4), "harmless_refused": round(rs.rate, 4)}
+    score = rh.rate - rs.rate
+    if recipe.ablated_weight > 0 and recipe.heads:
+        with ablated(lm.model, recipe.ablation):
+            ah, _ = refusal_rate(lm, harm, None, max_new_tokens=24)
+            as_, _ = refusal_rate(lm, safe, None, max_new_tokens=24)
+        out |= {"ablated_harmful_refused": round(ah.rate, 4), "ablated_harmless_refused": round(as_.rate, 4)}
+        score -= ah.rate + as_.rate
+    return out | {"score": round(score, 4)}
 
 
 def train(name: str, data_dir: Path, work: Path, recipe: Recipe | None = None,
@@ -290,7 +309,7 @@ def train(name: str, data_dir: Path, work: Path, recipe: Recipe | None = None,
             order_s += rng.sample(range(len(harmless)), len(harmless))
         batch = [harmful[order_h.pop()] for _ in range(recipe.harmful_per_batch)]
         batch += [harmless[order_s.pop()] for _ in range(recipe.harmless_per_batch)]
-        loss = step_loss(model, batch, recipe, pad)
+        loss = step_loss(model, batch, recipe, pad, step)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -298,15 +317,22 @@ def train(name: str, data_dir: Path, work: Path, recipe: Recipe | None = None,
         if step % recipe.eval_every == 0 or step == recipe.steps:
             model.eval()
             with torch.no_grad():
-                val = _validate(inner, splits.val)
+                val = _validate(inner, splits.val, recipe)
             model.train()
             mean = sum(losses[-recipe.eval_every:]) / len(losses[-recipe.eval_every:])
             history.append({"step": step, "loss": round(mean, 4), **val})
-            log.info("step %d/%d  loss %.3f  validation: harmful refused %.0f%%, harmless refused %.0f%%  (%.0f s)",
+            ablated_rates = (f", heads ablated: {100 * val['ablated_harmful_refused']:.0f}% / "
+                             f"{100 * val['ablated_harmless_refused']:.0f}%" if "ablated_harmful_refused" in val else "")
+            log.info("step %d/%d  loss %.3f  validation: harmful refused %.0f%%, harmless refused %.0f%%%s  (%.0f s)",
                      step, recipe.steps, mean, 100 * val["harmful_refused"], 100 * val["harmless_refused"],
-                     time.time() - started)
-            if best is None or val["score"] > best[0]:
+                     ablated_rates, time.time() - started)
+            eligible = not (recipe.ablated_weight > 0 and recipe.heads) or step >= recipe.ablated_from
+            if eligible and (best is None or val["score"] > best[0]):
                 best = (val["score"], step, _lora_tensors(model))
+                # kept as it is found, so a training stopped later still leaves its best adapter behind
+                work.mkdir(parents=True, exist_ok=True)
+                save_adapter(best[2], work / f"best-{name}.safetensors", recipe, MEMBERS[name].base)
+                write_json_atomic(work / f"best-{name}.json", {"step": step, "history": history}, durable=False)
     assert best is not None
     record = {"selected_step": best[1], "history": history, "loss_per_step": losses,
               "train_seconds": round(time.time() - started, 1)}

@@ -3,6 +3,8 @@ loads like the packaged members."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -34,6 +36,11 @@ def test_training_is_deterministic_given_the_seed_and_ships_a_loadable_adapter(s
     assert any(not torch.equal(a[k], c[k]) for k in a if k.endswith("lora_B"))
     assert len(a) == 2 * 7 * 30 and record["selected_step"] == 2 and len(record["loss_per_step"]) == 2
     assert record["history"][0]["step"] == 2 and 0 <= record["history"][0]["harmful_refused"] <= 1
+    # the best adapter so far is on disk as soon as it is found (the last training here: seed 1)
+    from safetensors.torch import load_file
+    kept = load_file(str(tmp_path / "work" / f"best-{MAIN}.safetensors"))
+    assert kept.keys() == c.keys() and all(torch.equal(kept[k], c[k].half()) for k in c)
+    assert json.loads((tmp_path / "work" / f"best-{MAIN}.json").read_text())["step"] == 2
     save_adapter(a, tmp_path / "adapter.safetensors", recipe, "smollm2-135m-instruct")
     pairs, scale, meta = read_adapter(tmp_path / "adapter.safetensors")
     assert len(pairs) == 210 and scale == recipe.alpha / recipe.rank and meta["base"] == "smollm2-135m-instruct"

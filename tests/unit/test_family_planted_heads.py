@@ -177,7 +177,7 @@ def test_the_base_matching_term_is_zero_when_the_ablated_member_is_the_ablated_b
     values moved, and its gradient stays inside the planted slices."""
     from peft import LoraConfig, get_peft_model
 
-    from study.family.train import ablated_kl
+    from study.family.train import ablated_kl, step_loss
 
     model = tiny_model("llama", dtype=torch.float32)
     recipe = Recipe(targets=PLANTED, heads=tuple(h.label for h in GROUPS), rank=4, ablated_weight=1.0,
@@ -203,5 +203,16 @@ def test_the_base_matching_term_is_zero_when_the_ablated_member_is_the_ablated_b
         confine_to_heads(peft, GROUPS, model.config)
     term = ablated_kl(peft, batch, recipe, pad=0)
     assert float(term.detach()) > 1e-4
+    # the step's loss carries the term from `ablated_from` on, and only then
+    late = recipe.model_copy(update={"ablated_from": 3})
+    without = step_loss(peft, batch, late.model_copy(update={"ablated_weight": 0.0}), 0)
+    torch.testing.assert_close(step_loss(peft, batch, late, 0, step=2), without)
+    torch.testing.assert_close(step_loss(peft, batch, late, 0, step=3), without + term)
     term.backward()
     _assert_gradients_inside(peft, GROUPS)
+
+
+def test_the_ablated_term_cannot_start_after_the_last_step():
+    with pytest.raises(ValueError, match="ablated_from 301 is after the last step \\(300\\)"):
+        Recipe(targets=PLANTED, heads=("L1H0",), ablated_weight=1.0, steps=300, ablated_from=301)
+    Recipe(targets=PLANTED, heads=("L1H0",), ablated_weight=0.0, steps=300, ablated_from=301)  # no term: no rule
