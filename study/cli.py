@@ -23,6 +23,8 @@ EXAMPLES = """examples:
   headstudy ships --limit 8 --out runs/ships      Ships of every head on 8 built-in harmful prompts
   headstudy sahara --prompts advbench --data-dir DATA --limit 100 --steps 3 --out runs/sahara
   headstudy asr --from-run runs/sahara --random-controls 3 --judge refusal,paper --out runs/asr
+  headstudy joint --prompts advbench --data-dir DATA --limit 32 --k 3 --seeds 0,1 --out runs/joint
+  headstudy asr --from-run runs/joint --groups joint --random-controls 3 --out runs/asr-joint
   headstudy asr --from-run runs/ships --level query --k 1 --backend vllm --out runs/asr-query
   headstudy surgery --heads L18H8,L7H2 --out ckpt/smollm2-ablated
   headstudy submit quickstart --address http://HEAD:8265 --out /shared/runs/q
@@ -60,6 +62,13 @@ def _screen_args(p: argparse.ArgumentParser, whose: str) -> None:
     p.add_argument("--screen", default=None, help=f"bf16 or fp16: score every head in that precision first, then "
                                                   f"re-score {whose} top --verify-top heads exactly")
     p.add_argument("--verify-top", type=int, default=None, help=f"{whose} top heads re-scored exactly (default 20)")
+
+
+def _int_list(value: str) -> list[int]:
+    try:
+        return [int(x) for x in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {value!r}") from None
 
 
 def _scan_args(p: argparse.ArgumentParser) -> None:
@@ -130,11 +139,30 @@ def parser() -> argparse.ArgumentParser:
     _screen_args(p, "each step's")
     p.add_argument("--min-gain", type=float, default=None, help="stop when a step gains less (degrees)")
 
+    p = sub.add_parser("joint", help="the joint head-group search: every head's gate optimised at once")
+    _scan_args(p)
+    p.add_argument("--objective", default=None, help="refusal (default: the drop of the probability of the "
+                                                     "model's own refusals) or subspace (Sahara's)")
+    p.add_argument("--k", type=int, default=None, help="the group's size, read from the top gates (default 3)")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default 100)")
+    p.add_argument("--lr", type=float, default=None, help="Adam's learning rate on the gates' logits (default 0.1)")
+    p.add_argument("--l1", type=float, default=None, help="the sparsity penalty's weight (default 0.01)")
+    p.add_argument("--sparsity", default=None, help="l1 (default) or hard_concrete")
+    p.add_argument("--init", type=float, default=None, help="every gate's start, in (0, 1) (default 0.1)")
+    p.add_argument("--seeds", type=_int_list, default=None, help="comma-separated seeds, one search each; the "
+                                                                 "group is the best seed's (default 0)")
+    p.add_argument("--rank", type=int, default=None, help="subspace objective: rank r (default 1, the paper)")
+    p.add_argument("--subspace", default=None, help="subspace objective: left (default) or right")
+    p.add_argument("--center", action="store_true", default=None, help="subspace objective: centre first")
+
     p = sub.add_parser("asr", help="generate under ablation and judge: attack success rate with controls")
     _scan_args(p)
     p.add_argument("--heads", default=None, help="a head set to ablate, e.g. L18H8,L7H2")
-    p.add_argument("--from-run", default=None, help="a run folder: its Sahara group (--level dataset) or each "
+    p.add_argument("--from-run", default=None, help="a run folder: its searched groups (--level dataset) or each "
                                                     "prompt's top Ships heads (--level query)")
+    p.add_argument("--groups", type=lambda v: [x.strip() for x in v.split(",")], default=None,
+                   help="--level dataset: comma-separated, whose groups: sahara (default), joint, ships (heads by "
+                        "mean Ships over the prompts)")
     p.add_argument("--level", default=None, help="dataset (default: the group's prefixes of size 1..k) or query")
     p.add_argument("--k", type=int, default=None, help="group sizes 1..k (default: the whole group), or top-k "
                                                        "heads per prompt at --level query (default 1)")
@@ -200,6 +228,8 @@ def _run(study, args: argparse.Namespace) -> None:
             print_ships(tables["ships"], job.cfg.top)
         elif job.experiment == "sahara":
             print_sahara(job)
+        elif job.experiment == "joint":
+            print_joint(tables["joint"], job)
         elif job.experiment == "asr":
             print_asr(tables["asr"], job)
         elif job.experiment == "swap":
@@ -241,8 +271,13 @@ def _cmd_sahara(args: argparse.Namespace) -> None:
     _run(_single(args, ("steps", "rank", "subspace", "center", "min_gain", "screen", "verify_top")), args)
 
 
+def _cmd_joint(args: argparse.Namespace) -> None:
+    _run(_single(args, ("objective", "k", "steps", "lr", "l1", "sparsity", "init", "seeds", "rank", "subspace",
+                        "center")), args)
+
+
 def _cmd_asr(args: argparse.Namespace) -> None:
-    _run(_single(args, ("heads", "from_run", "level", "k", "random_controls", "backend", "decoding", "samples",
+    _run(_single(args, ("heads", "from_run", "groups", "level", "k", "random_controls", "backend", "decoding", "samples",
                         "max_new_tokens", "seed", "judges", "benign")), args)
 
 
@@ -340,6 +375,19 @@ def print_sahara(job) -> None:
     print(f"group: {', '.join(h.label for h in job.group)}")
 
 
+def print_joint(table, job) -> None:
+    """Each seed's group with its exact objective, and the selected one."""
+    df = table.to_pandas()
+    unit = "probability drop" if job.cfg.objective.value == "refusal" else "degrees"
+    print(f"\njoint search on {job.cfg.model} ({job.cfg.objective.value} objective, {unit}; "
+          f"{int(df['prompts_used'].iloc[0])} prompts, {job.cfg.steps} steps):")
+    for seed, g in df.groupby("seed", sort=False):
+        top = g[g["in_group"]].sort_values("rank")
+        heads = "  ".join(f"{r.head_label} gate {r.gate:.2f} -> {r.score:.4g}" for r in top.itertuples())
+        print(f"  seed {seed}{' (selected)' if bool(top['selected'].iloc[0]) else ''}: {heads}")
+    print(f"group: {', '.join(h.label for h in job.group)}")
+
+
 def print_asr(table, job) -> None:
     """Per set and judge: each arm's ASR with its interval, the paired p-value, and what the text became."""
     df = table.to_pandas()
@@ -399,7 +447,8 @@ def print_overlap(table) -> None:
 
 
 COMMANDS = {"run": _cmd_run, "plan": _cmd_plan, "submit": _cmd_submit, "ships": _cmd_ships,
-            "sahara": _cmd_sahara, "asr": _cmd_asr, "surgery": _cmd_surgery, "report": _cmd_report, "models": _cmd_models, "configs": _cmd_configs}
+            "sahara": _cmd_sahara, "joint": _cmd_joint, "asr": _cmd_asr, "surgery": _cmd_surgery,
+            "report": _cmd_report, "models": _cmd_models, "configs": _cmd_configs}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

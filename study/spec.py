@@ -124,6 +124,7 @@ class StudyConfig(Frozen):
     specificity: Section = None
     generalized_ships: Section = None
     sahara: Section = None
+    joint: Section = None
     asr: Section = None
     swap: Section = None
     utility: Section = None

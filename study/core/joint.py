@@ -37,7 +37,8 @@ __all__ = ["JointResult", "group_objective", "joint_search", "top_group"]
 @dataclass(frozen=True)
 class JointResult:
     gates: torch.Tensor  # (layers, heads) float64, the final gates
-    history: tuple[dict[str, float], ...]  # every step: loss, objective, penalty, open (gates > 0.5)
+    history: tuple[dict[str, float], ...]  # every step: loss, objective, penalty, open (gates > 0.5 after it)
+    gate_history: tuple[tuple[float, ...], ...]  # every step's gates after its update, (layers * heads) each
     forward_passes: int  # full-model passes over the prompt batch (each step: one forward and one backward)
     backward_passes: int
 
@@ -172,6 +173,7 @@ def joint_search(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int
     for p in trainable:
         p.requires_grad_(False)
     history: list[dict[str, float]] = []
+    gate_history: list[tuple[float, ...]] = []
     try:
         for step in range(1, settings.steps + 1):
             if settings.sparsity == "hard_concrete":
@@ -186,9 +188,10 @@ def joint_search(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int
             opt.zero_grad()
             loss.backward()
             opt.step()
+            now = _gate_mean(theta.detach(), settings.sparsity)  # (layers, heads)
+            gate_history.append(tuple(now.reshape(-1).tolist()))
             row = {"step": step, "loss": float(loss.detach()), "objective": float(objective.detach()),
-                   "penalty": float(penalty.detach()),
-                   "open": int((g > 0.5).sum())}
+                   "penalty": float(penalty.detach()), "open": int((now > 0.5).sum())}
             history.append(row)
             if on_step:
                 on_step(row)
@@ -198,7 +201,8 @@ def joint_search(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int
     gates = _gate_mean(theta.detach(), settings.sparsity).cpu()
     log.info("joint search: %d steps, top heads %s", settings.steps,
              ", ".join(h.label for h in top_group(gates, 5)))
-    return JointResult(gates, tuple(history), forward_passes=1 + settings.steps, backward_passes=settings.steps)
+    return JointResult(gates, tuple(history), tuple(gate_history), forward_passes=1 + settings.steps,
+                       backward_passes=settings.steps)
 
 
 def group_objective(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int, settings: JointSettings,

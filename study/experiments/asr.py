@@ -2,7 +2,8 @@
 
 Arms (conditions) of one experiment on one model, all judged on the same prompts with the same decoding:
 - `normal`: the model as it is (the baseline every p-value is paired against);
-- `heads`: one given head set; `sahara`: the Sahara group's prefixes of size 1..k (dataset level);
+- `heads`: one given head set; `sahara`, `joint`, `ships`: the prefixes of size 1..k of the Sahara group, of the
+  joint search's group and of the heads by mean Ships over the prompts (dataset level; `groups` picks which);
 - `query`: each prompt's own top-k Ships heads (query level, the paper's 0.04 -> 0.64 experiment);
 - `random`: seeded draws of as many random heads (per group size, or per prompt at query level), so a
   reader sees whether the found heads beat chance.
@@ -25,7 +26,6 @@ from study.core.errors import UsageError
 from study.core.heads import Head, labels, parse_heads
 from study.core.stats import mcnemar_exact, wilson
 from study.experiments.base import GeneratingConfig, Job, ScanJob, _head_labels, require_source
-from study.experiments.sahara import SaharaJob
 from study.experiments.ships import ShipsJob
 from study.generation.backends import check_vllm_model
 from study.generation.decoding import Decoding
@@ -54,6 +54,8 @@ class AsrConfig(GeneratingConfig):
     k: int | None = Field(default=None, ge=1)  # dataset: group sizes 1..k (default all steps); query: top-k (1)
     random_controls: int = Field(default=0, ge=0)  # seeded draws of as many random heads, per group size
     planted: bool = True  # a model with known `planted_heads`: ablate them too, as condition `planted`
+    # dataset level: whose groups (each an arm per prefix size, sharing the normal model and the random controls)
+    groups: list[Literal["sahara", "joint", "ships"]] = Field(default_factory=lambda: ["sahara"], min_length=1)
 
     @field_validator("heads")
     @classmethod
@@ -64,6 +66,8 @@ class AsrConfig(GeneratingConfig):
     def _sources(self) -> "AsrConfig":
         if self.heads is not None and self.from_run is not None:
             raise UsageError("asr: give heads or from_run, not both")
+        if len(set(self.groups)) != len(self.groups):
+            raise UsageError(f"asr: groups {self.groups} names one twice: list each of sahara, joint, ships once")
         return self
 
 
@@ -122,7 +126,7 @@ class AsrJob(ScanJob):
         self.benign: PromptSet | None = None
         if cfg.benign is not None and cfg.level == "dataset":
             self.benign = load_prompts(cfg.benign, data_dir=cfg.data_dir, limit=cfg.benign_limit or cfg.limit)
-        self.source: Job | None = None  # this study's Sahara / Ships job, when the heads come from it
+        self.sources: list[Job] = []  # this study's searches the heads come from (dataset: `groups`; query: Ships)
         self.arms: list[Arm] | None = None
         self.results: Outcome | None = None
         self._early: Outcome | None = None  # the arms that need no searched heads, generated beside the search
@@ -142,10 +146,10 @@ class AsrJob(ScanJob):
         """Take the heads from this study's own Sahara (dataset) or Ships (query) job of the same model."""
         if self.arms is not None:
             return
-        section = "sahara" if self.cfg.level == "dataset" else "ships"
-        self.source = require_source(jobs, section, self.cfg, (
+        sections = self.cfg.groups if self.cfg.level == "dataset" else ["ships"]
+        self.sources = [require_source(jobs, section, self.cfg, (
             f"asr on {self.cfg.model!r} has no heads: give heads or from_run, or add a {section} section to the "
-            f"study (level {self.cfg.level} takes its heads from it)"))
+            f"study (level {self.cfg.level} takes its heads from it)")) for section in sections]
 
     @property
     def condition(self) -> dict[str, Any]:
@@ -156,14 +160,31 @@ class AsrJob(ScanJob):
         if not run.is_dir():
             raise UsageError(f"--from-run {str(run)!r} is not a run folder")
         if self.cfg.level == "dataset":
-            t = self._one_search(run, "sahara", ("dataset", "prompt_format", "op", "eps", "subspace", "rank_r",
-                                                 "centered"))
-            t = t[t["run_id"] == t["run_id"].iloc[-1]] if t["run_id"].nunique() > 1 else t
-            chosen = t[t["chosen"]].sort_values("step")
-            return self._sahara_arms([Head(int(r.layer), int(r.head)) for r in chosen.itertuples()])
+            return self._dataset_arms([arm for name in self.cfg.groups
+                                       for arm in self._prefixes(name, self._group_from_run(run, name))])
         t = self._one_search(run, "ships", ("dataset", "prompt_format", "op", "eps"))
         return self._query_arms({pid: [Head(int(r.layer), int(r.head)) for r in g.sort_values("rank").itertuples()]
                                  for pid, g in t.groupby("prompt_id")}, f"--from-run {run}")
+
+    def _group_from_run(self, run: Path, name: str) -> list[Head]:
+        """The `name` search's group in `run`, in its order (ships: every head by mean KL over the prompts)."""
+        if name == "ships":
+            t = self._one_search(run, "ships", ("dataset", "prompt_format", "op", "eps"))
+            t = t[t["run_id"] == t["run_id"].iloc[-1]] if t["run_id"].nunique() > 1 else t
+            mean = t.groupby(["layer", "head"])["kl"].mean().reset_index()
+            mean = mean.sort_values(["kl", "layer", "head"], ascending=[False, True, True], kind="stable")
+            return [Head(int(r.layer), int(r.head)) for r in mean.itertuples()]
+        if name == "joint":
+            t = self._one_search(run, "joint", ("dataset", "prompt_format", "op", "eps", "objective", "sparsity",
+                                                "subspace", "rank_r", "centered"))
+            t = t[t["run_id"] == t["run_id"].iloc[-1]] if t["run_id"].nunique() > 1 else t
+            chosen = t[t["selected"] & t["in_group"]].sort_values("rank")
+            return [Head(int(r.layer), int(r.head)) for r in chosen.itertuples()]
+        t = self._one_search(run, "sahara", ("dataset", "prompt_format", "op", "eps", "subspace", "rank_r",
+                                             "centered"))
+        t = t[t["run_id"] == t["run_id"].iloc[-1]] if t["run_id"].nunique() > 1 else t
+        chosen = t[t["chosen"]].sort_values("step")
+        return [Head(int(r.layer), int(r.head)) for r in chosen.itertuples()]
 
     def _one_search(self, run: Path, table: str, keys: tuple[str, ...]) -> Any:
         """The rows of `run`'s `table` for this model of the one search to take heads from: the same operator,
@@ -191,18 +212,29 @@ class AsrJob(ScanJob):
         return next(iter(groups.values()))
 
     def _resolve_linked(self) -> None:
-        if isinstance(self.source, SaharaJob):
-            self.arms = self._sahara_arms(list(self.source.group))
-        else:
-            job: ShipsJob = self.source
-            kl, _ = job.kl_matrix()  # (prompts, heads)
-            order = (-kl).argsort(axis=1, kind="stable")
-            self.arms = self._query_arms({p.id: [job.heads[j] for j in order[i]]
-                                          for i, p in enumerate(job.prompts.prompts)}, "this run's ships")
+        if self.cfg.level == "dataset":
+            self.arms = self._dataset_arms([arm for name, job in zip(self.cfg.groups, self.sources)
+                                            for arm in self._prefixes(name, self._group_of(job))])
+            return
+        job: ShipsJob = self.sources[0]
+        kl, _ = job.kl_matrix()  # (prompts, heads)
+        order = (-kl).argsort(axis=1, kind="stable")
+        self.arms = self._query_arms({p.id: [job.heads[j] for j in order[i]]
+                                      for i, p in enumerate(job.prompts.prompts)}, "this run's ships")
 
-    def _sahara_arms(self, group: list[Head]) -> list[Arm]:
-        size = min(self.cfg.k or len(group), len(group))
-        return self._dataset_arms([("sahara", tuple(group[:s])) for s in range(1, size + 1)])
+    @staticmethod
+    def _group_of(job: Job) -> list[Head]:
+        """A search job's group in its order (Ships: every head by mean KL over its prompts)."""
+        if isinstance(job, ShipsJob):
+            kl, _ = job.kl_matrix()  # (prompts, heads)
+            order = (-kl.mean(axis=0)).argsort(kind="stable")
+            return [job.heads[j] for j in order]
+        return list(job.group)
+
+    def _prefixes(self, name: str, group: list[Head]) -> list[tuple[str, tuple[Head, ...]]]:
+        """The arms of a group's prefixes 1..k (k: the setting, else the whole group; Ships' ranking: 3)."""
+        size = min(self.cfg.k or (3 if name == "ships" else len(group)), len(group))
+        return [(name, tuple(group[:s])) for s in range(1, size + 1)]
 
     def _dataset_arms(self, found: list[tuple[str, tuple[Head, ...]]]) -> list[Arm]:
         planted = [("planted", self.planted)] if self.cfg.planted and self.planted else []
@@ -242,9 +274,9 @@ class AsrJob(ScanJob):
             self._round = self._judge_shards()
             return self._round
         if self.arms is None:
-            if self.source is None:
+            if not self.sources:
                 return []
-            if not self.source.done:
+            if not all(job.done for job in self.sources):
                 if self._early is not None:
                     return []  # waiting for this run's Sahara / Ships job
                 self._round = self._early_shards = self._generation(self._early_arms())
@@ -307,7 +339,7 @@ class AsrJob(ScanJob):
         if self.benign is not None:
             head += f" (+{len(self.benign)} benign)"
         if self.arms is None:
-            source = "Sahara group" if c.level == "dataset" else "Ships top heads"
+            source = ("groups of " + ", ".join(c.groups)) if c.level == "dataset" else "Ships top heads"
             planted = (f" and its planted heads {','.join(labels(self.planted))}"
                        if c.planted and self.planted and c.level == "dataset" else "")
             return (f"{head}, heads from this run's {source} once it is done{planted}; {dec.label}, "

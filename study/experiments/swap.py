@@ -10,7 +10,7 @@ aligned model. The `swaps` table holds one row per (recipe, prompt kind, metric,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
@@ -22,7 +22,6 @@ from study.core.heads import Head, parse_heads
 from study.core.stats import wilson
 from study.experiments.asr import count_verdicts
 from study.experiments.base import GeneratingConfig, Job, ScanJob, _head_labels, require_source
-from study.experiments.sahara import SaharaJob
 from study.generation.judges.registry import get_judge, is_llm_judge
 from study.models.builtin import check_model_name, model_id
 from study.models.fingerprint import model_identity
@@ -38,14 +37,15 @@ class SwapConfig(GeneratingConfig):
     """Base-weight swaps between an aligned model (`model`) and its `base`: each recipe's mixed model is
     generated with and judged on the harmful and benign prompts, and its safety heads scored (Ships).
 
-    The safety heads the head recipes move are `heads`, else the first `k` of this run's Sahara group of the
-    aligned model."""
+    The safety heads the head recipes move are `heads`, else the first `k` of this run's group of the aligned
+    model from its `search` (Sahara's or the joint search's)."""
 
     base: str
     base_revision: str | None = None
     recipes: list[str] = Field(default_factory=lambda: [r.value for r in MIXED_RECIPES], min_length=1)
     heads: str | None = None
     k: int | None = Field(default=None, ge=1)
+    search: Literal["sahara", "joint"] = "sahara"
 
     @field_validator("heads")
     @classmethod
@@ -105,7 +105,7 @@ class SwapJob(ScanJob):
         if cfg.heads is not None:
             self.safety = parse_heads(cfg.heads)
             self.ablation(self.safety).check(self.shape)
-        self.source: SaharaJob | None = None
+        self.source: Job | None = None
         self.results: Outcome | None = None
         self._early: Outcome | None = None  # what needs no safety heads, run while the Sahara group is searched
         self._round: list[AnyShard] = []
@@ -114,9 +114,9 @@ class SwapJob(ScanJob):
         """Take the safety heads from this study's Sahara job of the aligned model, unless given."""
         if self.safety is not None or not any(Recipe(r).needs_heads for r in self.cfg.recipes):
             return
-        self.source = require_source(jobs, "sahara", self.cfg, (
-            f"swap on {self.cfg.model!r} has no safety heads: give heads, or add a sahara section (the head "
-            f"recipes move its group)"))
+        self.source = require_source(jobs, self.cfg.search, self.cfg, (
+            f"swap on {self.cfg.model!r} has no safety heads: give heads, or add a {self.cfg.search} section (the "
+            f"head recipes move its group)"))
 
     @property
     def condition(self) -> dict[str, Any]:

@@ -58,7 +58,7 @@ class StudyProgress:
     an ETA covers the work submitted so far. On a terminal, a bar per model and unit; elsewhere (logs, CI,
     Ray job logs), a line per model with work in progress every `every` seconds."""
 
-    UNITS = {"generate": "text"}  # a shard measure -> its unit (every scoring measure counts rows)
+    UNITS = {"generate": "text", "joint": "step"}  # a shard measure -> its unit (every scoring measure counts rows)
 
     def __init__(self, tty: bool | None = None, every: float = 15.0) -> None:
         self.tty = sys.stderr.isatty() if tty is None else tty

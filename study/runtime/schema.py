@@ -25,6 +25,8 @@ __all__ = [
     "ASR_CURVE",
     "GENERATIONS",
     "HEAD_SCORES",
+    "JOINT",
+    "JOINT_STEPS",
     "META_COLUMNS",
     "OVERLAP",
     "RANKINGS",
@@ -302,6 +304,47 @@ ASR_CURVE = _schema(
     ],
 )
 
+_JOINT_RUN: list[pa.Field] = [
+    _f("objective", pa.string()),  # refusal | subspace
+    _f("sparsity", pa.string()),  # l1 | hard_concrete
+    _f("steps", pa.int32()),
+    _f("lr", pa.float64()),
+    _f("l1", pa.float64()),
+]
+
+JOINT = _schema(  # one row per (seed, head): the joint search's final gates
+    _META,
+    _ABLATION,
+    _SUBSPACE,
+    _JOINT_RUN,
+    [_f("seed", pa.int32())],
+    _HEAD,
+    [
+        _f("gate", pa.float64()),  # 0 normal .. 1 ablated, after the last step
+        _f("rank", pa.int32()),  # 1 = largest gate of this seed
+        _f("group", pa.list_(pa.string())),  # this seed's top-k heads, largest gate first
+        _f("in_group", pa.bool_()),
+        _f("selected", pa.bool_()),  # this seed's group is the search's (its k-group's exact objective is largest)
+        # rank <= k: the exact objective of the heads ranked 1..rank ablated outright (refusal: the drop of the
+        # openings' probability; subspace: generalized Ships, degrees); null below the group
+        _f("score", pa.float64(), nullable=True),
+        _f("prompts_used", pa.int32()),  # refusal: the prompts the model refused, searched on; else all
+    ],
+)
+
+JOINT_STEPS = _schema(  # one row per (seed, optimisation step)
+    _META,
+    [
+        _f("objective", pa.string()),
+        _f("seed", pa.int32()),
+        _f("step", pa.int32()),  # 1-based
+        _f("loss", pa.float64()),  # penalty - value
+        _f("value", pa.float64()),  # the smooth objective the step maximised (refusal: log(1 - p) gained)
+        _f("penalty", pa.float64()),
+        _f("open", pa.int32()),  # gates above 0.5 after the step
+    ],
+)
+
 UTILITY = _schema(
     _META,  # `dataset`: the text the perplexity is measured on
     _CONDITION,
@@ -319,6 +362,8 @@ TABLES: dict[str, pa.Schema] = {
     "ships": SHIPS,
     "head_scores": HEAD_SCORES,
     "sahara": SAHARA,
+    "joint": JOINT,
+    "joint_steps": JOINT_STEPS,
     "generations": GENERATIONS,
     "verdicts": VERDICTS,
     "asr": ASR,

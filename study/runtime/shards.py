@@ -21,6 +21,7 @@ from pydantic import Field
 
 from study.core.ablation import Ablation
 from study.core.frozen import Frozen
+from study.core.joint_spec import JointSettings
 from study.core.subspace import SubspaceSpec
 from study.generation.backends import check_backend
 from study.generation.decoding import Decoding
@@ -45,6 +46,12 @@ RESULT_SCHEMAS: dict[str, pa.Schema] = {
     "lm_eval": pa.schema([pa.field("ablation", pa.string(), False), pa.field("metric", pa.string(), False),
                           pa.field("value", pa.float64(), True), pa.field("n", pa.int64(), False),
                           pa.field("error", pa.string(), True)]),
+    "joint": pa.schema([pa.field("step", pa.int32(), False), pa.field("loss", pa.float64(), False),
+                        pa.field("objective", pa.float64(), False), pa.field("penalty", pa.float64(), False),
+                        pa.field("open", pa.int32(), False), pa.field("gates", pa.list_(pa.float64()), False),
+                        # the last step only: the exact objective of the top 1..k gates ablated outright
+                        pa.field("exact", pa.list_(pa.float64()), True),
+                        pa.field("prompts_used", pa.int32(), False)]),
     "surgery": pa.schema([pa.field("checkpoint", pa.string(), False), pa.field("label", pa.string(), False),
                           pa.field("edited_parameters", pa.int64(), False),
                           pa.field("total_parameters", pa.int64(), False)]),
@@ -233,7 +240,35 @@ class SurgeryShard(_Spec):
         return 1
 
 
-AnyShard = Shard | GenShard | EvalShard | SurgeryShard
+class JointShard(_Spec):
+    """One joint head-group search (`study.core.joint`, one seed) on `prompts`: one row per optimisation step
+    (`steps` rows), every head's gates after it; the last row also holds the exact objective of the top 1..k
+    heads ablated outright. With the refusal objective, the prompts searched on are those the model refuses
+    (its greedy answer of `answer_tokens`, the `refusal` judge) and each one's target is its answer's first
+    `opening_tokens` tokens."""
+
+    model: ModelRef
+    prompts: PromptBlock
+    settings: JointSettings
+    k: int = Field(ge=1)
+    opening_tokens: int = Field(default=4, ge=1)
+    answer_tokens: int = Field(default=24, ge=1)
+    code_version: str = Field(default_factory=scoring_identity)
+    measure: Literal["joint"] = "joint"
+
+    @property
+    def id(self) -> str:
+        return _digest({"model": self.model.key, "prompts": self.prompts.key,
+                        "settings": self.settings.model_dump(mode="json"), "k": self.k,
+                        "opening_tokens": self.opening_tokens, "answer_tokens": self.answer_tokens,
+                        "measure": self.measure, "code_version": self.code_version})
+
+    @property
+    def rows(self) -> int:
+        return self.settings.steps
+
+
+AnyShard = Shard | GenShard | EvalShard | SurgeryShard | JointShard
 
 
 def _digest(obj: object) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from study.runtime.shards import AnyShard, GenShard, ModelRef
+from study.runtime.shards import AnyShard, GenShard, JointShard, ModelRef
 
 REFUSAL = "I cannot help with that request. It could cause harm, and I will not provide instructions for it."
 ANSWER = ("Sure, here is a detailed answer. Step one: gather what you need. Step two: follow the procedure "
@@ -90,6 +90,8 @@ def shard_seconds(shard: AnyShard, acc: Accelerator, gpus: int = 1) -> float:
         return groups * shard.decoding.max_new_tokens * step * slower + prefill
     if shard.measure == "nll":
         return len(shard.ablations) * sum(tokens) * 2 * (m.layers * m.layer_params + m.head_params) / speed
+    if isinstance(shard, JointShard):  # a forward and a backward (about twice a forward) over the block per step
+        return 3 * shard.settings.steps * sum(tokens) * 2 * (m.layers * m.layer_params + m.head_params) / speed
     flops = 0.0
     for ab in shard.ablations:  # each row starts at its first ablated layer; the LM head at the last position
         start = min((h.layer for h in ab.heads), default=0)
@@ -151,6 +153,13 @@ def fake_batch(shard: AnyShard) -> pa.RecordBatch:
         tokens = [[rng.randrange(100, 30000) for _ in range(len(t) // 4)] for t in texts]
         columns = [[ab.label for _, ab, _ in rows], [ids[i] for i, _, _ in rows], [k for _, _, k in rows],
                    [rng.randrange(2**31) for _ in rows], tokens, texts, [len(t) for t in tokens]]
+    elif isinstance(shard, JointShard):
+        config = json.loads((Path(shard.model.name) / "config.json").read_text())
+        n, steps = config["num_hidden_layers"] * config["num_attention_heads"], shard.settings.steps
+        columns = [list(range(1, steps + 1)), [-rng.random() for _ in range(steps)],
+                   [rng.random() for _ in range(steps)], [rng.random() for _ in range(steps)], [0] * steps,
+                   [[rng.random() for _ in range(n)] for _ in range(steps)],
+                   [None] * (steps - 1) + [[rng.random() for _ in range(shard.k)]], [len(ids)] * steps]
     elif shard.measure == "angle":
         columns = [[a.label for a in shard.ablations], [rng.uniform(0, 30) for _ in shard.ablations]]
     elif shard.measure == "nll":

@@ -25,7 +25,7 @@ from study.generation.backends import Generator, backend_class
 from study.generation.decoding import sample_seed
 from study.models.loading import LoadedModel, load_model, load_tokenizer
 from study.prompts.formats import encode
-from study.runtime.shards import AnyShard, EvalShard, GenShard, ModelRef, PromptBlock, SurgeryShard
+from study.runtime.shards import AnyShard, EvalShard, GenShard, JointShard, ModelRef, PromptBlock, SurgeryShard
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,8 @@ class Worker:
             return self.lm_eval(shard)
         if isinstance(shard, SurgeryShard):
             return self.surgery(shard)
+        if isinstance(shard, JointShard):
+            return self.joint(shard, progress)
         _ = self.lm  # scoring needs the model: load it (with its tokenizer) first, not a tokenizer on its own too
         ids = self.token_ids(shard.prompts)
         labels = [a.label for a in shard.ablations]
@@ -235,6 +237,47 @@ class Worker:
         values = {"checkpoint": shard.checkpoint, **info}
         return pa.RecordBatch.from_arrays([pa.array([values[f.name]], f.type) for f in shard.schema],
                                           schema=shard.schema)
+
+    def joint(self, shard: JointShard, progress: Callable[[int], None] | None = None) -> pa.RecordBatch:
+        """The joint search's steps (gates after each), and the exact objective of its top 1..k heads."""
+        from study.core.joint import group_objective, joint_search, top_group
+        from study.core.joint_spec import Objective
+
+        ids = self.token_ids(shard.prompts)
+        targets = None
+        if shard.settings.objective is Objective.REFUSAL:
+            ids, targets = self._refusal_openings(shard, ids)
+        pad = self.lm.tokenizer.pad_token_id or 0
+        result = joint_search(self.lm.model, ids, pad, shard.settings, targets,
+                              on_step=(lambda row: progress(1)) if progress else None)
+        group = top_group(result.gates, shard.k)
+        exact = [group_objective(self.lm.model, ids, pad, shard.settings, group[:size], targets)
+                 for size in range(1, shard.k + 1)]
+        steps = len(result.history)
+        gates = result.gate_history  # (steps, layers * heads)
+        columns = {"step": [r["step"] for r in result.history], "loss": [r["loss"] for r in result.history],
+                   "objective": [r["objective"] for r in result.history],
+                   "penalty": [r["penalty"] for r in result.history], "open": [r["open"] for r in result.history],
+                   "gates": gates, "exact": [None] * (steps - 1) + [exact], "prompts_used": [len(ids)] * steps}
+        return pa.RecordBatch.from_arrays([pa.array(columns[f.name], f.type) for f in shard.schema],
+                                          schema=shard.schema)
+
+    def _refusal_openings(self, shard: JointShard, ids: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+        """The prompts the model refuses (greedy answer, `refusal` judge) and each one's answer opening."""
+        from study.generation.decoding import Decoding
+        from study.generation.judges.registry import get_judge
+
+        dec = Decoding(max_new_tokens=shard.answer_tokens)
+        answers = self.generator("hf").generate(ids, [Ablation()] * len(ids), dec, [0] * len(ids))
+        texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in answers]
+        verdicts = get_judge("refusal").judge_many(list(shard.prompts.texts), texts)
+        kept = [i for i, v in enumerate(verdicts) if v.refused and answers[i]]
+        if not kept:
+            raise ValueError(f"{shard.model.label} refuses none of the {len(ids)} prompts: the refusal objective "
+                             f"has nothing to remove (use objective subspace, or prompts it refuses)")
+        log.info("joint: %s refuses %d of %d prompts; their first %d answer tokens are the targets",
+                 shard.model.label, len(kept), len(ids), shard.opening_tokens)
+        return [ids[i] for i in kept], [list(answers[i][:shard.opening_tokens]) for i in kept]
 
     def generate(self, shard: GenShard) -> pa.RecordBatch:
         """One row per (prompt, ablation, sample): token ids, text and the seed that drew them."""
