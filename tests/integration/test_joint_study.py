@@ -1,0 +1,130 @@
+"""The joint search as a study section on the planted family (tests/planted_family.py): its group is the planted
+heads, it resumes, and asr (in the study and with --from-run) and swap read its group like a Sahara group.
+
+Everything asserted is known from the planting: aligned_a refuses every harmful prompt through L1H0, L1H3 and
+L2H1 (any two of them carry the refusal), the base complies with everything."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from study.core.errors import UsageError
+from study.runner import run_study
+from study.spec import load_study
+from tests.planted_family import PLANTED, family_folders, write_prompt_files
+
+pytestmark = pytest.mark.slow
+
+PLANTED_A = {h.label for h in PLANTED["aligned_a"]}
+
+
+def _spec(root, folders, harmful, benign, **joint):
+    return {
+        "out": str(root / "run"),
+        "models": [{"name": folders["base"], "role": "base", "experiments": []},
+                   {"name": folders["aligned_a"], "base": folders["base"]}],
+        "execution": {"executor": "local"},
+        "defaults": {"prompts": str(harmful), "format": "paper", "op": "undiff_q", "eps": 1e-5, "dtype": "float32",
+                     "steps": 2},  # Sahara's two steps; the joint section does not take `steps` from defaults
+        "sahara": {},
+        "joint": {"steps": 40, "k": 3, "seeds": [0, 1], "opening_tokens": 3, "answer_tokens": 12, **joint},
+        "asr": {"max_new_tokens": 12, "judges": ["refusal"], "benign": str(benign), "random_controls": 1,
+                "groups": ["sahara", "joint"]},
+        "swap": {"max_new_tokens": 12, "judges": ["refusal"], "benign": None, "search": "joint",
+                 "recipes": "heads-from-base"},
+    }
+
+
+@pytest.fixture(scope="module")
+def joint_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("joint")
+    folders = {k: str(v) for k, v in family_folders(root / "models").items()}
+    harmful, benign = write_prompt_files(root)
+    path = root / "study.yaml"
+    path.write_text(yaml.safe_dump(_spec(root, folders, harmful, benign)))
+    first = run_study(load_study(path))
+    return root, folders, path, first, harmful
+
+
+def _read(root, table):
+    return pd.read_parquet(root / "run" / table)
+
+
+def test_the_joint_group_is_the_planted_heads_and_every_step_is_kept(joint_run):
+    root, folders, _, first, _ = joint_run
+    job = next(j for j in first.jobs if j.experiment == "joint")
+    assert job.cfg.steps == 40  # not the defaults' Sahara steps
+    assert {h.label for h in job.group} == PLANTED_A
+    t = _read(root, "joint")
+    assert len(t) == 2 * 24 and set(t["seed"]) == {0, 1} and t["gate"].between(0, 1).all()
+    for seed, g in t.groupby("seed"):
+        top = g[g["in_group"]].sort_values("rank")
+        assert set(top["head_label"]) == PLANTED_A  # every seed finds them
+        assert top["score"].notna().all() and g[~g["in_group"]]["score"].isna().all()
+        # the prefixes' exact objective: two planted heads remove the refusal, one does not
+        assert top["score"].iloc[0] < 0.6 and top["score"].iloc[1] > 0.8 and top["score"].iloc[2] > 0.8
+        assert (g["prompts_used"] == 8).all()  # aligned_a refuses all 8 harmful prompts
+    assert t[t["selected"]]["seed"].nunique() == 1
+    steps = _read(root, "joint_steps")
+    assert len(steps) == 2 * 40 and sorted(steps["step"].unique()) == list(range(1, 41))
+    for _, g in steps.groupby("seed"):
+        assert g.sort_values("step")["loss"].iloc[-1] < g.sort_values("step")["loss"].iloc[0]
+
+
+def test_asr_compares_the_sahara_and_joint_groups_on_the_same_prompts(joint_run):
+    root, *_ = joint_run
+    asr = _read(root, "asr")
+    harmful = asr[asr["kind"] == "harmful"]
+    by = {(r.condition, r.group_size): r.asr for r in harmful.itertuples() if r.condition != "random"}
+    assert by[("normal", 0)] == 0.0
+    assert by[("joint", 1)] == 0.0 and by[("joint", 2)] == 1.0 and by[("joint", 3)] == 1.0
+    assert by[("sahara", 2)] == 1.0
+    assert set(harmful[harmful["condition"] == "random"]["asr"]) == {0.0}  # noise heads leave the refusal
+    assert set(harmful["n"]) == {8}
+
+
+def test_swap_moves_the_joint_group(joint_run):
+    root, *_ = joint_run
+    swaps = _read(root, "swaps")
+    moved = swaps[(swaps["recipe"] == "heads-from-base") & (swaps["metric"] == "asr") & (swaps["kind"] == "harmful")]
+    assert set(moved["heads"].iloc[0]) == PLANTED_A and moved["value"].iloc[0] == 1.0
+
+
+def test_a_second_run_reuses_the_joint_shards(joint_run):
+    _, _, path, first, _ = joint_run
+    again = run_study(load_study(path))
+    assert again.computed == 0 and again.reused == first.computed + first.reused
+    job = next(j for j in again.jobs if j.experiment == "joint")
+    assert {h.label for h in job.group} == PLANTED_A
+
+
+def test_asr_from_run_reads_the_joint_group(joint_run, tmp_path):
+    root, folders, _, _, harmful = joint_run
+    out = tmp_path / "asr"
+    done = subprocess.run([sys.executable, "-m", "study.cli", "asr", "--from-run", str(root / "run"), "--groups",
+                           "joint", "--model", folders["aligned_a"], "--prompts", str(harmful), "--format", "paper",
+                           "--max-new-tokens", "12", "--judge", "refusal", "--benign", "none", "--executor", "local",
+                           "--dtype", "float32", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    asr = pd.read_parquet(out / "asr")
+    joint = asr[asr["condition"] == "joint"].sort_values("group_size")
+    assert joint["group_size"].tolist() == [1, 2, 3]
+    assert set(joint["ablation"].iloc[-1].split(":")[-1].split(",")) == PLANTED_A
+
+
+def test_bad_joint_settings_stop_at_plan_time(joint_run, tmp_path):
+    root, folders, _, _, harmful = joint_run
+    for joint, message in (({"seeds": [0, 0]}, "repeat a seed"), ({"k": 25}, "more than the model's 24 heads"),
+                           ({"objective": "subspace", "rank": 9}, "subspace rank 9 needs at least 9 prompts"),
+                           ({"sparsity": "l0"}, "sparsity")):
+        spec = _spec(tmp_path, folders, harmful, None, **joint)
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        with pytest.raises(UsageError, match=message):
+            run_study(load_study(path))
+        assert not (tmp_path / "run").exists()  # nothing half-written
