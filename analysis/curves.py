@@ -10,7 +10,8 @@ refused nor answered) shows an ablation that turns refusals into evasions rather
 `degenerate_frac` a broken model (repetition, no words); neither passes for a jailbroken one.
 
 Random controls pair with the targeted conditions of their level: query-level draws (ablation label
-`query:random…`, one draw per prompt) with `query`, every other draw with `heads` / `sahara` / `planted`.
+`query:random…`, one draw per prompt) with `query`, every other draw with the dataset-level groups (`sahara`,
+`joint`, `ships`, `heads`, `planted`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ __all__ = ["TARGETED", "asr_curve_frame", "asr_curve_table"]
 
 log = logging.getLogger(__name__)
 
-TARGETED = ("heads", "sahara", "planted", "query")  # planted: a member's known heads (its card)
+# joint: the joint search's group; ships: the top heads by mean Ships; planted: a member's known heads (its card)
+TARGETED = ("heads", "sahara", "joint", "ships", "planted", "query")
 _BASE = ["model", "model_revision", "dataset", "prompt_format", "decoding", "judge", "kind"]
 _KNOWN = {*TARGETED, "normal", "random"}
 

@@ -66,6 +66,8 @@ CONDITION_COLORS: dict[str, str] = {
     "heads": OKABE_ITO["vermillion"],
     "query": OKABE_ITO["green"],
     "planted": OKABE_ITO["purple"],
+    "joint": OKABE_ITO["orange"],
+    "ships": OKABE_ITO["sky"],
 }
 RECIPE_COLORS: dict[str, str] = {
     "aligned": OKABE_ITO["blue"],

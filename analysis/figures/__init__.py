@@ -13,6 +13,7 @@ draws everything a run folder supports into RUN/figures/ and skips, with a logge
 |---|---|---|
 | `head_heatmap` | rankings (or ships / head_scores) | layer x head: mean KL, top-k share, angle; top boxed |
 | `overlap_figure` (`overlap_venn`, `overlap_upset`) | overlap (+ rankings) | shared top-k heads, exact p-values |
+| `joint_steps_figure` | joint_steps (+ joint) | the joint search's objective and open gates per step, per seed |
 | `asr_curve_figure` | asr_curve | ASR vs group size, random band, normal level; over-refusal, degenerate |
 | `specificity_figure` | specificity | harmful vs benign KL per head, log-log, diagonal, top labelled |
 | `swaps_figure` | swaps | ASR / over-refusal / safety-head KL per swap recipe, published markers |
@@ -24,6 +25,7 @@ from __future__ import annotations
 from analysis.figures._common import caption_of
 from analysis.figures.curves import asr_curve_figure, asr_curve_units
 from analysis.figures.heatmaps import head_heatmap, heatmap_units
+from analysis.figures.joint import joint_steps_figure, joint_steps_units
 from analysis.figures.make import FORMATS, FigureRecord, make_figures, save
 from analysis.figures.scatter import specificity_figure, specificity_units
 from analysis.figures.sets import overlap_figure, overlap_units, overlap_upset, overlap_venn, region_sizes
@@ -39,6 +41,8 @@ __all__ = [
     "caption_of",
     "head_heatmap",
     "heatmap_units",
+    "joint_steps_figure",
+    "joint_steps_units",
     "make_figures",
     "overlap_figure",
     "overlap_units",

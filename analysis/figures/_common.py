@@ -17,9 +17,9 @@ from analysis.style import fmt_eps
 
 CONDITION = ["model", "model_revision", "dataset", "prompt_format", "op", "eps"]
 MAX_PANELS = 6  # models per small-multiples figure; more models give more figures
-TARGETED = ("sahara", "heads", "planted", "query")
-TARGETED_NAMES = {"sahara": "Sahara group", "heads": "given heads", "planted": "planted heads (known answer)",
-                  "query": "each prompt's top heads"}
+TARGETED = ("sahara", "joint", "ships", "heads", "planted", "query")  # drawn in this order
+TARGETED_NAMES = {"sahara": "Sahara group", "joint": "joint-search group", "ships": "top heads by mean Ships",
+                  "heads": "given heads", "planted": "planted heads (known answer)", "query": "each prompt's top heads"}
 
 Table = pa.Table | pd.DataFrame
 

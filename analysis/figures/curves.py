@@ -77,7 +77,8 @@ def _band(ax: Axes, g: pd.DataFrame, lo: str, hi: str, mean: str, color: str, la
 
 
 def _bands(ax: Axes, series: list, lo: str, hi: str, mean: str) -> None:
-    """One random band per level (per-prompt draws pair with `query`, the others with heads / sahara) and op."""
+    """One random band per level (per-prompt draws pair with `query`, the others with the dataset-level groups)
+    and op."""
     keys = {("query" if c == "query" else "dataset", g["op"].iloc[0], g["eps"].iloc[0]) for c, _, g in series}
     seen = set()
     for cond, _label, g in series:
@@ -168,7 +169,7 @@ def asr_curve_figure(asr_curve: Table, judge: str | None = None) -> Figure:
     df = as_frame(asr_curve, "asr_curve")
     harm = df[df["kind"] == "harmful"]
     if harm.empty or not harm["condition"].isin(TARGETED).any():
-        raise ValueError("asr_curve_figure: no harmful rows of an ablated condition (heads, sahara, query)")
+        raise ValueError(f"asr_curve_figure: no harmful rows of an ablated condition ({', '.join(TARGETED)})")
     unit = {c: one(harm, c, "asr_curve_figure") for c in _UNIT}
     judges = list(dict.fromkeys(harm["judge"]))
     judge = judges[0] if judge is None else judge

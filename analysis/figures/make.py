@@ -23,6 +23,7 @@ from analysis import is_missing, style
 from analysis.figures._common import caption_of, tables_of, title_of
 from analysis.figures.curves import asr_curve_figure, asr_curve_units
 from analysis.figures.heatmaps import head_heatmap, heatmap_units
+from analysis.figures.joint import joint_steps_figure, joint_steps_units
 from analysis.figures.scatter import specificity_figure, specificity_units
 from analysis.figures.sets import overlap_figure, overlap_units
 from analysis.figures.swaps import swaps_figure, swaps_units
@@ -47,7 +48,7 @@ class FigureRecord:
     by format and the tables it was drawn from."""
 
     name: str
-    kind: str  # heatmap | overlap | specificity | asr_curve | swaps | utility
+    kind: str  # heatmap | overlap | specificity | joint | asr_curve | swaps | utility
     title: str
     caption: str
     paths: dict[str, Path] = field(default_factory=dict)
@@ -170,6 +171,14 @@ def _specificity(t: dict[str, Any]) -> tuple[list[_Plan], str | None]:
     return plans, None
 
 
+def _joint(t: dict[str, Any]) -> tuple[list[_Plan], str | None]:
+    if t["joint_steps"] is None:
+        return [], "no joint_steps table (no `joint` experiment)"
+    return [_Plan("joint", style.slug("joint-steps", u["dataset"].iloc[0], u["objective"].iloc[0],
+                                      u["prompt_format"].iloc[0]), lambda u=u: joint_steps_figure(u, t["joint"]))
+            for u in joint_steps_units(t["joint_steps"])], None
+
+
 def _asr(t: dict[str, Any]) -> tuple[list[_Plan], str | None]:
     if t["asr_curve"] is None:
         return [], "no asr or asr_curve table (no `asr` experiment)"
@@ -203,7 +212,7 @@ def make_figures(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
                  published: Sequence[Mapping[str, Any]] | None = None, top: int = 5, k: int | None = None,
                  formats: Sequence[str] = FORMATS, strict: bool = False) -> list[FigureRecord]:
     """Draw and save every figure the tables of run folder `run_dir` support; returns their records in order
-    (heatmaps, overlap, specificity, ASR curves, swaps, utility).
+    (heatmaps, overlap, specificity, joint search steps, ASR curves, swaps, utility).
 
     out_dir None: RUN/figures/. `published` None reads the spec's `published` list from the manifest. `top`:
     heads labelled per heatmap / scatter. `k`: top-k of rankings and overlap derived here when the folder
@@ -222,13 +231,14 @@ def make_figures(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
         published = [p for p in config.get("published") or [] if isinstance(p, Mapping)]
     if k is None:
         k = int((config.get("overlap") or {}).get("k") or 10) if isinstance(config.get("overlap"), dict) else 10
-    names = ("ships", "head_scores", "rankings", "overlap", "specificity", "asr_curve", "asr", "swaps", "utility")
+    names = ("ships", "head_scores", "rankings", "overlap", "specificity", "joint", "joint_steps", "asr_curve", "asr",
+             "swaps", "utility")
     tables: dict[str, pd.DataFrame | None] = {n: _read(run, n) for n in names}
     _derive_missing(run, tables, k)
     models = [m for n in names if tables[n] is not None and "model" in tables[n].columns for m in tables[n]["model"]]
     labels = style.model_labels(models)
     families = [("heatmap", _heatmaps(tables, labels, top)), ("overlap", _overlaps(tables, labels)),
-                ("specificity", _specificity(tables)), ("asr_curve", _asr(tables)),
+                ("specificity", _specificity(tables)), ("joint", _joint(tables)), ("asr_curve", _asr(tables)),
                 ("swaps", _swaps(tables, published)), ("utility", _utility(tables))]
     records: list[FigureRecord] = []
     plans: list[_Plan] = []

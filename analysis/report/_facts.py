@@ -1,29 +1,35 @@
 """The facts the report states, pulled out of the tables as plain values (no markup): each model's safety
-heads, the headline ASR of ablating them, whether models share heads, what the swaps did, and the measured
-value beside each published one. The first screen and the sections both read these."""
+heads (the groups Sahara and the joint search chose, the top of each ranking), the headline ASR of ablating
+them, whether models share heads and what the swaps did. The first screen and the sections both read these."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import PurePath
 from typing import Any
 
 import pandas as pd
 
-from analysis import is_missing, style
+from analysis import is_missing
 from analysis.report._load import RunData
 from analysis.specificity import safety_specific
 
-__all__ = ["JUDGE_AGREEMENT", "AsrHeadline", "Group", "TopHeads", "asr_headlines", "group_row", "heads_of",
-           "job_models", "judge_note", "model_overlaps", "not_safety_reason", "pick_judge", "prefer",
-           "published_rows", "reading", "sahara_groups", "swap_summary", "top_heads"]
+__all__ = ["CONDITION_NAMES", "CONDITION_ORDER", "JOINT_KEYS", "JUDGE_AGREEMENT", "SEARCHES", "TARGETED",
+           "AsrHeadline", "Group", "TopHeads", "asr_headlines", "group_row", "heads_of", "job_models", "joint_groups",
+           "joint_variant", "judge_note", "model_overlaps", "not_safety_reason", "objective_text", "pick_judge",
+           "prefer", "reading", "sahara_groups", "search_groups", "swap_summary", "top_heads"]
 
-TARGETED = ("sahara", "heads", "query")  # in the order a headline prefers them
-CONDITION_NAMES = {"sahara": "Sahara group", "heads": "given heads", "query": "each prompt's own top heads",
-                   "planted": "planted heads",
+# the targeted conditions in the order a headline prefers them: the searches' groups, then the top heads by
+# mean Ships, the heads a spec named, each prompt's own heads
+TARGETED = ("sahara", "joint", "ships", "heads", "query")
+CONDITION_NAMES = {"sahara": "Sahara group", "joint": "joint-search group", "ships": "top heads by mean Ships",
+                   "heads": "given heads", "query": "each prompt's own top heads", "planted": "planted heads",
                    "normal": "normal model", "random": "random heads"}
+# how tables list conditions: the normal model, the searched groups, the rankings, the known answer, controls
+CONDITION_ORDER = {c: i for i, c in enumerate(("normal", "sahara", "joint", "ships", "heads", "query", "planted",
+                                               "random"))}
+SEARCHES = ("sahara", "joint")  # the head-group searches, each an ASR condition of the same name
 DEGENERATE_WARN = 0.2  # a larger share of degenerate answers is reported as broken text, not a jailbreak
 ALPHA = 0.05
 RECIPE_NAMES = {"aligned": "aligned model", "base": "base model", "attn-from-base": "attention from the base",
@@ -74,7 +80,9 @@ def prefer(values: Sequence[Any], first: Sequence[str]) -> Any:
 
 @dataclass(frozen=True)
 class Group:
-    """A Sahara group: the chosen head of each step, in order, with the step's score."""
+    """A searched head group, heads in the search's order: Sahara's chosen head of each step with the step's
+    score, or the joint search's group (its selected seed's top heads by gate) with the exact objective of
+    each prefix (heads 1..i ablated outright)."""
 
     model: str
     dataset: str
@@ -83,6 +91,28 @@ class Group:
     variant: str
     heads: tuple[str, ...]
     scores: tuple[float, ...]
+    search: str = "sahara"  # one of SEARCHES: also the ASR condition that ablated it
+    objective: str = "subspace"  # what `scores` measure: subspace (generalized Ships, degrees) | refusal
+    gates: tuple[float, ...] = ()  # joint: each head's final gate (0 normal .. 1 ablated)
+    seed: int | None = None  # joint: the seed whose group was selected
+    prompts_used: int | None = None  # joint: the prompts searched on (refusal: those the model refused)
+
+    @property
+    def name(self) -> str:
+        return CONDITION_NAMES[self.search]
+
+    def where(self) -> str:
+        """`on harm, undiff_q` (the joint search adds its objective: its score depends on it)."""
+        extra = f", {self.objective} objective" if self.search == "joint" else ""
+        return f"on {self.dataset}, {self.op}{extra}"
+
+
+def objective_text(objective: str, value: Any) -> str:
+    """A search score in its unit: degrees of generalized Ships, or the drop of the refusal openings'
+    probability (0..1)."""
+    if is_missing(value):
+        return "—"
+    return f"{float(value):.3f}" if objective == "refusal" else f"{float(value):.3g}°"
 
 
 def job_models(job: Mapping[str, Any]) -> tuple[str, ...]:
@@ -105,6 +135,11 @@ def _kept(data: RunData, model: str, dataset: str, op: str, heads: tuple[str, ..
     return len(heads)
 
 
+def _order(data: RunData, groups: list[Group]) -> list[Group]:
+    order = {m: i for i, m in enumerate(data.models())}
+    return sorted(groups, key=lambda g: (order.get(g.model, len(order)), g.dataset, g.op))
+
+
 def sahara_groups(data: RunData) -> list[Group]:
     df = data.get("sahara")
     if df is None:
@@ -118,8 +153,37 @@ def sahara_groups(data: RunData) -> list[Group]:
         kept = _kept(data, str(key[0]), str(key[1]), str(key[2]), heads)
         out.append(Group(str(key[0]), str(key[1]), str(key[2]), float(key[3]), variant, heads[:kept],
                          tuple(float(s) for s in g["score"])[:kept]))
-    order = {m: i for i, m in enumerate(data.models())}
-    return sorted(out, key=lambda g: (order.get(g.model, len(order)), g.dataset, g.op))
+    return _order(data, out)
+
+
+JOINT_KEYS = ["model", "dataset", "op", "eps", "objective", "subspace", "rank_r", "centered"]  # one search each
+
+
+def joint_variant(objective: Any, subspace: Any, rank_r: Any, centered: Any) -> str:
+    """The subspace a joint search's objective reads (none for the refusal objective)."""
+    if objective != "subspace":
+        return str(objective)
+    return f"subspace {subspace}:r{int(rank_r)}" + (":centered" if bool(centered) else "")
+
+
+def joint_groups(data: RunData) -> list[Group]:
+    """Each joint search's group: the selected seed's in-group heads by rank, with gates and prefix scores."""
+    df = data.get("joint")
+    if df is None:
+        return []
+    out = []
+    for key, g in df[df["selected"] & df["in_group"]].groupby(JOINT_KEYS, sort=True, dropna=False):
+        g = g[g["seed"] == g["seed"].min()].sort_values("rank")  # one seed is selected (the first, were two)
+        out.append(Group(str(key[0]), str(key[1]), str(key[2]), float(key[3]), joint_variant(*key[4:]),
+                         tuple(g["head_label"].astype(str)), tuple(float(s) for s in g["score"]), "joint",
+                         str(key[4]), tuple(float(x) for x in g["gate"]), int(g["seed"].iloc[0]),
+                         int(g["prompts_used"].iloc[0])))
+    return _order(data, out)
+
+
+def search_groups(data: RunData) -> list[Group]:
+    """Every searched group: Sahara's, then the joint search's."""
+    return sahara_groups(data) + joint_groups(data)
 
 
 @dataclass(frozen=True)
@@ -176,9 +240,9 @@ class AsrHeadline:
 
 
 def asr_headlines(data: RunData) -> list[AsrHeadline]:
-    """Per model and harmful prompt set, the row a reader wants first: the Sahara group (else given heads,
-    else each prompt's own heads) at its largest size, greedy decoding and the first judge where there is a
-    choice."""
+    """Per model and harmful prompt set, the row a reader wants first: the first TARGETED condition measured
+    (the Sahara group, else the joint search's, the top heads by mean Ships, given heads, each prompt's own
+    heads) at its largest size, greedy decoding and the first judge where there is a choice."""
     curve = data.get("asr_curve")
     if curve is None:
         return []
@@ -221,13 +285,15 @@ def reading(row: Mapping[str, Any]) -> tuple[str, str]:
     return "yes", "above random heads"
 
 
-def group_row(data: RunData, model: str, heads: Sequence[str]) -> pd.Series | None:
+def group_row(data: RunData, model: str, heads: Sequence[str], search: str = "sahara") -> pd.Series | None:
     """The `asr_curve` row that ablated exactly `heads` on `model` (harmful prompts; the model's first judge,
-    greedy where there is a choice, the Sahara arm before given heads), or None: not measured."""
+    greedy where there is a choice; the arm of the group's own `search` first, then the other search's, then
+    given heads), or None: not measured."""
     curve = data.get("asr_curve")
     if curve is None:
         return None
-    c = curve[(curve["model"] == model) & (curve["kind"] == "harmful") & curve["condition"].isin(("sahara", "heads"))]
+    arms = (search, *[s for s in SEARCHES if s != search], "heads")
+    c = curve[(curve["model"] == model) & (curve["kind"] == "harmful") & curve["condition"].isin(arms)]
     if c.empty:
         return None
     want = sorted(heads)
@@ -235,7 +301,8 @@ def group_row(data: RunData, model: str, heads: Sequence[str]) -> pd.Series | No
     if c.empty:
         return None
     c = c[(c["judge"] == pick_judge(c["judge"])) & (c["decoding"] == prefer(c["decoding"], ["greedy"]))]
-    c = c.assign(_c=c["condition"].map({"sahara": 0, "heads": 1})).sort_values(["_c", "dataset"], kind="stable")
+    c = c.assign(_c=c["condition"].map({a: i for i, a in enumerate(arms)})).sort_values(["_c", "dataset"],
+                                                                                          kind="stable")
     return c.iloc[0]
 
 
@@ -347,125 +414,4 @@ def swap_summary(data: RunData) -> list[dict[str, Any]]:
         order = [r for r in RECIPES if r in recipes] + [r for r in recipes if r not in RECIPES]
         out.append(dict(aligned=str(aligned), base=str(g["base"].iloc[0]), dataset=dataset, judge=judge,
                         recipes={r: recipes[r] for r in order}))
-    return out
-
-
-# ---- published ----
-
-def same_model(a: Any, b: Any) -> bool:
-    return str(a) == str(b) or style.short_model(str(a)).lower() == style.short_model(str(b)).lower()
-
-
-def same_dataset(want: Any, got: Any) -> bool:
-    if is_missing(want) or want in (None, ""):
-        return True
-    w, g = str(want).lower(), str(got).lower()
-    return w == g or PurePath(g).stem == w or g.split(":")[-1] == w
-
-
-def _same_decoding(want: Any, got: Any) -> bool:
-    if want in (None, "") or is_missing(want):
-        return True
-    return str(got) == str(want) or str(got).startswith(str(want)) or str(want).startswith(str(got))
-
-
-def _values(v: Any) -> list[Any]:
-    return list(v) if isinstance(v, (list, tuple)) else [v]
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.2f}" if isinstance(v, float) else str(v)
-
-
-def published_text(p: Mapping[str, Any]) -> str:
-    vals = ", ".join(_fmt(v) for v in _values(p.get("value")))
-    base = p.get("baseline")
-    return f"{_fmt(float(base))} → {vals}" if base is not None and p.get("metric") == "asr" else vals
-
-
-def _asr_measured(data: RunData, p: Mapping[str, Any]) -> tuple[str, bool | None] | None:
-    curve = data.get("asr_curve")
-    if curve is None:
-        return None
-    c = curve[(curve["kind"] == "harmful") & curve["condition"].isin(TARGETED)]
-    c = c[[same_model(p["model"], m) and same_dataset(p.get("dataset"), d) and _same_decoding(p.get("decoding"), x)
-           for m, d, x in zip(c["model"], c["dataset"], c["decoding"])]]
-    if p.get("op"):
-        c = c[c["op"] == p["op"]]
-    want = "query" if "query" in str(p.get("claim", "")).lower() else None
-    c = c[c["condition"] == want] if want else c[c["condition"] != "query"]
-    if c.empty:
-        return None
-    c = c[c["judge"] == pick_judge(c["judge"])]
-    c = c[c["condition"] == next(x for x in TARGETED if (c["condition"] == x).any())]
-    c = c.sort_values(["dataset", "group_size"]).drop_duplicates(["group_size"])
-    metric = p.get("metric")
-    if metric == "asr":
-        parts = [f"{float(r.normal_asr):.2f} → {float(r.asr):.2f}" for r in c.itertuples()]
-        vals = [v for v in _values(p.get("value")) if isinstance(v, (int, float))]
-        agree = (any(float(r.ci_low) <= float(v) <= float(r.ci_high) for r in c.itertuples() for v in vals)
-                 if vals else None)
-    else:
-        parts = [f"{float(r.delta_asr):+.2f}" for r in c.itertuples()]
-        agree = None
-    sizes = [int(s) for s in c["group_size"]]
-    text = "; ".join(parts) if len(parts) == 1 else "; ".join(f"{s}: {t}" for s, t in zip(sizes, parts))
-    where = f" ({c['dataset'].iloc[0]}, {c['judge'].iloc[0]}" + (", group sizes" if len(parts) > 1 else "") + ")"
-    return text + where, agree
-
-
-def _sahara_measured(data: RunData, p: Mapping[str, Any]) -> tuple[str, bool | None] | None:
-    groups = [g for g in sahara_groups(data) if same_model(p["model"], g.model)
-              and same_dataset(p.get("dataset"), g.dataset) and (not p.get("op") or p["op"] == g.op)]
-    if not groups:
-        return None
-    want = [str(v) for v in _values(p.get("value"))]
-    n = 1 if p.get("metric") == "top_head" else len(want)
-    got = [list(g.heads[:n]) for g in groups]
-    text = "; ".join(f"{', '.join(h)} ({g.dataset})" for h, g in zip(got, groups))
-    return text, any(h == want for h in got) if p.get("metric") in ("top_head", "group") else None
-
-
-def _swap_measured(data: RunData, p: Mapping[str, Any]) -> tuple[str, bool | None] | None:
-    claim = str(p.get("claim") or "")
-    recipe = p.get("recipe") or next((r for r in RECIPES[2:] if r in claim), None)
-    for s in swap_summary(data):
-        if same_model(p["model"], s["aligned"]) and same_dataset(p.get("dataset"), s["dataset"]):
-            if recipe and recipe in s["recipes"] and p.get("metric") == "asr":
-                r = s["recipes"][recipe]
-                ok = (not is_missing(r["ci_low"]) and isinstance(p.get("value"), (int, float))
-                      and float(r["ci_low"]) <= float(p["value"]) <= float(r["ci_high"]))
-                return f"{recipe}: ASR {r['value']:.2f} ({s['dataset']})", ok
-            text = ", ".join(f"{k} {v['value']:.2f}" for k, v in s["recipes"].items())
-            return f"ASR {text} ({s['dataset']})", None
-    return None
-
-
-# experiment of a published claim the report cannot compare by number -> the tables that show it, best first
-_SHOWN_IN = {"generalized_ships": ("overlap", "rankings"), "ships": ("rankings",), "specificity": ("specificity",),
-             "utility": ("utility",), "sahara": ("sahara",), "asr": ("asr_curve",)}
-SECTION_OF = {"overlap": "overlap", "rankings": "heads", "specificity": "specificity", "utility": "utility",
-              "sahara": "sahara", "asr_curve": "asr"}  # table -> the anchor of the section that shows it
-
-
-def published_rows(data: RunData) -> list[dict[str, Any]]:
-    """Each published number with the run's measurement of it (`measured` None: not measured in this run;
-    `agrees` None: not comparable automatically)."""
-    out = []
-    for p in data.published:
-        if "model" not in p:
-            continue
-        exp, metric = p.get("experiment"), p.get("metric")
-        got: tuple[str, bool | None] | None = None
-        see = None  # the section to read where no number compares
-        if exp == "asr" and metric in ("asr", "delta_asr"):
-            got = _asr_measured(data, p)
-        elif exp == "sahara" and metric in ("top_head", "group"):
-            got = _sahara_measured(data, p)
-        elif exp == "swap":
-            got = _swap_measured(data, p)
-        elif str(exp) in _SHOWN_IN and any(same_model(p["model"], m) for m in data.models()):
-            see = next((SECTION_OF[t] for t in _SHOWN_IN[str(exp)] if data.get(t) is not None), None)
-        out.append(dict(p, measured=got[0] if got else None, agrees=got[1] if got else None, see=see,
-                        published=published_text(p)))
     return out

@@ -10,6 +10,7 @@ from analysis.report._facts import (
     CONDITION_NAMES,
     DEGENERATE_WARN,
     RECIPE_NAMES,
+    SEARCHES,
     SPECIFIC_RANKING,
     TARGETED,
     AsrHeadline,
@@ -23,20 +24,21 @@ from analysis.report._facts import (
     not_safety_reason,
     pair_rows,
     pick_judge,
-    published_rows,
     reading,
-    sahara_groups,
+    search_groups,
     swap_summary,
     top_heads,
 )
 from analysis.report._html import MISSING, Html, ci, esc, join, p_is, para, pct, pval, rate, table
 from analysis.report._known import known_answers, known_sentence
 from analysis.report._load import RunData
+from analysis.report._published import published_rows
 
 __all__ = ["absent_lines", "findings"]
 
 MAX_MODEL_BULLETS = 8
-SECTION_NAMES = {"heads": "Top heads", "sahara": "Sahara groups", "asr": "Attack success rate",
+SECTION_NAMES = {"heads": "Top heads", "sahara": "Sahara groups", "joint": "Joint search groups",
+                 "asr": "Attack success rate",
                  "overlap": "Shared heads", "specificity": "Safety specificity", "utility": "Utility"}
 MAX_GROUPS = 3
 EVASION_MIN = 0.1  # a rise in non-answers this large, and larger than ASR's, is said in words
@@ -146,10 +148,14 @@ def _swap_sentence(data: RunData, s: dict[str, Any]) -> str:
 
 def _model_bullet(data: RunData, model: str, asr: list[Html]) -> Html:
     lines: list[Any] = []
-    groups = [g for g in sahara_groups(data) if g.model == model]
-    heads = [_group_sentence(data, model, g) for g in groups[:MAX_GROUPS]]
-    if len(groups) > MAX_GROUPS:
-        heads.append(f"{len(groups) - MAX_GROUPS} more Sahara groups in the Sahara section.")
+    heads = []
+    mine = [g for g in search_groups(data) if g.model == model]
+    for search in SEARCHES:
+        groups = [g for g in mine if g.search == search]
+        heads += [_group_sentence(data, model, g) for g in groups[:MAX_GROUPS]]
+        if len(groups) > MAX_GROUPS:
+            heads.append(f"{len(groups) - MAX_GROUPS} more {groups[0].name}s in the {SECTION_NAMES[search]} "
+                         "section.")
     top = top_heads(data, model)
     if top is not None:
         heads.append(_top_sentence(top))
@@ -167,11 +173,11 @@ def _model_bullet(data: RunData, model: str, asr: list[Html]) -> Html:
 def _group_sentence(data: RunData, model: str, g: Group) -> str:
     """"Safety heads: ..." only where ablating the group raised ASR beyond the random controls (`reading`);
     otherwise the group by what it is, and what was measured."""
-    where = f"Sahara group on {g.dataset}, {g.op}"
-    why = not_safety_reason(group_row(data, model, g.heads))
+    where = f"{g.name} {g.where()}"
+    why = not_safety_reason(group_row(data, model, g.heads, g.search))
     if why is None:
         return f"Safety heads: {', '.join(g.heads)} ({where})."
-    return f"{where}: {', '.join(g.heads)}; not called safety heads: {why}."
+    return f"{where[0].upper()}{where[1:]}: {', '.join(g.heads)}; not called safety heads: {why}."
 
 
 def _top_sentence(top: TopHeads) -> str:
@@ -242,7 +248,7 @@ def _top_cell(top: TopHeads, say_by: bool) -> Html:
 
 
 def _same_heads(a: str, b: str) -> bool:
-    """The same head set, whatever the order (the Sahara column lists heads in step order)."""
+    """The same head set, whatever the order (a group's column lists heads in the search's order)."""
     return sorted(a.split(", ")) == sorted(b.split(", "))
 
 
@@ -252,32 +258,35 @@ def _summary_table(data: RunData, headlines: list[AsrHeadline]) -> Html:
         by_model.setdefault(str(h.row["model"]), []).append(h)
     tops = {m: top_heads(data, m) for m in data.models()}
     bys = {t.by for t in tops.values() if t is not None}
+    groups = search_groups(data)
     rows = []
     for model in data.models():
-        groups = [g for g in sahara_groups(data) if g.model == model]
+        mine = [g for g in groups if g.model == model]
         top = tops[model]
-        sahara = "; ".join(", ".join(g.heads) for g in groups[:MAX_GROUPS]) or MISSING
+        searched = ["; ".join(", ".join(g.heads) for g in [g for g in mine if g.search == search][:MAX_GROUPS])
+                    or MISSING for search in SEARCHES]  # a column per search
         top_text = MISSING if top is None else _top_cell(top, len(bys) > 1)
         hs: list[AsrHeadline | None] = list(by_model.get(model, [])) or [None]
         for h in hs:
             if h is None:
-                rows.append([data.label(model), sahara, top_text] + [MISSING] * 9)
+                rows.append([data.label(model), *searched, top_text] + [MISSING] * 9)
                 continue
             r = h.row
             cls, words = reading(r)
             ablated = heads_of(r["ablation"])
             rand = rate(r["random_asr_mean"]) if int(r.get("random_draws") or 0) > 0 else MISSING
-            rows.append([data.label(model), sahara, top_text, r["dataset"],
-                         MISSING if groups and _same_heads(ablated, sahara) else ablated,
+            rows.append([data.label(model), *searched, top_text, r["dataset"],
+                         MISSING if any(c != MISSING and _same_heads(ablated, c) for c in searched) else ablated,
                          f"{rate(r['normal_asr'])} → {rate(r['asr'])}", ci(r["ci_low"], r["ci_high"]),
                          pval(r["p_mcnemar"]), rand,
                          f"{rate(r.get('normal_refusal_rate'))} / {rate(r.get('normal_non_answer_rate'))} → "
                          f"{rate(r.get('refusal_rate'))} / {rate(r.get('non_answer_rate'))}",
                          pct(r["degenerate_frac"]), Html(f'<span class="tag {cls}">{esc(words)}</span>')])
     top_head = f"Top heads ({bys.pop()})" if len(bys) == 1 else "Top heads"
-    header = ["Model", "Sahara group", top_head, "Prompts", "Ablated", "ASR normal → ablated", "95% CI",
-              "McNemar p", "Random heads", "Refusal / non-answer", "Degenerate", "Reading"]
-    align = "lwwllrrrrrrl"
+    header = ["Model", *(CONDITION_NAMES[s][0].upper() + CONDITION_NAMES[s][1:] for s in SEARCHES), top_head,
+              "Prompts", "Ablated", "ASR normal → ablated", "95% CI", "McNemar p", "Random heads",
+              "Refusal / non-answer", "Degenerate", "Reading"]
+    align = "l" + "w" * len(SEARCHES) + "wllrrrrrrl"
     keep = [i for i in range(len(header)) if any(row[i] != MISSING for row in rows)]
     return table([header[i] for i in keep], [[row[i] for i in keep] for row in rows], "".join(align[i] for i in keep),
                  caption="Summary per model" + (" (ASR: the headline ablation; every row is in the ASR section; "

@@ -1,6 +1,6 @@
 """A known answer, checked first: for a model whose safety was planted in named heads (a family member's card,
-recorded in the manifest), whether the run's Ships ranking and Sahara group found those heads, and what ablating
-them did beside random heads of the same number."""
+recorded in the manifest), whether the run's Ships ranking and searched groups (Sahara's, the joint search's)
+found those heads, and what ablating them did beside random heads of the same number."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from analysis import is_missing
-from analysis.report._facts import job_models, pick_judge, prefer, sahara_groups
+from analysis.report._facts import job_models, joint_groups, pick_judge, prefer, sahara_groups
 from analysis.report._html import ci, p_is, rate
 from analysis.report._load import RunData
 
@@ -26,6 +26,7 @@ class KnownAnswer:
     ships_dataset: str | None
     sahara: tuple[str, ...] | None  # the model's first Sahara group on a harmful set
     asr: pd.Series | None  # the asr_curve row of ablating the planted heads (harmful prompts, headline judge)
+    joint: tuple[str, ...] | None = None  # the model's first joint-search group on a harmful set
 
 
 def planted_by_model(data: RunData) -> dict[str, tuple[str, ...]]:
@@ -73,10 +74,10 @@ def known_answers(data: RunData) -> list[KnownAnswer]:
             continue
         heads = planted[model]
         ships = _ships_ranks(data, model, heads)
-        group = next((g.heads for g in sahara_groups(data) if g.model == model and g.dataset not in data.benign),
-                     None)
+        sahara, joint = (next((g.heads for g in groups if g.model == model and g.dataset not in data.benign), None)
+                         for groups in (sahara_groups(data), joint_groups(data)))
         out.append(KnownAnswer(model, heads, ships[0] if ships else None, ships[1] if ships else None,
-                               ships[2] if ships else None, group, _planted_row(data, model)))
+                               ships[2] if ships else None, sahara, _planted_row(data, model), joint))
     return out
 
 
@@ -91,16 +92,22 @@ def _ships_words(k: KnownAnswer) -> str:
     return f"Ships (mean over prompts, {k.ships_dataset}) ranks them {ranks} of {k.n_heads} ({found})"
 
 
-def _sahara_words(k: KnownAnswer) -> str:
-    if k.sahara is None:
-        return "no Sahara search of it in this run"
-    hit = [h for h in k.sahara if h in k.planted]
-    group = ", ".join(k.sahara)
-    if set(k.sahara) == set(k.planted):
-        return f"Sahara's group ({group}) is exactly the planted heads"
-    if len(hit) == len(k.sahara):
-        return f"Sahara's {len(k.sahara)}-head group ({group}) holds only planted heads ({len(hit)} of {len(k.planted)})"
-    return f"Sahara's group ({group}) holds {len(hit)} of the {len(k.planted)} planted heads"
+def _group_words(whose: str, heads: tuple[str, ...], planted: tuple[str, ...]) -> str:
+    """Whether a searched group (`whose`: "Sahara's") is the planted heads, some of them, or others."""
+    hit = [h for h in heads if h in planted]
+    group = ", ".join(heads)
+    if set(heads) == set(planted):
+        return f"{whose} group ({group}) is exactly the planted heads"
+    if len(hit) == len(heads):
+        return f"{whose} {len(heads)}-head group ({group}) holds only planted heads ({len(hit)} of {len(planted)})"
+    return f"{whose} group ({group}) holds {len(hit)} of the {len(planted)} planted heads"
+
+
+def _search_words(k: KnownAnswer) -> list[str]:
+    """What each search made of the planted heads; a run with neither search says Sahara is missing."""
+    words = [_group_words(whose, heads, k.planted)
+             for whose, heads in (("Sahara's", k.sahara), ("the joint search's", k.joint)) if heads is not None]
+    return words or ["no Sahara search of it in this run"]
 
 
 def _asr_words(row: Any) -> str:
@@ -118,6 +125,7 @@ def _asr_words(row: Any) -> str:
 
 
 def known_sentence(data: RunData, k: KnownAnswer) -> str:
-    """One sentence: the planted heads, what Ships and Sahara made of them, and what ablating them did."""
+    """One sentence: the planted heads, what Ships and the searches made of them, and what ablating them did."""
+    said = "; ".join([_ships_words(k), *_search_words(k), _asr_words(k.asr)])
     return (f"Known answer: {data.label(k.model)}'s safety was planted in {', '.join(k.planted)}. "
-            f"{_ships_words(k)}; {_sahara_words(k)}; {_asr_words(k.asr)}.")
+            f"{said[0].upper()}{said[1:]}.")

@@ -24,11 +24,11 @@ __all__ = ["RunData", "load_run"]
 
 log = logging.getLogger(__name__)
 
-RESULT_TABLES = ("ships", "head_scores", "sahara", "asr", "swaps", "utility")
+RESULT_TABLES = ("ships", "head_scores", "sahara", "joint", "joint_steps", "asr", "swaps", "utility")
 DERIVED_TABLES = ("rankings", "specificity", "overlap", "asr_curve")
 _DERIVED_FROM = {"rankings": ("ships", "head_scores"), "specificity": ("ships",), "overlap": ("ships", "head_scores"),
                  "asr_curve": ("asr",)}
-_EXAMPLE_CONDITIONS = ("normal", "sahara", "heads", "query")
+_EXAMPLE_CONDITIONS = ("normal", "sahara", "joint", "ships", "heads", "query")  # any headline's condition
 
 
 @dataclass
@@ -63,7 +63,7 @@ class RunData:
     def models(self) -> list[str]:
         """Every model the run measured, in the order the spec lists them, then the tables'."""
         seen: dict[str, None] = {}
-        for name in ("ships", "head_scores", "sahara", "asr", "utility", "rankings"):
+        for name in ("ships", "head_scores", "sahara", "joint", "asr", "utility", "rankings"):
             df = self.get(name)
             if df is not None:
                 seen.update(dict.fromkeys(str(m) for m in df["model"]))

@@ -1,6 +1,6 @@
-"""One section per experiment the run holds (top heads, Sahara, ASR, overlap, specificity, swaps, utility,
-heatmaps): its numbers as tables and its figures. A section whose tables are absent is not drawn (the first
-screen says so in one line)."""
+"""One section per experiment the run holds (top heads, Sahara, the joint search, ASR, overlap, specificity,
+swaps, utility, heatmaps): its numbers as tables and its figures. A section whose tables are absent is not
+drawn (the first screen says so in one line)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,17 @@ from analysis.figures import FigureRecord
 from analysis.report._facts import (
     ALPHA,
     CONDITION_NAMES,
+    CONDITION_ORDER,
     DEGENERATE_WARN,
+    JOINT_KEYS,
     RECIPE_NAMES,
     RECIPES,
     asr_headlines,
     heads_of,
+    joint_groups,
+    joint_variant,
     judge_note,
+    objective_text,
     pick_judge,
     reading,
     sahara_groups,
@@ -34,7 +39,6 @@ TOP_MIN, TOP_MAX = 5, 10
 PROMPTS_PER_CONDITION, MAX_PROMPT_ROWS = 3, 40
 MAX_EXAMPLE_MODELS, EXAMPLES_PER_MODEL = 4, 3
 PROMPT_CHARS, ANSWER_CHARS = 160, 360
-_ORDER = {"normal": 0, "sahara": 1, "heads": 2, "query": 3, "random": 4}
 
 
 def _model(data: RunData, model: Any) -> Html:
@@ -161,11 +165,52 @@ def sahara_section(data: RunData, figs: Sequence[FigureRecord]) -> Html | None:
               fold=("Prompts", "Operator, subspace"))])
 
 
+# ---- joint search ----
+
+def _seeds_table(data: RunData, df: pd.DataFrame) -> Html:
+    """Every seed's group beside the selected one: how much the seeds agree, and why one was taken."""
+    rows = []
+    keys = [*JOINT_KEYS, "seed"]
+    for key, g in _sorted(df[df["in_group"]], data, ["dataset", "op", "objective", "seed"]).groupby(
+            keys, sort=False, dropna=False):
+        g = g.sort_values("rank")
+        rows.append([_model(data, key[0]), _dataset(data, key[1]), f"{key[2]} ε={key[3]:g}", joint_variant(*key[4:8]),
+                     int(key[8]), ", ".join(f"{h} {float(x):.2f}" for h, x in zip(g["head_label"], g["gate"])),
+                     objective_text(str(key[4]), g["score"].iloc[-1]), "yes" if g["selected"].any() else "no"])
+    return table(["Model", "Prompts", "Operator", "Objective", "Seed", "Group (gate)", "Objective of the group",
+                  "Selected"], rows, "lllllwrl", caption="Each seed's group",
+                 fold=("Prompts", "Operator", "Objective"))
+
+
+def joint_section(data: RunData, figs: Sequence[FigureRecord]) -> Html | None:
+    df = data.get("joint")
+    if df is None:
+        return None
+    groups = joint_groups(data)
+    rows = [[_model(data, g.model), _dataset(data, g.dataset), f"{g.op} ε={g.eps:g}", g.variant, g.seed, i, head,
+             f"{gate:.3f}", objective_text(g.objective, score), g.prompts_used]
+            for g in groups for i, (head, gate, score) in enumerate(zip(g.heads, g.gates, g.scores), start=1)]
+    several = len(df[["model", "dataset", "op", "eps", "objective", "seed"]].drop_duplicates()) > len(groups)
+    return section("joint", "Joint search groups", [
+        para("The joint search learns a gate for every head at once (0: the head as normal, 1: ablated) by gradient "
+             "steps on a smooth objective with a sparsity penalty, from one or more seeds. A seed's group is its k "
+             "heads with the largest gates; the search's group is the seed's group whose exact objective, with its "
+             "heads ablated outright, is largest. Objective refusal: the drop of the probability of the model's own "
+             "refusal openings (0 to 1), on the prompts it refused; subspace: the generalized Ships angle (degrees). "
+             "The objective of heads 1..i shows what each head adds to those before it."),
+        table(["Model", "Prompts", "Operator", "Objective", "Seed", "Rank", "Head", "Gate",
+               "Objective, heads 1..rank ablated", "Prompts used"], rows, "lllllrlrrr",
+              caption="The search's group: the selected seed's heads by gate",
+              fold=("Prompts", "Operator", "Objective", "Seed", "Prompts used")),
+        _seeds_table(data, df) if several else Html(""),
+        *_figures(figs, "joint")])
+
+
 # ---- ASR ----
 
 def _asr_rows(data: RunData, curve: pd.DataFrame, kind: str) -> list[list[Any]]:
     df = curve[curve["kind"] == kind].copy()
-    df["_c"] = df["condition"].map(_ORDER).fillna(9)
+    df["_c"] = df["condition"].map(CONDITION_ORDER).fillna(len(CONDITION_ORDER))
     rows = []
     for _, r in _sorted(df, data, ["dataset", "decoding", "judge", "op", "_c", "group_size"]).iterrows():
         cond = CONDITION_NAMES.get(str(r["condition"]), str(r["condition"]))
@@ -307,6 +352,14 @@ def specificity_section(data: RunData, figs: Sequence[FigureRecord]) -> Html | N
 
 # ---- swaps ----
 
+def _swap_groups(data: RunData) -> str:
+    """Where the swaps' head group came from: a swap job records the search it took its group from."""
+    searches = {str((job.get("config") or {}).get("search")) for m in data.manifests for job in m.get("jobs") or []
+                if isinstance(job, dict) and job.get("experiment") == "swap"}
+    return ("the Sahara group, the joint-search group or the given heads" if "joint" in searches
+            else "the Sahara group or the given heads")
+
+
 def swaps_section(data: RunData, figs: Sequence[FigureRecord]) -> Html | None:
     sw = data.get("swaps")
     if sw is None:
@@ -335,8 +388,8 @@ def swaps_section(data: RunData, figs: Sequence[FigureRecord]) -> Html | None:
                          rate(over["value"]) if over is not None else MISSING,
                          num(ships["value"]) if ships is not None else MISSING])
     return section("swaps", "Base-weight swaps", [
-        para("Each aligned model mixed with its base: attention (or MLPs, or only the head group: the Sahara group "
-             "or the given heads) taken from the base with the rest aligned, and the head group moved into the "
+        para("Each aligned model mixed with its base: attention (or MLPs, or only the head group: "
+             f"{_swap_groups(data)}) taken from the base with the rest aligned, and the head group moved into the "
              "base. Refusal and non-answer: shares of the harmful prompts. Group's KL: mean Ships KL of ablating "
              "the head group together inside each mixed model."),
         table(["Aligned", "Base", "Recipe", "Heads moved", "Judge", "ASR", "95% CI", "Refusal", "Non-answer",
@@ -351,7 +404,7 @@ def utility_section(data: RunData, figs: Sequence[FigureRecord]) -> Html | None:
     ut = data.get("utility")
     if ut is None:
         return None
-    df = ut.assign(_c=ut["condition"].map(_ORDER).fillna(9))
+    df = ut.assign(_c=ut["condition"].map(CONDITION_ORDER).fillna(len(CONDITION_ORDER)))
     rows = [[_model(data, r["model"]), r["dataset"], r["metric"], CONDITION_NAMES.get(r["condition"], r["condition"]),
              heads_of(r["ablation"]), int(r["group_size"]), int(r["draw"]),
              f"failed: {r['error']}" if not is_missing(r["error"]) else num(r["value"], 4), int(r["n"]),
@@ -376,6 +429,7 @@ def heatmaps_section(data: RunData, figs: Sequence[FigureRecord]) -> Html | None
 SECTIONS: tuple[tuple[str, str, Callable[[RunData, Sequence[FigureRecord]], Html | None]], ...] = (
     ("heads", "Top heads", heads_section),
     ("sahara", "Sahara groups", sahara_section),
+    ("joint", "Joint search", joint_section),
     ("asr", "ASR", asr_section),
     ("overlap", "Overlap", overlap_section),
     ("specificity", "Specificity", specificity_section),

@@ -102,8 +102,8 @@ def test_schemas_have_design_columns(name: str) -> None:
 
 
 def test_table_registry_and_types() -> None:
-    assert set(TABLES) == {"ships", "head_scores", "sahara", "generations", "verdicts", "asr", "swaps",
-                           "rankings", "overlap", "specificity", "asr_curve", "utility"}
+    assert set(TABLES) == {"ships", "head_scores", "sahara", "joint", "joint_steps", "generations", "verdicts",
+                           "asr", "swaps", "rankings", "overlap", "specificity", "asr_curve", "utility"}
     for s in TABLES.values():
         meta = [c.strip() for c in META.split(",")]
         if "model" not in s.names:  # a table whose rows span models (overlap) keeps the rest of the metadata
