@@ -32,7 +32,7 @@ from study.models.builtin import model_id
 from study.runtime.executor import Executor, ModelStats, make_executor, resolve_dtype
 from study.runtime.rounds import Rounds
 from study.runtime.runfolder import FolderLock, recover
-from study.runtime.shards import GenShard
+from study.runtime.shards import GenShard, JointShard
 from study.runtime.store import (
     RunWriter,
     ShardStore,
@@ -226,10 +226,16 @@ def describe_plan(plan: Plan, force: bool = False) -> list[str]:
             if isinstance(sh, GenShard):
                 generations += sh.rows
                 tokens += sh.rows * sh.decoding.max_new_tokens
-            else:
+            elif not isinstance(sh, JointShard):  # a joint shard's rows are optimisation steps
                 forwards += sh.rows
         if isinstance(job, (AsrJob, SwapJob, UtilityJob)):
             lines.append(job.plan_line(shards, have))
+            continue
+        if job.experiment == "joint":
+            c = job.cfg
+            lines.append(f"  joint   {c.model}: {len(job.prompts)} prompts, {len(c.seeds)} seed(s) x {c.steps} steps "
+                         f"(a forward and a backward pass over the prompts each, all {len(job.heads)} heads at once), "
+                         f"{len(shards)} shards, {have} already done")
             continue
         rows = sum(s.rows for s in shards)
         extra = ""

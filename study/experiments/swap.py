@@ -3,8 +3,8 @@
 For each recipe (and the two unmixed references, `aligned` and `base`) the job generates on the harmful and
 benign prompts and scores the safety heads' Ships on the harmful ones, all in one round of shards. A mixed
 model is a `ModelRef` with a `Swap`, so the executor gives it a pool like any model and the worker builds
-it in memory (`study.models.mixing`). The safety heads come from the spec or from this run's Sahara group of the
-aligned model. The `swaps` table holds one row per (recipe, prompt kind, metric, judge). Light: no torch.
+it in memory (`study.models.mixing`). The safety heads come from the spec or from this run's Sahara (or joint)
+group of the aligned model. The `swaps` table holds one row per (recipe, prompt kind, metric, judge). Light: no torch.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class SwapJob(ScanJob):
         self._round: list[AnyShard] = []
 
     def link(self, jobs: Sequence[Job]) -> None:
-        """Take the safety heads from this study's Sahara job of the aligned model, unless given."""
+        """Take the safety heads from this study's Sahara (or joint) job of the aligned model, unless given."""
         if self.safety is not None or not any(Recipe(r).needs_heads for r in self.cfg.recipes):
             return
         self.source = require_source(jobs, self.cfg.search, self.cfg, (
@@ -201,8 +201,9 @@ class SwapJob(ScanJob):
         if self.benign is not None:
             head += f" (+{len(self.benign)} benign)"
         if self.safety is None and self.source is not None:
+            search = "Sahara" if self.cfg.search == "sahara" else "joint-search"
             return (f"{head}; {len(shards)} shards of the references and whole-module recipes now, the head "
-                    f"recipes once this run's Sahara group is done")
+                    f"recipes once this run's {search} group is done")
         gens = sum(s.rows for s in shards if isinstance(s, GenShard))
         return (f"{head}: {len(shards)} shards, {gens} generations of up to {self.decoding.max_new_tokens} tokens, "
                 f"{sum(s.rows for s in shards if isinstance(s, Shard))} Ships rows, {have} shards already done")
