@@ -154,6 +154,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=None, help="subspace objective: rank r (default 1, the paper)")
     p.add_argument("--subspace", default=None, help="subspace objective: left (default) or right")
     p.add_argument("--center", action="store_true", default=None, help="subspace objective: centre first")
+    p.add_argument("--batch-prompts", type=int, default=None, help="prompts per forward pass (default: all; "
+                                                                   "the gradient is the same)")
 
     p = sub.add_parser("asr", help="generate under ablation and judge: attack success rate with controls")
     _scan_args(p)
@@ -273,7 +275,7 @@ def _cmd_sahara(args: argparse.Namespace) -> None:
 
 def _cmd_joint(args: argparse.Namespace) -> None:
     _run(_single(args, ("objective", "k", "steps", "lr", "l1", "sparsity", "init", "seeds", "rank", "subspace",
-                        "center")), args)
+                        "center", "batch_prompts")), args)
 
 
 def _cmd_asr(args: argparse.Namespace) -> None:

@@ -58,9 +58,13 @@ def top_group(gates: torch.Tensor, k: int) -> list[Head]:
 HC_BETA, HC_LOW, HC_HIGH = 2 / 3, -0.1, 1.1  # hard concrete (Louizos et al. 2018): temperature and stretch
 
 
-def _hard_concrete(theta: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """(layers, heads) gates drawn from the stretched, clamped concrete of location theta: often exactly 0 or 1."""
-    u = torch.rand(theta.shape, generator=gen, dtype=theta.dtype).clamp(1e-6, 1 - 1e-6).to(theta.device)
+def _uniform(theta: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return torch.rand(theta.shape, generator=gen, dtype=theta.dtype).clamp(1e-6, 1 - 1e-6).to(theta.device)
+
+
+def _hard_concrete(theta: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(layers, heads) gates of the stretched, clamped concrete of location theta at the uniform draw u: often
+    exactly 0 or 1."""
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + theta) / HC_BETA)
     return (s * (HC_HIGH - HC_LOW) + HC_LOW).clamp(0.0, 1.0)
 
@@ -108,43 +112,77 @@ class _Measure:
         self.ids, self.mask = _padded(rows, pad_id, device)
         self.last = torch.as_tensor([len(p) - 1 for p in prompts], device=device)
         with torch.no_grad():
-            self.normal = self._raw()
+            self.normal = self._all()
         if settings.objective is Objective.SUBSPACE:
             self.basis = subspace_basis(self.normal, settings.subspace)  # (n | d, r)
 
-    def _raw(self) -> torch.Tensor:
+    def _chunks(self) -> list[slice]:
+        """The prompt rows of each forward pass (`settings.batch_prompts` at a time; all at once without it)."""
+        n = self.ids.shape[0]
+        size = self.settings.batch_prompts or n
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def _raw(self, rows: slice = slice(None)) -> torch.Tensor:
         """subspace: (prompts, d_model) final-norm states at the last prompt token; refusal: (prompts,) each
-        opening's log-probability (the sum over its tokens)."""
+        opening's log-probability (the sum over its tokens); for the prompts `rows`."""
+        ids, mask = self.ids[rows], self.mask[rows]
         if self.settings.objective is Objective.SUBSPACE:
             states: list[torch.Tensor] = []
             hook = self.arch.final_norm(self.model).register_forward_hook(lambda m, a, o: states.append(o))
             try:
-                self.model(input_ids=self.ids, attention_mask=self.mask, use_cache=False)
+                self.model(input_ids=ids, attention_mask=mask, use_cache=False)
             finally:
                 hook.remove()
-            rows = torch.arange(self.ids.shape[0], device=self.ids.device)
-            return states[-1][rows, self.last].to(torch.float64)  # (prompts, d_model)
-        logits = self.model(input_ids=self.ids, attention_mask=self.mask, use_cache=False).logits
+            index = torch.arange(ids.shape[0], device=ids.device)
+            return states[-1][index, self.last[rows]].to(torch.float64)  # (prompts, d_model)
+        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         out = []
-        for i, ((start, n), target) in enumerate(zip(self.positions, self.targets)):
+        for i, ((start, n), target) in enumerate(zip(self.positions[rows], self.targets[rows])):
             logp = log_softmax_fp(logits[i, start:start + n])  # (n, vocab)
             out.append(logp.gather(-1, torch.as_tensor(target, device=logp.device)[:, None]).sum())
         return torch.stack(out).to(torch.float64)  # (prompts,)
 
-    def smooth(self) -> torch.Tensor:
-        """The objective under the current gates, differentiable: larger = the gates moved the model more."""
-        value = self._raw()
+    def _all(self) -> torch.Tensor:
+        return torch.cat([self._raw(rows) for rows in self._chunks()])
+
+    def _value(self, raw: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """The smooth objective of `raw` (every prompt, or the refusal objective's share of `rows`)."""
         if self.settings.objective is Objective.SUBSPACE:
-            moved = subspace_basis(value, self.settings.subspace)  # (n | d, r)
+            moved = subspace_basis(raw, self.settings.subspace)  # (n | d, r)
             sin2 = self.settings.subspace.rank - (self.basis.mT @ moved).square().sum()  # sum of sin^2
             return torch.log(sin2.clamp_min(1e-30))
-        return (_log1m_exp(value) - _log1m_exp(self.normal)).mean()
+        return (_log1m_exp(raw) - _log1m_exp(self.normal[rows])).sum() / self.normal.shape[0]
+
+    def ascend(self, gates: Callable[[], torch.Tensor]) -> float:
+        """Add the gradient of minus the smooth objective to the gates' logits, one forward and one backward pass
+        per chunk of prompts (`gates()` rebuilds the gates' graph for each); returns the objective. Exact in
+        chunks: the refusal objective is a sum over prompts, and the subspace objective's gradient with respect to
+        the states (the SVD couples the prompts) is taken once, then pulled back chunk by chunk."""
+        chunks = self._chunks()
+        s = self.settings
+        if s.objective is Objective.REFUSAL or len(chunks) == 1:
+            total = 0.0
+            for rows in chunks:
+                with gated(self.model, gates(), s.op, s.eps, self.arch):
+                    value = self._value(self._raw(rows), rows)
+                (-value).backward()
+                total += float(value.detach())
+            return total
+        with torch.no_grad(), gated(self.model, gates().detach(), s.op, s.eps, self.arch):
+            states = self._all().requires_grad_(True)  # (prompts, d_model)
+        with torch.enable_grad():
+            value = self._value(states)
+            (d_states,) = torch.autograd.grad(value, states)  # (prompts, d_model)
+        for rows in chunks:
+            with gated(self.model, gates(), s.op, s.eps, self.arch):
+                (-(self._raw(rows) * d_states[rows]).sum()).backward()
+        return float(value.detach())
 
     def exact(self) -> float:
         """The objective as reported: subspace in degrees (generalized Ships' sum of angles), refusal as the drop of
         the openings' mean probability."""
         with torch.no_grad():
-            value = self._raw()
+            value = self._all()
         if self.settings.objective is Objective.SUBSPACE:
             return generalized_ships(self.normal, value, self.settings.subspace)
         return float((self.normal.exp() - value.exp()).mean())
@@ -176,22 +214,21 @@ def joint_search(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int
     gate_history: list[tuple[float, ...]] = []
     try:
         for step in range(1, settings.steps + 1):
-            if settings.sparsity == "hard_concrete":
-                g = _hard_concrete(theta, gen)  # (layers, heads)
-                penalty = settings.l1 * torch.sigmoid(theta - HC_BETA * math.log(-HC_LOW / HC_HIGH)).sum()
-            else:
-                g = torch.sigmoid(theta)  # (layers, heads)
-                penalty = settings.l1 * g.sum()
-            with gated(model, g, settings.op, settings.eps, arch):
-                objective = measure.smooth()
-            loss = penalty - objective
             opt.zero_grad()
-            loss.backward()
+            if settings.sparsity == "hard_concrete":
+                noise = _uniform(theta, gen)  # one draw per step, shared by every chunk of prompts
+                penalty = settings.l1 * torch.sigmoid(theta - HC_BETA * math.log(-HC_LOW / HC_HIGH)).sum()
+                objective = measure.ascend(lambda: _hard_concrete(theta, noise))
+            else:
+                penalty = settings.l1 * torch.sigmoid(theta).sum()
+                objective = measure.ascend(lambda: torch.sigmoid(theta))
+            penalty.backward()
             opt.step()
+            loss = float(penalty.detach()) - objective
             now = _gate_mean(theta.detach(), settings.sparsity)  # (layers, heads)
             gate_history.append(tuple(now.reshape(-1).tolist()))
-            row = {"step": step, "loss": float(loss.detach()), "objective": float(objective.detach()),
-                   "penalty": float(penalty.detach()), "open": int((now > 0.5).sum())}
+            row = {"step": step, "loss": loss, "objective": objective, "penalty": float(penalty.detach()),
+                   "open": int((now > 0.5).sum())}
             history.append(row)
             if on_step:
                 on_step(row)
@@ -201,7 +238,9 @@ def joint_search(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int
     gates = _gate_mean(theta.detach(), settings.sparsity).cpu()
     log.info("joint search: %d steps, top heads %s", settings.steps,
              ", ".join(h.label for h in top_group(gates, 5)))
-    return JointResult(gates, tuple(history), tuple(gate_history), forward_passes=1 + settings.steps,
+    # in chunks, the subspace objective takes one more forward pass a step (the states without a graph, first)
+    per_step = 2 if settings.objective is Objective.SUBSPACE and len(measure._chunks()) > 1 else 1
+    return JointResult(gates, tuple(history), tuple(gate_history), forward_passes=1 + per_step * settings.steps,
                        backward_passes=settings.steps)
 
 

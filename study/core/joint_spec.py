@@ -32,6 +32,7 @@ class JointSettings(Frozen):
     jitter: float = Field(default=0.1, ge=0)  # std of the seed's noise on the gates' logits
     seed: int = 0
     subspace: SubspaceSpec = Field(default_factory=SubspaceSpec.paper)
+    batch_prompts: int | None = Field(default=None, ge=1)  # prompts per forward pass (None: all); same gradient
 
     @model_validator(mode="after")
     def _checked(self) -> "JointSettings":

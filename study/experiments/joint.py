@@ -44,6 +44,7 @@ class JointConfig(ScanConfig):
     center: bool = False
     opening_tokens: int = Field(default=4, ge=1)  # refusal objective: the openings' length
     answer_tokens: int = Field(default=24, ge=1)  # refusal objective: the greedy answer the judge reads
+    batch_prompts: int | None = Field(default=None, ge=1)  # prompts per forward pass (a large model's memory)
 
     @property
     def subspace_spec(self) -> SubspaceSpec:
@@ -52,7 +53,7 @@ class JointConfig(ScanConfig):
     def settings(self, seed: int) -> JointSettings:
         return JointSettings(objective=self.objective, op=self.op, eps=self.eps, steps=self.steps, lr=self.lr,
                              l1=self.l1, sparsity=self.sparsity, init=self.init, jitter=self.jitter, seed=seed,
-                             subspace=self.subspace_spec)
+                             subspace=self.subspace_spec, batch_prompts=self.batch_prompts)
 
 
 class JointJob(ScanJob):

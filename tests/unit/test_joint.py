@@ -125,6 +125,28 @@ def test_the_exact_subspace_objective_is_generalized_ships(aligned):
     assert want > 0.1 and got == pytest.approx(want, rel=1e-4)
 
 
+@pytest.mark.parametrize("objective", [Objective.REFUSAL, Objective.SUBSPACE])
+def test_a_search_in_chunks_of_prompts_has_the_whole_batchs_gradient(objective):
+    """`batch_prompts` (prompts per forward pass, what lets a large model's search fit its memory) changes no number:
+    the gates' gradient in chunks of 3 equals the gradient of all 8 prompts at once (float64)."""
+    from study.core.architectures import Arch
+    from study.core.joint import _Measure
+
+    tok = pf.tokenizer()
+    model = pf.planted_model("aligned_a", dtype=torch.float64)
+    harmful = [encode(q, "paper", tok) for q in pf.HARMFUL_PROMPTS]
+    targets = [list(pf.REFUSAL_IDS[:3])] * len(harmful) if objective is Objective.REFUSAL else None
+    grads, values = [], []
+    for batch_prompts in (None, 3):
+        settings = JointSettings(objective=objective, batch_prompts=batch_prompts)
+        measure = _Measure(model, Arch.of(model), harmful, 0, settings, targets)
+        theta = torch.linspace(-3, 1, 24, dtype=torch.float64).reshape(3, 8).requires_grad_(True)
+        values.append(measure.ascend(lambda: torch.sigmoid(theta)))
+        grads.append(theta.grad)
+    assert values[0] == pytest.approx(values[1], rel=1e-9, abs=1e-12)
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-7, atol=1e-12)
+
+
 def test_bad_settings_are_refused_before_any_step(aligned):
     model, _, harmful = aligned
     with pytest.raises(UsageError, match="one non-empty answer opening per prompt"):
