@@ -68,7 +68,7 @@ def test_plain_names_still_work_and_generalized_ships_is_one_step(tmp_path):
 
 
 @pytest.mark.parametrize("body,needle", [
-    ("models: [{name: org/a, overrides: {lr: 1}}]\nships: {}", "unknown override 'lr'"),
+    ("models: [{name: org/a, overrides: {learning_rate: 1}}]\nships: {}", "unknown override 'learning_rate'"),
     ("models: [{name: org/a, overrides: {asr: {top: 3}}}]\nships: {}", "overrides.asr: unknown config key 'top'"),
     ("models: [{name: org/a, role: base, base: org/b}]\nships: {}", "has role base and a base"),
     ("models: [{name: org/a, role: teacher}]\nships: {}", "role"),
