@@ -128,3 +128,21 @@ def test_bad_joint_settings_stop_at_plan_time(joint_run, tmp_path):
         with pytest.raises(UsageError, match=message):
             run_study(load_study(path))
         assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_the_joint_command_prints_each_seeds_group_and_writes_the_tables(joint_run, tmp_path):
+    _, folders, _, _, harmful = joint_run
+    out = tmp_path / "joint"
+    done = subprocess.run([sys.executable, "-m", "study.cli", "joint", "--model", folders["aligned_a"], "--prompts",
+                           str(harmful), "--format", "paper", "--steps", "30", "--seeds", "0,1", "--l1", "0.01",
+                           "--executor", "local", "--dtype", "float32", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("joint search on") and "refusal objective" in line and "8 prompts" in line
+               for line in lines), done.stdout
+    seeds = [line for line in lines if line.strip().startswith("seed ")]
+    assert len(seeds) == 2 and sum("(selected)" in line for line in seeds) == 1, done.stdout
+    group = next(line for line in lines if line.startswith("group: "))
+    assert set(group[len("group: "):].split(", ")) == PLANTED_A
+    assert len(pd.read_parquet(out / "joint_steps")) == 60
