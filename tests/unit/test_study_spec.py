@@ -92,9 +92,19 @@ def test_every_builtin_spec_validates():
     from study.spec import packaged_configs
 
     names = sorted(p.stem for p in packaged_configs().glob("*.yaml"))
-    assert {"paper", "quickstart"} <= set(names)
+    assert {"paper", "quickstart", "searches"} <= set(names)
     for name in names:
         assert list(load_study(name).jobs()), name
+
+
+def test_the_searches_spec_compares_three_groups_per_member_on_the_same_prompts():
+    study = load_study("searches")
+    jobs = list(study.jobs())
+    asr = [c for name, c in jobs if name == "asr"]
+    assert len(asr) == 4 and all(c.groups == ["ships", "sahara", "joint"] and c.k == 5 for c in asr)
+    joint = [c for name, c in jobs if name == "joint"]
+    assert all(c.k == 5 and c.seeds == [0, 1] and c.prompts == "builtin:harmful" for c in joint)
+    assert {c.prompts for _, c in jobs} == {"builtin:harmful"}
 
 
 def test_the_paper_spec_states_its_setting_and_numbers():
