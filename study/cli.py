@@ -462,8 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with sigterm_as_interrupt():
             COMMANDS[args.command](args)
-    except UsageError as err:
-        print(f"headstudy: error: {err}", file=sys.stderr)
+    except UsageError as err:  # raised on a Ray actor, it comes wrapped: its own message, not Ray's traceback
+        print(f"headstudy: error: {getattr(err, 'cause', None) or err}", file=sys.stderr)
         return 2
     except RunFailed as err:
         print(f"headstudy: error: {err}", file=sys.stderr)

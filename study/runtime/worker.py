@@ -17,6 +17,7 @@ import torch
 
 from study.core.ablation import Ablation, Op
 from study.core.engine import ScanEngine
+from study.core.errors import UsageError
 from study.core.heads import Head
 from study.core.interventions import ablated
 from study.core.scores import generalized_ships_batch, token_nll
@@ -273,8 +274,8 @@ class Worker:
         verdicts = get_judge("refusal").judge_many(list(shard.prompts.texts), texts)
         kept = [i for i, v in enumerate(verdicts) if v.refused and answers[i]]
         if not kept:
-            raise ValueError(f"{shard.model.label} refuses none of the {len(ids)} prompts: the refusal objective "
-                             f"has nothing to remove (use objective subspace, or prompts it refuses)")
+            raise UsageError(f"joint: {shard.model.label} refuses none of the {len(ids)} prompts, so the refusal "
+                             f"objective has nothing to remove: use objective subspace, or prompts it refuses")
         log.info("joint: %s refuses %d of %d prompts; their first %d answer tokens are the targets",
                  shard.model.label, len(kept), len(ids), shard.opening_tokens)
         return [ids[i] for i in kept], [list(answers[i][:shard.opening_tokens]) for i in kept]

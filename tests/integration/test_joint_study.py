@@ -146,3 +146,15 @@ def test_the_joint_command_prints_each_seeds_group_and_writes_the_tables(joint_r
     group = next(line for line in lines if line.startswith("group: "))
     assert set(group[len("group: "):].split(", ")) == PLANTED_A
     assert len(pd.read_parquet(out / "joint_steps")) == 60
+
+
+def test_a_model_that_refuses_nothing_is_one_line_for_the_refusal_objective(joint_run, tmp_path):
+    """The base complies with every prompt: the refusal objective has nothing to remove, and says so."""
+    _, folders, _, _, harmful = joint_run
+    done = subprocess.run([sys.executable, "-m", "study.cli", "joint", "--model", folders["base"], "--prompts",
+                           str(harmful), "--format", "paper", "--steps", "5", "--executor", "local", "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("headstudy: error: joint:") and "refuses none of the 8 prompts" in last
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
