@@ -31,7 +31,7 @@ from study.core.scores import generalized_ships, log_softmax_fp, subspace_basis
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JointResult", "group_objective", "joint_search", "top_group"]
+__all__ = ["JointResult", "group_objective", "group_objectives", "joint_search", "top_group"]
 
 
 @dataclass(frozen=True)
@@ -244,15 +244,25 @@ def joint_search(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int
                        backward_passes=settings.steps)
 
 
-def group_objective(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int, settings: JointSettings,
-                    group: Sequence[Head], targets: Sequence[Sequence[int]] | None = None) -> float:
-    """The objective (`exact` units) of ablating `group` outright: gates 1 on the group, 0 elsewhere."""
+def group_objectives(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int, settings: JointSettings,
+                     groups: Sequence[Sequence[Head]], targets: Sequence[Sequence[int]] | None = None) -> list[float]:
+    """The objective (`exact` units) of ablating each group outright (gates 1 on it, 0 elsewhere), against one
+    pass of the normal model."""
     arch = Arch.of(model)
     s = arch.shape
-    g = torch.zeros(s.n_layers, s.n_heads, dtype=torch.float64)
-    for h in group:
-        h.check(s.n_layers, s.n_heads)
-        g[h.layer, h.head] = 1.0
     measure = _Measure(model, arch, prompts, pad_id, settings, targets)
-    with gated(model, g.to(next(model.parameters()).device), settings.op, settings.eps, arch):
-        return measure.exact()
+    out = []
+    for group in groups:
+        g = torch.zeros(s.n_layers, s.n_heads, dtype=torch.float64)
+        for h in group:
+            h.check(s.n_layers, s.n_heads)
+            g[h.layer, h.head] = 1.0
+        with gated(model, g.to(next(model.parameters()).device), settings.op, settings.eps, arch):
+            out.append(measure.exact())
+    return out
+
+
+def group_objective(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int, settings: JointSettings,
+                    group: Sequence[Head], targets: Sequence[Sequence[int]] | None = None) -> float:
+    """The objective (`exact` units) of ablating `group` outright."""
+    return group_objectives(model, prompts, pad_id, settings, [group], targets)[0]

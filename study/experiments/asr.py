@@ -92,6 +92,11 @@ class Arm:
         return self.ablation if self.ablation is not None else self.per_prompt[i]
 
 
+def _latest_run(t: Any) -> Any:
+    """The rows of the last run a table holds (a folder run again keeps every run's rows)."""
+    return t[t["run_id"] == t["run_id"].iloc[-1]] if t["run_id"].nunique() > 1 else t
+
+
 def random_heads(heads: Sequence[Head], k: int, seed: int, *key: object) -> tuple[Head, ...]:
     """k distinct heads drawn with a seed derived from (seed, key): the same control in every rerun."""
     rng = random.Random(":".join(str(x) for x in (seed, *key)))
@@ -170,19 +175,19 @@ class AsrJob(ScanJob):
         """The `name` search's group in `run`, in its order (ships: every head by mean KL over the prompts)."""
         if name == "ships":
             t = self._one_search(run, "ships", ("dataset", "prompt_format", "op", "eps"))
-            t = t[t["run_id"] == t["run_id"].iloc[-1]] if t["run_id"].nunique() > 1 else t
+            t = _latest_run(t)
             mean = t.groupby(["layer", "head"])["kl"].mean().reset_index()
             mean = mean.sort_values(["kl", "layer", "head"], ascending=[False, True, True], kind="stable")
             return [Head(int(r.layer), int(r.head)) for r in mean.itertuples()]
         if name == "joint":
             t = self._one_search(run, "joint", ("dataset", "prompt_format", "op", "eps", "objective", "sparsity",
                                                 "subspace", "rank_r", "centered"))
-            t = t[t["run_id"] == t["run_id"].iloc[-1]] if t["run_id"].nunique() > 1 else t
+            t = _latest_run(t)
             chosen = t[t["selected"] & t["in_group"]].sort_values("rank")
             return [Head(int(r.layer), int(r.head)) for r in chosen.itertuples()]
         t = self._one_search(run, "sahara", ("dataset", "prompt_format", "op", "eps", "subspace", "rank_r",
                                              "centered"))
-        t = t[t["run_id"] == t["run_id"].iloc[-1]] if t["run_id"].nunique() > 1 else t
+        t = _latest_run(t)
         chosen = t[t["chosen"]].sort_values("step")
         return [Head(int(r.layer), int(r.head)) for r in chosen.itertuples()]
 

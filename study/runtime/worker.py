@@ -241,7 +241,7 @@ class Worker:
 
     def joint(self, shard: JointShard, progress: Callable[[int], None] | None = None) -> pa.RecordBatch:
         """The joint search's steps (gates after each), and the exact objective of its top 1..k heads."""
-        from study.core.joint import group_objective, joint_search, top_group
+        from study.core.joint import group_objectives, joint_search, top_group
         from study.core.joint_spec import Objective
 
         ids = self.token_ids(shard.prompts)
@@ -252,8 +252,8 @@ class Worker:
         result = joint_search(self.lm.model, ids, pad, shard.settings, targets,
                               on_step=(lambda row: progress(1)) if progress else None)
         group = top_group(result.gates, shard.k)
-        exact = [group_objective(self.lm.model, ids, pad, shard.settings, group[:size], targets)
-                 for size in range(1, shard.k + 1)]
+        exact = group_objectives(self.lm.model, ids, pad, shard.settings,
+                                 [group[:size] for size in range(1, shard.k + 1)], targets)
         steps = len(result.history)
         gates = result.gate_history  # (steps, layers * heads)
         columns = {"step": [r["step"] for r in result.history], "loss": [r["loss"] for r in result.history],
