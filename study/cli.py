@@ -156,6 +156,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--center", action="store_true", default=None, help="subspace objective: centre first")
     p.add_argument("--batch-prompts", type=int, default=None, help="prompts per forward pass (default: all; "
                                                                    "the gradient is the same)")
+    p.add_argument("--shard-steps", type=int, default=None, help="steps per shard, the unit of progress and resume "
+                                                                 "(default 25; the numbers are the same)")
 
     p = sub.add_parser("asr", help="generate under ablation and judge: attack success rate with controls")
     _scan_args(p)
@@ -275,7 +277,7 @@ def _cmd_sahara(args: argparse.Namespace) -> None:
 
 def _cmd_joint(args: argparse.Namespace) -> None:
     _run(_single(args, ("objective", "k", "steps", "lr", "l1", "sparsity", "init", "seeds", "rank", "subspace",
-                        "center", "batch_prompts")), args)
+                        "center", "batch_prompts", "shard_steps")), args)
 
 
 def _cmd_asr(args: argparse.Namespace) -> None:

@@ -235,7 +235,7 @@ def describe_plan(plan: Plan, force: bool = False) -> list[str]:
             c = job.cfg
             lines.append(f"  joint   {c.model}: {len(job.prompts)} prompts, {len(c.seeds)} seed(s) x {c.steps} steps "
                          f"(a forward and a backward pass over the prompts each, all {len(job.heads)} heads at once), "
-                         f"{len(shards)} shards, {have} already done")
+                         f"in shards of {c.shard_steps} steps; {have} of the first {len(shards)} already done")
             continue
         rows = sum(s.rows for s in shards)
         extra = ""

@@ -14,6 +14,7 @@ gates that are often exactly 0 or 1). The group of size k is the k heads with th
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from study.core.architectures import Arch
 from study.core.errors import UsageError
 from study.core.gates import gated
 from study.core.heads import Head
-from study.core.joint_spec import JointSettings, Objective
+from study.core.joint_spec import JointSettings, JointState, Objective
 from study.core.scores import generalized_ships, log_softmax_fp, subspace_basis
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class JointResult:
     gate_history: tuple[tuple[float, ...], ...]  # every step's gates after its update, (layers * heads) each
     forward_passes: int  # full-model passes over the prompt batch (each step: one forward and one backward)
     backward_passes: int
+    state: JointState  # where the search stands: a later call goes on from here
 
     def heads(self) -> list[Head]:
         """Every head, largest gate first (ties: layer, then head)."""
@@ -188,11 +190,22 @@ class _Measure:
         return float((self.normal.exp() - value.exp()).mean())
 
 
+def _rng_state(gen: torch.Generator) -> str:
+    return base64.b64encode(gen.get_state().numpy().tobytes()).decode("ascii")
+
+
+def _set_rng_state(gen: torch.Generator, text: str) -> None:
+    gen.set_state(torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8))
+
+
 def joint_search(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int, settings: JointSettings,
                  targets: Sequence[Sequence[int]] | None = None,
-                 on_step: Callable[[dict[str, float]], None] | None = None) -> JointResult:
+                 on_step: Callable[[dict[str, float]], None] | None = None, state: JointState | None = None,
+                 until: int | None = None) -> JointResult:
     """Optimise every head's gate at once for `settings.objective` on `prompts` (token ids); the model's own
-    weights stay frozen and untouched. `targets`: the answer openings of the refusal objective, one per prompt."""
+    weights stay frozen and untouched. `targets`: the answer openings of the refusal objective, one per prompt.
+    From `state` (a search's `JointResult.state`) it goes on where that one stopped; `until` stops it after that
+    many steps in all (default `settings.steps`). Links run this way end bit for bit where one search would."""
     if not prompts:
         raise UsageError("the joint search needs at least one prompt")
     if settings.objective is Objective.SUBSPACE and settings.subspace.side == "left" \
@@ -200,20 +213,37 @@ def joint_search(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int
         raise UsageError(f"subspace rank {settings.subspace.rank} needs at least {settings.subspace.rank} prompts")
     arch = Arch.of(model)
     s = arch.shape
+    first = state.step if state else 0
+    until = settings.steps if until is None else until
+    if not first < until <= settings.steps:
+        raise ValueError(f"a joint search link runs steps {first + 1}..{until}, outside 1..{settings.steps}")
     device = next(model.parameters()).device
     measure = _Measure(model, arch, prompts, pad_id, settings, targets)
     gen = torch.Generator().manual_seed(settings.seed)
-    start = torch.logit(torch.tensor(settings.init, dtype=torch.float64))
-    theta = (start + settings.jitter * torch.randn(s.n_layers, s.n_heads, generator=gen, dtype=torch.float64))
+    if state is None:
+        start = torch.logit(torch.tensor(settings.init, dtype=torch.float64))
+        theta = start + settings.jitter * torch.randn(s.n_layers, s.n_heads, generator=gen, dtype=torch.float64)
+    else:
+        if len(state.theta) != s.n_layers * s.n_heads:
+            raise ValueError(f"a joint search state of {len(state.theta)} heads for a model of "
+                             f"{s.n_layers * s.n_heads}")
+        theta = torch.tensor(state.theta, dtype=torch.float64).reshape(s.n_layers, s.n_heads)
+        _set_rng_state(gen, state.rng)
     theta = theta.to(device).requires_grad_(True)  # (layers, heads)
     opt = torch.optim.Adam([theta], lr=settings.lr)
+    if state is not None:
+        moments = opt.state_dict()
+        moments["state"] = {0: {"step": torch.tensor(float(state.step)),
+                                "exp_avg": torch.tensor(state.adam_m, dtype=torch.float64).reshape(theta.shape),
+                                "exp_avg_sq": torch.tensor(state.adam_v, dtype=torch.float64).reshape(theta.shape)}}
+        opt.load_state_dict(moments)
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
         p.requires_grad_(False)
     history: list[dict[str, float]] = []
     gate_history: list[tuple[float, ...]] = []
     try:
-        for step in range(1, settings.steps + 1):
+        for step in range(first + 1, until + 1):
             opt.zero_grad()
             if settings.sparsity == "hard_concrete":
                 noise = _uniform(theta, gen)  # one draw per step, shared by every chunk of prompts
@@ -235,13 +265,17 @@ def joint_search(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int
     finally:
         for p in trainable:
             p.requires_grad_(True)
+    moments = opt.state[theta]
+    end = JointState(step=until, theta=tuple(theta.detach().reshape(-1).tolist()),
+                     adam_m=tuple(moments["exp_avg"].reshape(-1).tolist()),
+                     adam_v=tuple(moments["exp_avg_sq"].reshape(-1).tolist()), rng=_rng_state(gen))
     gates = _gate_mean(theta.detach(), settings.sparsity).cpu()
-    log.info("joint search: %d steps, top heads %s", settings.steps,
+    log.info("joint search: steps %d-%d of %d, top heads %s", first + 1, until, settings.steps,
              ", ".join(h.label for h in top_group(gates, 5)))
     # in chunks, the subspace objective takes one more forward pass a step (the states without a graph, first)
     per_step = 2 if settings.objective is Objective.SUBSPACE and len(measure._chunks()) > 1 else 1
-    return JointResult(gates, tuple(history), tuple(gate_history), forward_passes=1 + per_step * settings.steps,
-                       backward_passes=settings.steps)
+    return JointResult(gates, tuple(history), tuple(gate_history), forward_passes=1 + per_step * (until - first),
+                       backward_passes=until - first, state=end)
 
 
 def group_objectives(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int, settings: JointSettings,

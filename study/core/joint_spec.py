@@ -38,3 +38,28 @@ class JointSettings(Frozen):
     def _checked(self) -> "JointSettings":
         check_eps(self.op, self.eps)
         return self
+
+
+class JointState(Frozen):
+    """Where a search stands after `step` steps: enough to go on from there and end bit for bit where one
+    uninterrupted search would (the gates' logits, Adam's moments, the random generator's state), so a long search
+    runs as a chain of shards that shows progress and resumes mid-way. `prompts` / `targets`: the refusal
+    objective's kept prompts (indices into the block) and their answer openings, carried so that a later link
+    neither generates nor judges again."""
+
+    step: int = Field(ge=1)
+    theta: tuple[float, ...]  # (layers * heads) the gates' logits
+    adam_m: tuple[float, ...]  # (layers * heads) Adam's first moment
+    adam_v: tuple[float, ...]  # (layers * heads) Adam's second moment
+    rng: str  # base64 of the torch generator's state (hard-concrete noise draws from it)
+    prompts: tuple[int, ...] | None = None
+    targets: tuple[tuple[int, ...], ...] | None = None
+
+    @model_validator(mode="after")
+    def _shaped(self) -> "JointState":
+        if not len(self.theta) == len(self.adam_m) == len(self.adam_v):
+            raise ValueError("a joint search's state needs one logit and two moments per head")
+        if (self.prompts is None) != (self.targets is None) or \
+                (self.prompts is not None and len(self.prompts) != len(self.targets)):
+            raise ValueError("a joint search's state carries its kept prompts and their targets together")
+        return self

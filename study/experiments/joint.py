@@ -1,5 +1,5 @@
-"""The joint head-group search as an experiment: every head's gate optimised at once (`study.core.joint`), one
-shard per seed on the model's worker, the group read from the top gates of the seed whose group does most.
+"""The joint head-group search as an experiment: every head's gate optimised at once (`study.core.joint`), a
+chain of shards per seed on the model's worker, the group read from the top gates of the seed whose group does most.
 
 Beside Sahara (one head at a time, a forward pass per candidate), on the same prompts with the same operator; the
 group it writes is read like a Sahara group by `asr` and `swap` (their `search: joint`) and by the report.
@@ -17,7 +17,7 @@ from pydantic import Field
 
 from study.core.errors import UsageError
 from study.core.heads import Head
-from study.core.joint_spec import JointSettings, Objective
+from study.core.joint_spec import JointSettings, JointState, Objective
 from study.core.subspace import SubspaceSpec
 from study.experiments.base import ScanConfig, ScanJob
 from study.runtime.executor import Outcome
@@ -45,6 +45,7 @@ class JointConfig(ScanConfig):
     opening_tokens: int = Field(default=4, ge=1)  # refusal objective: the openings' length
     answer_tokens: int = Field(default=24, ge=1)  # refusal objective: the greedy answer the judge reads
     batch_prompts: int | None = Field(default=None, ge=1)  # prompts per forward pass (a large model's memory)
+    shard_steps: int = Field(default=25, ge=1)  # steps per shard: the unit of progress and resume (same numbers)
 
     @property
     def subspace_spec(self) -> SubspaceSpec:
@@ -57,7 +58,8 @@ class JointConfig(ScanConfig):
 
 
 class JointJob(ScanJob):
-    """One shard per seed; the group is the top-k gates of the seed whose group's exact objective is largest."""
+    """A chain of shards per seed (`shard_steps` steps each, the seeds side by side); the group is the top-k gates
+    of the seed whose group's exact objective is largest."""
 
     experiment = "joint"
     cfg: JointConfig
@@ -71,9 +73,11 @@ class JointJob(ScanJob):
         if cfg.objective is Objective.SUBSPACE and cfg.subspace == "left" and cfg.rank > len(self.prompts):
             raise UsageError(f"joint: subspace rank {cfg.rank} needs at least {cfg.rank} prompts, got "
                              f"{len(self.prompts)} from {self.prompts.name!r}")
-        self._shards = [JointShard(model=self.model, prompts=self.block(), settings=cfg.settings(seed), k=cfg.k,
-                                   opening_tokens=cfg.opening_tokens, answer_tokens=cfg.answer_tokens)
-                        for seed in cfg.seeds]
+        self._next = {seed: JointShard(model=self.model, prompts=self.block(), settings=cfg.settings(seed), k=cfg.k,
+                                       opening_tokens=cfg.opening_tokens, answer_tokens=cfg.answer_tokens,
+                                       stop=min(cfg.shard_steps, cfg.steps))
+                      for seed in cfg.seeds}  # seed -> its search's next link
+        self._links: dict[int, list[pa.Table]] = {seed: [] for seed in cfg.seeds}
         self.runs: dict[int, pa.Table] = {}  # seed -> its steps
 
     @property
@@ -82,16 +86,28 @@ class JointJob(ScanJob):
 
     @property
     def round_label(self) -> str:
-        return "joint search"
+        ends = sorted({shard.end for seed, shard in self._next.items() if seed not in self.runs})
+        return f"joint search to step {'/'.join(map(str, ends))} of {self.cfg.steps}"
 
     def pending(self) -> list[JointShard]:
-        return [] if self.done else list(self._shards)
+        return [shard for seed, shard in self._next.items() if seed not in self.runs]
 
     def absorb(self, outcome: Outcome) -> None:
-        for seed, shard in zip(self.cfg.seeds, self._shards):
-            self.runs[seed] = outcome.table(shard)
-        log.info("joint %s: group %s (seed %d, objective %.4g)", self.cfg.model,
-                 ", ".join(h.label for h in self.group), self.seed, self._exact(self.seed)[-1])
+        """Each seed's link: the search's end, or the next link from where this one stands."""
+        for seed, shard in self._next.items():
+            if seed in self.runs:
+                continue
+            table = outcome.table(shard)
+            self._links[seed].append(table)
+            if shard.last:
+                self.runs[seed] = pa.concat_tables(self._links[seed])
+                continue
+            state = JointState.model_validate_json(table["state"][-1].as_py())
+            self._next[seed] = JointShard(**{**dict(shard), "start": shard.end, "state": state, "after": shard.id,
+                                             "stop": min(shard.end + self.cfg.shard_steps, self.cfg.steps)})
+        if self.done:
+            log.info("joint %s: group %s (seed %d, objective %.4g)", self.cfg.model,
+                     ", ".join(h.label for h in self.group), self.seed, self._exact(self.seed)[-1])
 
     # ------------------------------------------------------------------------------------------- results
 

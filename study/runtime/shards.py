@@ -17,11 +17,11 @@ import uuid
 from typing import Literal, Sequence
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from study.core.ablation import Ablation
 from study.core.frozen import Frozen
-from study.core.joint_spec import JointSettings
+from study.core.joint_spec import JointSettings, JointState
 from study.core.subspace import SubspaceSpec
 from study.generation.backends import check_backend
 from study.generation.decoding import Decoding
@@ -49,9 +49,11 @@ RESULT_SCHEMAS: dict[str, pa.Schema] = {
     "joint": pa.schema([pa.field("step", pa.int32(), False), pa.field("loss", pa.float64(), False),
                         pa.field("objective", pa.float64(), False), pa.field("penalty", pa.float64(), False),
                         pa.field("open", pa.int32(), False), pa.field("gates", pa.list_(pa.float64()), False),
-                        # the last step only: the exact objective of the top 1..k gates ablated outright
+                        # the search's last step only: the exact objective of the top 1..k gates ablated outright
                         pa.field("exact", pa.list_(pa.float64()), True),
-                        pa.field("prompts_used", pa.int32(), False)]),
+                        pa.field("prompts_used", pa.int32(), False),
+                        # a link's last step only: where the search stands (JointState as JSON), for the next link
+                        pa.field("state", pa.string(), True)]),
     "surgery": pa.schema([pa.field("checkpoint", pa.string(), False), pa.field("label", pa.string(), False),
                           pa.field("edited_parameters", pa.int64(), False),
                           pa.field("total_parameters", pa.int64(), False)]),
@@ -241,11 +243,13 @@ class SurgeryShard(_Spec):
 
 
 class JointShard(_Spec):
-    """One joint head-group search (`study.core.joint`, one seed) on `prompts`: one row per optimisation step
-    (`steps` rows), every head's gates after it; the last row also holds the exact objective of the top 1..k
-    heads ablated outright. With the refusal objective, the prompts searched on are those the model refuses
-    (its greedy answer of `answer_tokens`, the `refusal` judge) and each one's target is its answer's first
-    `opening_tokens` tokens."""
+    """One link of a joint head-group search (`study.core.joint`, one seed) on `prompts`: steps `start + 1` to
+    `stop` (default: all of them), one row per step with every head's gates after it; the link's last row holds
+    where the search stands (`state`, which the next link starts from) and the search's last row the exact objective
+    of the top 1..k heads ablated outright. A search cut into links ends bit for bit where one shard would; the
+    links are what shows progress and what a resumed run skips. With the refusal objective, the prompts searched on
+    are those the model refuses (its greedy answer of `answer_tokens`, the `refusal` judge) and each one's target is
+    its answer's first `opening_tokens` tokens: the first link finds them, later ones carry them in `state`."""
 
     model: ModelRef
     prompts: PromptBlock
@@ -253,19 +257,42 @@ class JointShard(_Spec):
     k: int = Field(ge=1)
     opening_tokens: int = Field(default=4, ge=1)
     answer_tokens: int = Field(default=24, ge=1)
+    start: int = Field(default=0, ge=0)  # steps done before this link
+    stop: int | None = Field(default=None, ge=1)  # steps done after it (None: the search's last)
+    state: JointState | None = None  # the previous link's end (None for the first link)
+    after: str | None = None  # the previous link's id: the state's identity, without hashing every logit
     code_version: str = Field(default_factory=scoring_identity)
     measure: Literal["joint"] = "joint"
+
+    @model_validator(mode="after")
+    def _linked(self) -> "JointShard":
+        if not self.start < self.end <= self.settings.steps:
+            raise ValueError(f"a joint link runs steps {self.start + 1}..{self.end}, outside 1..{self.settings.steps}")
+        if (self.start == 0) != (self.state is None and self.after is None) or \
+                (self.state is not None and self.state.step != self.start):
+            raise ValueError("a joint link after step 0 needs the previous link's state and id (the first, neither)")
+        return self
+
+    @property
+    def end(self) -> int:
+        return self.settings.steps if self.stop is None else self.stop
+
+    @property
+    def last(self) -> bool:
+        """The search's last link: it also measures the group's exact objective."""
+        return self.end == self.settings.steps
 
     @property
     def id(self) -> str:
         return _digest({"model": self.model.key, "prompts": self.prompts.key,
                         "settings": self.settings.model_dump(mode="json"), "k": self.k,
                         "opening_tokens": self.opening_tokens, "answer_tokens": self.answer_tokens,
+                        "start": self.start, "end": self.end, "after": self.after,
                         "measure": self.measure, "code_version": self.code_version})
 
     @property
     def rows(self) -> int:
-        return self.settings.steps
+        return self.end - self.start
 
 
 AnyShard = Shard | GenShard | EvalShard | SurgeryShard | JointShard

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from study.core.joint_spec import JointState
 from study.runtime.shards import AnyShard, GenShard, JointShard, ModelRef
 
 REFUSAL = "I cannot help with that request. It could cause harm, and I will not provide instructions for it."
@@ -91,7 +92,7 @@ def shard_seconds(shard: AnyShard, acc: Accelerator, gpus: int = 1) -> float:
     if shard.measure == "nll":
         return len(shard.ablations) * sum(tokens) * 2 * (m.layers * m.layer_params + m.head_params) / speed
     if isinstance(shard, JointShard):  # a forward and a backward (about twice a forward) over the block per step
-        return 3 * shard.settings.steps * sum(tokens) * 2 * (m.layers * m.layer_params + m.head_params) / speed
+        return 3 * shard.rows * sum(tokens) * 2 * (m.layers * m.layer_params + m.head_params) / speed
     flops = 0.0
     for ab in shard.ablations:  # each row starts at its first ablated layer; the LM head at the last position
         start = min((h.layer for h in ab.heads), default=0)
@@ -155,11 +156,14 @@ def fake_batch(shard: AnyShard) -> pa.RecordBatch:
                    [rng.randrange(2**31) for _ in rows], tokens, texts, [len(t) for t in tokens]]
     elif isinstance(shard, JointShard):
         config = json.loads((Path(shard.model.name) / "config.json").read_text())
-        n, steps = config["num_hidden_layers"] * config["num_attention_heads"], shard.settings.steps
-        columns = [list(range(1, steps + 1)), [-rng.random() for _ in range(steps)],
+        n, steps = config["num_hidden_layers"] * config["num_attention_heads"], shard.rows
+        theta = tuple(rng.random() for _ in range(n))
+        state = JointState(step=shard.end, theta=theta, adam_m=theta, adam_v=theta, rng="")
+        columns = [list(range(shard.start + 1, shard.end + 1)), [-rng.random() for _ in range(steps)],
                    [rng.random() for _ in range(steps)], [rng.random() for _ in range(steps)], [0] * steps,
                    [[rng.random() for _ in range(n)] for _ in range(steps)],
-                   [None] * (steps - 1) + [[rng.random() for _ in range(shard.k)]], [len(ids)] * steps]
+                   [None] * (steps - 1) + [[rng.random() for _ in range(shard.k)] if shard.last else None],
+                   [len(ids)] * steps, [None] * (steps - 1) + [state.model_dump_json()]]
     elif shard.measure == "angle":
         columns = [[a.label for a in shard.ablations], [rng.uniform(0, 30) for _ in shard.ablations]]
     elif shard.measure == "nll":

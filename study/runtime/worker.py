@@ -240,31 +240,44 @@ class Worker:
                                           schema=shard.schema)
 
     def joint(self, shard: JointShard, progress: Callable[[int], None] | None = None) -> pa.RecordBatch:
-        """The joint search's steps (gates after each), and the exact objective of its top 1..k heads."""
+        """One link of the joint search: its steps (gates after each) and where it stands at the end; on the
+        search's last link, the exact objective of its top 1..k heads too."""
         from study.core.joint import group_objectives, joint_search, top_group
         from study.core.joint_spec import Objective
 
         ids = self.token_ids(shard.prompts)
-        targets = None
-        if shard.settings.objective is Objective.REFUSAL:
-            ids, targets = self._refusal_openings(shard, ids)
+        kept, targets = None, None
+        if shard.state is not None and shard.state.prompts is not None:
+            kept, targets = list(shard.state.prompts), [list(t) for t in shard.state.targets]
+        elif shard.settings.objective is Objective.REFUSAL:
+            kept, targets = self._refusal_openings(shard, ids)
+        if kept is not None:
+            ids = [ids[i] for i in kept]
         pad = self.lm.tokenizer.pad_token_id or 0
+        core = shard.state.model_copy(update={"prompts": None, "targets": None}) if shard.state else None
         result = joint_search(self.lm.model, ids, pad, shard.settings, targets,
-                              on_step=(lambda row: progress(1)) if progress else None)
-        group = top_group(result.gates, shard.k)
-        exact = group_objectives(self.lm.model, ids, pad, shard.settings,
-                                 [group[:size] for size in range(1, shard.k + 1)], targets)
+                              on_step=(lambda row: progress(1)) if progress else None, state=core, until=shard.end)
+        state = result.state
+        if kept is not None:
+            state = state.model_copy(update={"prompts": tuple(kept), "targets": tuple(tuple(t) for t in targets)})
+        exact = None
+        if shard.last:
+            group = top_group(result.gates, shard.k)
+            exact = group_objectives(self.lm.model, ids, pad, shard.settings,
+                                     [group[:size] for size in range(1, shard.k + 1)], targets)
         steps = len(result.history)
         gates = result.gate_history  # (steps, layers * heads)
         columns = {"step": [r["step"] for r in result.history], "loss": [r["loss"] for r in result.history],
                    "objective": [r["objective"] for r in result.history],
                    "penalty": [r["penalty"] for r in result.history], "open": [r["open"] for r in result.history],
-                   "gates": gates, "exact": [None] * (steps - 1) + [exact], "prompts_used": [len(ids)] * steps}
+                   "gates": gates, "exact": [None] * (steps - 1) + [exact], "prompts_used": [len(ids)] * steps,
+                   "state": [None] * (steps - 1) + [state.model_dump_json()]}
         return pa.RecordBatch.from_arrays([pa.array(columns[f.name], f.type) for f in shard.schema],
                                           schema=shard.schema)
 
-    def _refusal_openings(self, shard: JointShard, ids: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
-        """The prompts the model refuses (greedy answer, `refusal` judge) and each one's answer opening."""
+    def _refusal_openings(self, shard: JointShard, ids: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+        """The prompts the model refuses (greedy answer, `refusal` judge; their indices) and each one's answer
+        opening."""
         from study.generation.decoding import Decoding
         from study.generation.judges.registry import get_judge
 
@@ -278,7 +291,7 @@ class Worker:
                              f"objective has nothing to remove: use objective subspace, or prompts it refuses")
         log.info("joint: %s refuses %d of %d prompts; their first %d answer tokens are the targets",
                  shard.model.label, len(kept), len(ids), shard.opening_tokens)
-        return [ids[i] for i in kept], [list(answers[i][:shard.opening_tokens]) for i in kept]
+        return kept, [list(answers[i][:shard.opening_tokens]) for i in kept]
 
     def generate(self, shard: GenShard) -> pa.RecordBatch:
         """One row per (prompt, ablation, sample): token ids, text and the seed that drew them."""

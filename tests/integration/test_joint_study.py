@@ -158,3 +158,47 @@ def test_a_model_that_refuses_nothing_is_one_line_for_the_refusal_objective(join
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("headstudy: error: joint:") and "refuses none of the 8 prompts" in last
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_search_in_shards_of_steps_resumes_mid_search_and_changes_no_number(tmp_path):
+    """A search runs as a chain of shards (`shard_steps`): each shows as progress and is stored as it ends, so a run
+    stopped mid-search starts again from its last finished link. The numbers are those of one unbroken search."""
+    import pyarrow as pa
+
+    folders = {k: str(v) for k, v in family_folders(tmp_path / "models").items()}
+    harmful, _ = write_prompt_files(tmp_path)
+
+    def run(out, shard_steps):
+        spec = {"out": str(out), "models": [{"name": folders["aligned_a"]}], "execution": {"executor": "local"},
+                "defaults": {"prompts": str(harmful), "format": "paper", "op": "undiff_q", "eps": 1e-5,
+                             "dtype": "float32"},
+                "joint": {"steps": 10, "k": 3, "seeds": [0], "opening_tokens": 3, "answer_tokens": 12,
+                          "shard_steps": shard_steps}}
+        path = tmp_path / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        return run_study(load_study(path))
+
+    linked = run(tmp_path / "linked", 4)
+    links = {}
+    for f in (tmp_path / "linked" / "shards").iterdir():
+        with pa.memory_map(str(f)) as source:
+            t = pa.ipc.open_file(source).read_all()
+        links[f] = t
+    assert sorted(t["step"].to_pylist() for t in links.values()) == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+    assert all(t["state"][-1].as_py() and t["state"].null_count == t.num_rows - 1 for t in links.values())
+    assert sum(t["exact"].null_count < t.num_rows for t in links.values()) == 1  # the search's last link only
+
+    whole = run(tmp_path / "whole", 10)
+    assert linked.computed == 3 and whole.computed == 1
+    for table, columns in (("joint_steps", ["step", "loss", "value", "penalty", "open"]),
+                           ("joint", ["head_label", "gate", "rank", "score"])):
+        a = pd.read_parquet(tmp_path / "linked" / table).sort_values(columns[0])[columns].reset_index(drop=True)
+        b = pd.read_parquet(tmp_path / "whole" / table).sort_values(columns[0])[columns].reset_index(drop=True)
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+    last = next(f for f, t in links.items() if t["step"][0].as_py() == 9)
+    last.unlink()  # a run stopped after its second link
+    again = run(tmp_path / "linked", 4)
+    assert again.computed == 1 and again.reused == 2
+    assert {h.label for h in next(j for j in again.jobs if j.experiment == "joint").group} == \
+        {h.label for h in next(j for j in linked.jobs if j.experiment == "joint").group}

@@ -126,15 +126,14 @@ def test_the_exact_subspace_objective_is_generalized_ships(aligned):
 
 
 @pytest.mark.parametrize("objective", [Objective.REFUSAL, Objective.SUBSPACE])
-def test_a_search_in_chunks_of_prompts_has_the_whole_batchs_gradient(objective):
+def test_a_search_in_chunks_of_prompts_has_the_whole_batchs_gradient(aligned, objective):
     """`batch_prompts` (prompts per forward pass, what lets a large model's search fit its memory) changes no number:
     the gates' gradient in chunks of 3 equals the gradient of all 8 prompts at once (float64)."""
     from study.core.architectures import Arch
     from study.core.joint import _Measure
 
-    tok = pf.tokenizer()
+    _, _, harmful = aligned
     model = pf.planted_model("aligned_a", dtype=torch.float64)
-    harmful = [encode(q, "paper", tok) for q in pf.HARMFUL_PROMPTS]
     targets = [list(pf.REFUSAL_IDS[:3])] * len(harmful) if objective is Objective.REFUSAL else None
     grads, values = [], []
     for batch_prompts in (None, 3):
@@ -145,6 +144,32 @@ def test_a_search_in_chunks_of_prompts_has_the_whole_batchs_gradient(objective):
         grads.append(theta.grad)
     assert values[0] == pytest.approx(values[1], rel=1e-9, abs=1e-12)
     assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("objective,sparsity", [(Objective.REFUSAL, "hard_concrete"), (Objective.SUBSPACE, "l1")])
+def test_a_search_run_as_links_ends_bit_for_bit_where_one_search_does(aligned, objective, sparsity):
+    """What a chain of shards does (progress and resume mid-search): 2 steps, then 1 from a state that went through
+    JSON (the store), then 3, equal one 6-step search in every step's numbers and gates; hard concrete's noise
+    included (the generator's state is carried)."""
+    from study.core.joint_spec import JointState
+
+    _, _, harmful = aligned
+    model = pf.planted_model("aligned_a", dtype=torch.float64)
+    targets = [list(pf.REFUSAL_IDS[:3])] * len(harmful) if objective is Objective.REFUSAL else None
+    settings = JointSettings(objective=objective, sparsity=sparsity, steps=6, lr=0.3, init=0.5, seed=3)
+    whole = joint_search(model, harmful, 0, settings, targets)
+    history, gates, state = [], [], None
+    for until in (2, 3, 6):
+        link = joint_search(model, harmful, 0, settings, targets, state=state, until=until)
+        history += link.history
+        gates += link.gate_history
+        state = JointState.model_validate_json(link.state.model_dump_json())
+    assert [r["step"] for r in history] == [1, 2, 3, 4, 5, 6]
+    assert history == list(whole.history) and gates == list(whole.gate_history)
+    assert torch.equal(link.gates, whole.gates) and state == whole.state
+    assert len(set(gates)) == 6  # the gates moved at every step
+    with pytest.raises(ValueError, match="steps 7..6, outside 1..6"):
+        joint_search(model, harmful, 0, settings, targets, state=state, until=6)
 
 
 def test_bad_settings_are_refused_before_any_step(aligned):
