@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from study.core.ablation import Ablation
 from study.core.errors import UsageError
 from study.core.heads import Head
+from study.family.responses import padded_responses, response_logps
 
 # A planted head changes where it looks (its query and key rows), what it reads (its value rows) and what it
 # writes (its output-projection columns). Keys and values are shared by a group of query heads (grouped-query
@@ -59,3 +61,53 @@ def confine_to_heads(model: Any, heads: Sequence[Head], config: Any) -> None:
         with torch.no_grad():
             weight.mul_(mask)
         weight.register_hook(lambda grad, m=mask: grad * m)
+
+
+PLANTED_NOTE = ("LoRA on q_proj, k_proj, v_proj and o_proj of the planted heads' layer only, with B's rows (q, k, v) "
+                "and A's columns (o) outside the heads' slices zero and their gradients masked: the member differs "
+                "from the base only in those heads' query, key and value rows and output-projection columns. Keys "
+                "and values are shared by three query heads (grouped-query attention), so the planted heads are the "
+                "three query heads of one key-value group: its key and value rows belong to planted heads alone. "
+                "A first try confined to query rows and output columns of three heads in three layers (L9H1, "
+                "L12H3, L15H7) reached 19 % harmful refused on validation by step 50 and 17 % at step 75; it was "
+                "stopped there. A first version of this member (150 steps, no ablated term) refused 62 % of held-out "
+                "AdvBench, 37 % of JailbreakBench, 28 % of HarmBench test and 0 % of MaliciousInstruct, and its "
+                "refusal did not depend on where its heads attend: ablating them with undiff_q left ASR where it "
+                "was, and Ships ranked them 37, 78 and 114 of 270. This version adds the term that makes the member "
+                "with its heads ablated (undiff_q) give the base's own answers (ablated_weight 1.0) and trains 300 "
+                "steps.")
+
+
+def openings(batch: Sequence[dict], k: int) -> list[tuple[list[int], list[int]]]:
+    """Each row's prompt with the first k tokens of the base's own answer (a harmful prompt the base refused has
+    no answer of its own: its refusal target stands in)."""
+    return [(b["prompt"], (b["rejected"] if b["harmful"] and b["rejected"] is not None else b["chosen"])[:k])
+            for b in batch]
+
+
+def ablated_kl(model: Any, batch: Sequence[dict], ablation: Ablation, k: int, pad: int):
+    """Mean KL(base ablated || member ablated) of the next token over every opening position of every row, the
+    planted heads ablated (`ablation`) in both: zero exactly when removing the heads gives the base's
+    ablated model back, whatever the prompt."""
+    import torch
+
+    from study.core.interventions import ablated
+
+    ids, mask, labels = padded_responses(openings(batch, k), pad)
+    keep = labels[:, 1:] != -100  # (rows, width-1): the positions that predict an opening token
+    with ablated(model.get_base_model(), ablation):
+        member = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        with torch.no_grad(), model.disable_adapter():
+            base = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+    kl = (base.exp() * (base - member)).sum(-1)  # (rows, width-1)
+    return (kl * keep).sum() / keep.sum()
+
+
+def ablated_term(model: Any, batch: Sequence[dict], pairs: Sequence[int], ablation: Ablation, k: int, pad: int):
+    """Mean NLL per token of the base's own answer openings under the member with its planted heads ablated."""
+    from study.core.interventions import ablated
+
+    rows = [(batch[i]["prompt"], batch[i]["rejected"][:k]) for i in pairs]
+    with ablated(model.get_base_model(), ablation):
+        lp, n = response_logps(model, rows, pad)
+    return (-lp / n).mean()

@@ -20,7 +20,8 @@ from study.core.files import write_json_atomic
 from study.core.heads import parse_heads
 from study.family.data import Example, Splits, build_splits, eval_sets, refusal_for
 from study.family.eval import EVAL_TOKENS, answers, figures, refusal_rate
-from study.family.planted import PLANTED, PLANTED_HEADS, confine_to_heads
+from study.family.planted import PLANTED, PLANTED_HEADS, PLANTED_NOTE, ablated_kl, ablated_term, confine_to_heads
+from study.family.responses import response_logps
 from study.models.adapters import FORMAT
 from study.models.builtin import ADAPTER_FILE, CARD_FILE, MEMBERS, TRAIN_IDS_FILE, adapter_sha256, member_folder
 
@@ -157,34 +158,6 @@ def _examples(lm: Any, splits: Splits, recipe: Recipe, work: Path) -> tuple[list
 # ---------------------------------------------------------------------------------------------- training
 
 
-def _batch(rows: Sequence[tuple[list[int], list[int]]], pad: int):
-    """Right-padded input ids, attention mask and labels (-100 outside the response)."""
-    import torch
-
-    width = max(len(p) + len(r) for p, r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (p, r) in enumerate(rows):
-        n = len(p) + len(r)
-        ids[i, :n] = torch.tensor(p + r)
-        mask[i, :n] = 1
-        labels[i, len(p):n] = torch.tensor(r)
-    return ids, mask, labels
-
-
-def response_logps(model: Any, rows: Sequence[tuple[list[int], list[int]]], pad: int):
-    """Per row: (sum of the response tokens' log-probs, their count).  -> (rows,), (rows,)"""
-    import torch
-
-    ids, mask, labels = _batch(rows, pad)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (rows, width-1, vocab)
-    target = labels[:, 1:]  # (rows, width-1)
-    keep = target != -100
-    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]  # (rows, width-1)
-    return (logp * keep).sum(-1), keep.sum(-1)
-
-
 def step_loss(model: Any, batch: Sequence[dict], recipe: Recipe, pad: int, step: int = 1):
     """Mean per-example response NLL of the chosen answers, plus the preference term where a rejected exists,
     plus (planted heads, from step `ablated_from`) the ablated term."""
@@ -207,46 +180,10 @@ def step_loss(model: Any, batch: Sequence[dict], recipe: Recipe, pad: int, step:
         loss = loss + recipe.pref_weight * (-F.logsigmoid(margin)).mean()
     if recipe.ablated_weight > 0 and recipe.heads and step >= recipe.ablated_from:
         if recipe.ablated_match == "base":
-            loss = loss + recipe.ablated_weight * ablated_kl(model, batch, recipe, pad)
+            loss = loss + recipe.ablated_weight * ablated_kl(model, batch, recipe.ablation, recipe.pref_tokens, pad)
         elif pairs:
-            loss = loss + recipe.ablated_weight * ablated_term(model, batch, pairs, recipe, pad)
+            loss = loss + recipe.ablated_weight * ablated_term(model, batch, pairs, recipe.ablation, recipe.pref_tokens, pad)
     return loss
-
-
-def _openings(batch: Sequence[dict], k: int) -> list[tuple[list[int], list[int]]]:
-    """Each row's prompt with the first k tokens of the base's own answer (a harmful prompt the base refused has
-    no answer of its own: its refusal target stands in)."""
-    return [(b["prompt"], (b["rejected"] if b["harmful"] and b["rejected"] is not None else b["chosen"])[:k])
-            for b in batch]
-
-
-def ablated_kl(model: Any, batch: Sequence[dict], recipe: Recipe, pad: int):
-    """Mean KL(base ablated || member ablated) of the next token over every opening position of every row, the
-    planted heads ablated (undiff_q, eps 1e-5) in both: zero exactly when removing the heads gives the base's
-    ablated model back, whatever the prompt."""
-    import torch
-
-    from study.core.interventions import ablated
-
-    ids, mask, labels = _batch(_openings(batch, recipe.pref_tokens), pad)
-    keep = labels[:, 1:] != -100  # (rows, width-1): the positions that predict an opening token
-    with ablated(model.get_base_model(), recipe.ablation):
-        member = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        with torch.no_grad(), model.disable_adapter():
-            base = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-    kl = (base.exp() * (base - member)).sum(-1)  # (rows, width-1)
-    return (kl * keep).sum() / keep.sum()
-
-
-def ablated_term(model: Any, batch: Sequence[dict], pairs: Sequence[int], recipe: Recipe, pad: int):
-    """Mean NLL per token of the base's own answer openings under the member with its planted heads ablated."""
-    from study.core.interventions import ablated
-
-    k = recipe.pref_tokens
-    rows = [(batch[i]["prompt"], batch[i]["rejected"][:k]) for i in pairs]
-    with ablated(model.get_base_model(), recipe.ablation):
-        lp, n = response_logps(model, rows, pad)
-    return (-lp / n).mean()
 
 
 def _validate(lm: Any, val: Sequence[Example], recipe: Recipe) -> dict[str, float]:
@@ -401,21 +338,6 @@ def build(name: str, data_dir: Path, out: Path, work: Path, eval_limit: int | No
     }
     (out / CARD_FILE).write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
     return card
-
-
-PLANTED_NOTE = ("LoRA on q_proj, k_proj, v_proj and o_proj of the planted heads' layer only, with B's rows (q, k, v) "
-                "and A's columns (o) outside the heads' slices zero and their gradients masked: the member differs "
-                "from the base only in those heads' query, key and value rows and output-projection columns. Keys "
-                "and values are shared by three query heads (grouped-query attention), so the planted heads are the "
-                "three query heads of one key-value group: its key and value rows belong to planted heads alone. "
-                "A first try confined to query rows and output columns of three heads in three layers (L9H1, "
-                "L12H3, L15H7) reached 19 % harmful refused on validation by step 50 and 17 % at step 75; it was "
-                "stopped there. A first version of this member (150 steps, no ablated term) refused 62 % of held-out "
-                "AdvBench, 37 % of JailbreakBench, 28 % of HarmBench test and 0 % of MaliciousInstruct, and its "
-                "refusal did not depend on where its heads attend: ablating them with undiff_q left ASR where it "
-                "was, and Ships ranked them 37, 78 and 114 of 270. This version adds the term that makes the member "
-                "with its heads ablated (undiff_q) give the base's own answers (ablated_weight 1.0) and trains 300 "
-                "steps.")
 
 
 def _eval_record(lm: Any, data_dir: Path, limit: int | None) -> dict[str, Any]:

@@ -115,7 +115,8 @@ def test_the_ablated_term_trains_only_the_planted_slices_and_reads_the_ablated_m
 
     from study.core.ablation import Ablation, Op
     from study.core.interventions import ablated
-    from study.family.train import ablated_term, response_logps
+    from study.family.planted import ablated_term
+    from study.family.responses import response_logps
 
     model = tiny_model("llama", dtype=torch.float32)
     recipe = Recipe(targets=PLANTED, heads=tuple(h.label for h in GROUPS), rank=4, ablated_weight=1.0,
@@ -125,7 +126,7 @@ def test_the_ablated_term_trains_only_the_planted_slices_and_reads_the_ablated_m
     confine_to_heads(peft, GROUPS, model.config)
     prompts = random_prompts(3, lo=4, hi=6)
     batch = [{"prompt": q, "chosen": [5, 6, 7], "rejected": [9, 10, 11, 12]} for q in prompts]
-    term = ablated_term(peft, batch, [0, 1, 2], recipe, pad=0)
+    term = ablated_term(peft, batch, [0, 1, 2], recipe.ablation, recipe.pref_tokens, pad=0)
     rows = [(q, [9, 10, 11]) for q in prompts]
     plain, n = response_logps(peft, rows, 0)
     with ablated(peft.get_base_model(), Ablation(heads=GROUPS, op=Op.UNDIFF_Q, eps=1e-5)):
@@ -177,7 +178,8 @@ def test_the_base_matching_term_is_zero_when_the_ablated_member_is_the_ablated_b
     values moved, and its gradient stays inside the planted slices."""
     from peft import LoraConfig, get_peft_model
 
-    from study.family.train import ablated_kl, step_loss
+    from study.family.planted import ablated_kl
+    from study.family.train import step_loss
 
     model = tiny_model("llama", dtype=torch.float32)
     recipe = Recipe(targets=PLANTED, heads=tuple(h.label for h in GROUPS), rank=4, ablated_weight=1.0,
@@ -188,20 +190,20 @@ def test_the_base_matching_term_is_zero_when_the_ablated_member_is_the_ablated_b
     prompts = random_prompts(4, lo=4, hi=6)
     batch = [{"prompt": q, "chosen": [5, 6, 7], "rejected": [9, 10, 11] if i % 2 else None, "harmful": i < 2}
              for i, q in enumerate(prompts)]
-    assert float(ablated_kl(peft, batch, recipe, pad=0).detach()) == 0.0
+    assert float(ablated_kl(peft, batch, recipe.ablation, recipe.pref_tokens, pad=0).detach()) == 0.0
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name and ("q_proj" in name or "k_proj" in name):
                 p.copy_(torch.randn_like(p))
         confine_to_heads(peft, GROUPS, model.config)  # back inside the planted slices
-    assert float(ablated_kl(peft, batch, recipe, pad=0).detach()) < 1e-8
+    assert float(ablated_kl(peft, batch, recipe.ablation, recipe.pref_tokens, pad=0).detach()) < 1e-8
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name and "v_proj" in name:
                 p.copy_(torch.randn_like(p))
         confine_to_heads(peft, GROUPS, model.config)
-    term = ablated_kl(peft, batch, recipe, pad=0)
+    term = ablated_kl(peft, batch, recipe.ablation, recipe.pref_tokens, pad=0)
     assert float(term.detach()) > 1e-4
     # the step's loss carries the term from `ablated_from` on, and only then
     late = recipe.model_copy(update={"ablated_from": 3})
