@@ -269,7 +269,10 @@ def train(name: str, data_dir: Path, work: Path, recipe: Recipe | None = None,
                 # kept as it is found, so a training stopped later still leaves its best adapter behind
                 work.mkdir(parents=True, exist_ok=True)
                 save_adapter(best[2], work / f"best-{name}.safetensors", recipe, MEMBERS[name].base)
-                write_json_atomic(work / f"best-{name}.json", {"step": step, "history": history}, durable=False)
+                write_json_atomic(work / f"best-{name}.json", {
+                    "step": step, "history": history, "loss_per_step": losses,
+                    "train_seconds": round(time.time() - started, 1), "recipe": recipe.model_dump(mode="json")},
+                    durable=False)
     assert best is not None
     record = {"selected_step": best[1], "history": history, "loss_per_step": losses,
               "train_seconds": round(time.time() - started, 1)}
@@ -298,9 +301,29 @@ def save_adapter(tensors: dict[str, Any], path: Path, recipe: Recipe, base: str)
 # ----------------------------------------------------------------------------------------------- the card
 
 
+def kept(name: str, work: Path, recipe: Recipe, data_dir: Path) -> tuple[dict, dict, Splits]:
+    """What `train` returns, read back from the best adapter a training keeps in `work` as it goes (so a training
+    stopped early still gives a member): its tensors, its validation record up to that step, the splits."""
+    from safetensors.torch import load_file
+
+    adapter, record = work / f"best-{name}.safetensors", work / f"best-{name}.json"
+    if not adapter.is_file() or not record.is_file():
+        raise UsageError(f"no kept adapter of {name} in {work}: a training keeps best-{name}.safetensors and "
+                         f"best-{name}.json there once a validation step is eligible")
+    kept_record = json.loads(record.read_text(encoding="utf-8"))
+    if kept_record.get("recipe") not in (None, recipe.model_dump(mode="json")):
+        raise UsageError(f"the adapter kept in {work} was trained with another recipe than this one: pass the "
+                         f"same --set values as its training")
+    record = {"selected_step": kept_record["step"], "history": kept_record["history"],
+              "loss_per_step": kept_record.get("loss_per_step"), "train_seconds": kept_record.get("train_seconds"),
+              "stopped_after_step": kept_record["history"][-1]["step"]}
+    return load_file(str(adapter)), record, build_splits(data_dir, recipe.seed)
+
+
 def build(name: str, data_dir: Path, out: Path, work: Path, eval_limit: int | None = None,
-          recipe: Recipe | None = None) -> dict:
-    """Train, save the adapter and the training ids, merge as first use does, measure, write the card."""
+          recipe: Recipe | None = None, from_kept: bool = False) -> dict:
+    """Train (or with `from_kept`, take the adapter a training kept in `work`), save the adapter and the training
+    ids, merge as first use does, measure, write the card."""
     import peft
     import torch
     import transformers
@@ -311,7 +334,10 @@ def build(name: str, data_dir: Path, out: Path, work: Path, eval_limit: int | No
 
     recipe = recipe or RECIPES[name]
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
-    tensors, record, splits = train(name, data_dir, work, recipe)
+    if from_kept:
+        tensors, record, splits = kept(name, work, recipe, data_dir)
+    else:
+        tensors, record, splits = train(name, data_dir, work, recipe)
     out.mkdir(parents=True, exist_ok=True)
     adapter = out / ADAPTER_FILE
     save_adapter(tensors, adapter, recipe, MEMBERS[name].base)
@@ -381,6 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="cache for the base's answers and merged models "
                                                 "(default: <cache>/family-train)")
     p.add_argument("--eval-limit", type=int, default=None, help="prompts per held-out set (default: all)")
+    p.add_argument("--from-kept", action="store_true",
+                   help="no training: build the member from the best adapter a training kept in --work (one "
+                        "stopped early), with the same --set values as that training")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value (e.g. --set lr=5e-5 --set steps=120)")
     args = p.parse_args(argv)
@@ -415,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.names:
             recipe = _with_overrides(RECIPES[name], args.set)
             out = Path(args.out) / MEMBERS[name].folder if args.out else member_folder(name)
-            card = build(name, Path(args.data_dir), out, work, args.eval_limit, recipe)
+            card = build(name, Path(args.data_dir), out, work, args.eval_limit, recipe, args.from_kept)
             log.info("%s: written to %s (selected step %d)", name, out, card["selected_step"])
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
+from study.core.errors import UsageError
 from study.family.data import Splits, build_splits
-from study.family.train import Recipe, save_adapter, train
+from study.family.train import Recipe, kept, save_adapter, train
 
 pytestmark = pytest.mark.slow
 
@@ -38,9 +39,17 @@ def test_training_is_deterministic_given_the_seed_and_ships_a_loadable_adapter(s
     assert record["history"][0]["step"] == 2 and 0 <= record["history"][0]["harmful_refused"] <= 1
     # the best adapter so far is on disk as soon as it is found (the last training here: seed 1)
     from safetensors.torch import load_file
-    kept = load_file(str(tmp_path / "work" / f"best-{MAIN}.safetensors"))
-    assert kept.keys() == c.keys() and all(torch.equal(kept[k], c[k].half()) for k in c)
+    on_disk = load_file(str(tmp_path / "work" / f"best-{MAIN}.safetensors"))
+    assert on_disk.keys() == c.keys() and all(torch.equal(on_disk[k], c[k].half()) for k in c)
     assert json.loads((tmp_path / "work" / f"best-{MAIN}.json").read_text())["step"] == 2
+    # a member can be built from what a training kept (one stopped early), with the recipe it was trained with
+    seed1 = recipe.model_copy(update={"seed": 1})
+    tensors, kept_record, _ = kept(MAIN, tmp_path / "work", seed1, shared_data)
+    assert tensors.keys() == c.keys() and all(torch.equal(tensors[k], on_disk[k]) for k in c)
+    assert kept_record["selected_step"] == 2 and kept_record["stopped_after_step"] == 2
+    assert len(kept_record["loss_per_step"]) == 2
+    with pytest.raises(UsageError, match="trained with another recipe"):
+        kept(MAIN, tmp_path / "work", recipe, shared_data)
     save_adapter(a, tmp_path / "adapter.safetensors", recipe, "smollm2-135m-instruct")
     pairs, scale, meta = read_adapter(tmp_path / "adapter.safetensors")
     assert len(pairs) == 210 and scale == recipe.alpha / recipe.rank and meta["base"] == "smollm2-135m-instruct"
