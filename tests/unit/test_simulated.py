@@ -64,3 +64,23 @@ def test_rows_are_shaped_as_the_real_workers_and_repeatable(models):
         assert batch.equals(fake_batch(shard))
     worker = SimulatedWorker(models["7b"], scale=1e9)
     assert worker.run(shards[0]).schema.equals(shards[0].schema) and worker.loaded
+
+
+def test_a_joint_search_is_simulated_link_by_link(models):
+    """A joint search's links: each one's rows are its own steps, the next starts from its state, only the last
+    carries the exact objective, and a link costs its own steps."""
+    from study.core.joint_spec import JointSettings, JointState
+    from study.runtime.shards import JointShard
+
+    first = JointShard(model=models["7b"], prompts=BLOCK, settings=JointSettings(steps=5), k=3, stop=3)
+    batch = fake_batch(first)
+    assert batch.schema.equals(first.schema) and batch.column("step").to_pylist() == [1, 2, 3]
+    state = JointState.model_validate_json(batch.column("state")[-1].as_py())
+    assert state.step == 3 and len(state.theta) == 32 * 32 and batch.column("exact").null_count == 3
+    last = JointShard(**{**dict(first), "start": 3, "stop": None, "state": state, "after": first.id})
+    tail = fake_batch(last)
+    assert tail.column("step").to_pylist() == [4, 5] and len(tail.column("exact")[-1].as_py()) == 3
+    assert last.id != first.id and shard_seconds(last, Accelerator()) == pytest.approx(
+        shard_seconds(first, Accelerator()) * 2 / 3)
+    with pytest.raises(ValueError, match="needs the previous link's state"):
+        JointShard(**{**dict(first), "start": 3, "stop": None})
