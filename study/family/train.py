@@ -16,7 +16,7 @@ from typing import Any, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from study.core.errors import UsageError
-from study.core.files import write_json_atomic
+from study.core.files import atomic_path, write_json_atomic
 from study.core.heads import parse_heads
 from study.family.data import Example, Splits, build_splits, eval_sets, refusal_for
 from study.family.eval import EVAL_TOKENS, answers, figures, refusal_rate
@@ -206,10 +206,32 @@ def _validate(lm: Any, val: Sequence[Example], recipe: Recipe) -> dict[str, floa
     return out | {"score": round(score, 4)}
 
 
+def _checkpoint(work: Path, name: str) -> Path:
+    return work / f"checkpoint-{name}.pt"
+
+
+def _resumed(work: Path, name: str, recipe: Recipe, splits: Splits) -> dict[str, Any]:
+    """The checkpoint a training wrote at its last validation, checked to be of this recipe and these prompts."""
+    import torch
+
+    path = _checkpoint(work, name)
+    if not path.is_file():
+        raise UsageError(f"no checkpoint of {name} in {work}: a training writes checkpoint-{name}.pt there at every "
+                         f"validation (every eval_every steps)")
+    ck = torch.load(path, weights_only=False)
+    if ck["recipe"] != recipe.model_dump(mode="json") or ck["prompts"] != splits.ids():
+        raise UsageError(f"the checkpoint in {work} is of another recipe or other prompts than this training: pass "
+                         f"the same --set values as the training that wrote it")
+    return ck
+
+
 def train(name: str, data_dir: Path, work: Path, recipe: Recipe | None = None,
-          splits: Splits | None = None) -> tuple[dict, dict, Splits]:
+          splits: Splits | None = None, resume: bool = False) -> tuple[dict, dict, Splits]:
     """Train one member; returns (its LoRA tensors at the selected step, the training record, the splits).
-    `splits` replaces the member's own (tests train on a handful of prompts)."""
+    `splits` replaces the member's own (tests train on a handful of prompts). Every validation also writes a
+    checkpoint to `work` (the LoRA, the optimiser, the batch order, the record so far); with `resume`, the training
+    goes on from it and ends exactly where an unbroken one would, so a training longer than one sitting can be
+    split."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -237,9 +259,21 @@ def train(name: str, data_dir: Path, work: Path, recipe: Recipe | None = None,
     losses: list[float] = []
     best: tuple[float, int, dict] | None = None
     pad = base.tokenizer.pad_token_id
-    started = time.time()
+    first, elapsed = 1, 0.0
+    if resume:
+        ck = _resumed(work, name, recipe, splits)
+        unexpected = model.load_state_dict(ck["lora"], strict=False).unexpected_keys
+        if unexpected:
+            raise UsageError(f"the checkpoint in {work} has weights this model lacks (e.g. {unexpected[0]})")
+        opt.load_state_dict(ck["optimizer"])
+        rng.setstate(ck["rng"])
+        torch.set_rng_state(ck["torch_rng"])
+        order_h, order_s, history, losses, best = ck["order_h"], ck["order_s"], ck["history"], ck["losses"], ck["best"]
+        first, elapsed = ck["step"] + 1, ck["seconds"]
+        log.info("resumed from the checkpoint of step %d of %d", ck["step"], recipe.steps)
+    started = time.time() - elapsed
     model.train()
-    for step in range(1, recipe.steps + 1):
+    for step in range(first, recipe.steps + 1):
         if len(order_h) < recipe.harmful_per_batch:
             order_h += rng.sample(range(len(harmful)), len(harmful))
         if len(order_s) < recipe.harmless_per_batch:
@@ -273,6 +307,13 @@ def train(name: str, data_dir: Path, work: Path, recipe: Recipe | None = None,
                     "step": step, "history": history, "loss_per_step": losses,
                     "train_seconds": round(time.time() - started, 1), "recipe": recipe.model_dump(mode="json")},
                     durable=False)
+            work.mkdir(parents=True, exist_ok=True)
+            with atomic_path(_checkpoint(work, name), durable=False) as tmp:
+                torch.save({"step": step, "recipe": recipe.model_dump(mode="json"), "prompts": splits.ids(),
+                            "lora": {k: v.detach().clone() for k, v in model.state_dict().items() if ".lora_" in k},
+                            "optimizer": opt.state_dict(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
+                            "order_h": list(order_h), "order_s": list(order_s), "history": history,
+                            "losses": losses, "best": best, "seconds": time.time() - started}, tmp)
     assert best is not None
     record = {"selected_step": best[1], "history": history, "loss_per_step": losses,
               "train_seconds": round(time.time() - started, 1)}
@@ -321,7 +362,7 @@ def kept(name: str, work: Path, recipe: Recipe, data_dir: Path) -> tuple[dict, d
 
 
 def build(name: str, data_dir: Path, out: Path, work: Path, eval_limit: int | None = None,
-          recipe: Recipe | None = None, from_kept: bool = False) -> dict:
+          recipe: Recipe | None = None, from_kept: bool = False, resume: bool = False) -> dict:
     """Train (or with `from_kept`, take the adapter a training kept in `work`), save the adapter and the training
     ids, merge as first use does, measure, write the card."""
     import peft
@@ -337,7 +378,7 @@ def build(name: str, data_dir: Path, out: Path, work: Path, eval_limit: int | No
     if from_kept:
         tensors, record, splits = kept(name, work, recipe, data_dir)
     else:
-        tensors, record, splits = train(name, data_dir, work, recipe)
+        tensors, record, splits = train(name, data_dir, work, recipe, resume=resume)
     out.mkdir(parents=True, exist_ok=True)
     adapter = out / ADAPTER_FILE
     save_adapter(tensors, adapter, recipe, MEMBERS[name].base)
@@ -410,6 +451,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--from-kept", action="store_true",
                    help="no training: build the member from the best adapter a training kept in --work (one "
                         "stopped early), with the same --set values as that training")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from the checkpoint a stopped training wrote in --work at its last validation (the "
+                        "same --set values); it ends where an unbroken training would")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value (e.g. --set lr=5e-5 --set steps=120)")
     args = p.parse_args(argv)
@@ -440,11 +484,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"unknown member {unknown[0]!r}: valid members are {', '.join(MEMBERS)}")
         if not args.data_dir:
             raise UsageError("no data directory: pass --data-dir or set HEADSTUDY_DATA")
+        if args.resume and args.from_kept:
+            raise UsageError("--resume goes on training and --from-kept builds without training: pass one of them")
         work = Path(args.work) if args.work else cache_dir() / "family-train"
         for name in args.names:
             recipe = _with_overrides(RECIPES[name], args.set)
             out = Path(args.out) / MEMBERS[name].folder if args.out else member_folder(name)
-            card = build(name, Path(args.data_dir), out, work, args.eval_limit, recipe, args.from_kept)
+            card = build(name, Path(args.data_dir), out, work, args.eval_limit, recipe, args.from_kept, args.resume)
             log.info("%s: written to %s (selected step %d)", name, out, card["selected_step"])
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)

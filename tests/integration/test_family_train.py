@@ -56,3 +56,37 @@ def test_training_is_deterministic_given_the_seed_and_ships_a_loadable_adapter(s
     write_merged(materialize_alias("smollm2-135m-instruct"), tmp_path / "adapter.safetensors", tmp_path / "merged")
     lm = load_model(str(tmp_path / "merged"))
     assert lm.model(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+def test_a_resumed_training_ends_where_an_unbroken_one_does(shared_data, tmp_path, monkeypatch):
+    """A training stopped after its first validation goes on from the checkpoint it wrote there (`--resume`) and
+    ends with the same adapter, record and kept best, bit for bit; a checkpoint of another recipe is refused."""
+    import study.family.train as family_train
+
+    recipe = Recipe(steps=4, eval_every=2, harmful_per_batch=2, harmless_per_batch=2, answer_tokens=4)
+    splits = _small(shared_data, 0)
+    whole, whole_record, _ = train(MAIN, shared_data, tmp_path / "whole", recipe, splits)
+
+    validate, calls = family_train._validate, []
+
+    def stop_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the session ends after the step-2 checkpoint
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(family_train, "_validate", stop_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        train(MAIN, shared_data, tmp_path / "split", recipe, splits)
+    monkeypatch.setattr(family_train, "_validate", validate)
+    with pytest.raises(UsageError, match="another recipe"):
+        train(MAIN, shared_data, tmp_path / "split", recipe.model_copy(update={"lr": 2e-4}), splits, resume=True)
+    step_loss, steps = family_train.step_loss, []
+    monkeypatch.setattr(family_train, "step_loss", lambda *a, **k: steps.append(a[-1]) or step_loss(*a, **k))
+    resumed, record, _ = train(MAIN, shared_data, tmp_path / "split", recipe, splits, resume=True)
+    assert steps == [3, 4]  # it went on from step 2, not from the start
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+    assert record["history"] == whole_record["history"] and record["loss_per_step"] == whole_record["loss_per_step"]
+    assert record["selected_step"] == whole_record["selected_step"]
+    with pytest.raises(UsageError, match="no checkpoint"):
+        train(MAIN, shared_data, tmp_path / "none", recipe, splits, resume=True)
