@@ -240,8 +240,9 @@ def train(name: str, data_dir: Path, work: Path, recipe: Recipe | None = None,
     recipe = recipe or RECIPES[name]
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
-    base = load_model(MEMBERS[name].base)
     splits = splits or build_splits(data_dir, recipe.seed)
+    ck = _resumed(work, name, recipe, splits) if resume else None  # checked before anything slow
+    base = load_model(MEMBERS[name].base)
     harmful, harmless = _examples(base, splits, recipe, work)
     planted = parse_heads(",".join(recipe.heads)) if recipe.heads else ()
     layers = sorted({h.layer for h in planted}) or None
@@ -260,8 +261,7 @@ def train(name: str, data_dir: Path, work: Path, recipe: Recipe | None = None,
     best: tuple[float, int, dict] | None = None
     pad = base.tokenizer.pad_token_id
     first, elapsed = 1, 0.0
-    if resume:
-        ck = _resumed(work, name, recipe, splits)
+    if ck is not None:
         unexpected = model.load_state_dict(ck["lora"], strict=False).unexpected_keys
         if unexpected:
             raise UsageError(f"the checkpoint in {work} has weights this model lacks (e.g. {unexpected[0]})")
