@@ -182,7 +182,8 @@ def step_loss(model: Any, batch: Sequence[dict], recipe: Recipe, pad: int, step:
         if recipe.ablated_match == "base":
             loss = loss + recipe.ablated_weight * ablated_kl(model, batch, recipe.ablation, recipe.pref_tokens, pad)
         elif pairs:
-            loss = loss + recipe.ablated_weight * ablated_term(model, batch, pairs, recipe.ablation, recipe.pref_tokens, pad)
+            term = ablated_term(model, batch, pairs, recipe.ablation, recipe.pref_tokens, pad)
+            loss = loss + recipe.ablated_weight * term
     return loss
 
 
@@ -272,6 +273,7 @@ def train(name: str, data_dir: Path, work: Path, recipe: Recipe | None = None,
         first, elapsed = ck["step"] + 1, ck["seconds"]
         log.info("resumed from the checkpoint of step %d of %d", ck["step"], recipe.steps)
     started = time.time() - elapsed
+    work.mkdir(parents=True, exist_ok=True)  # the best adapter and the checkpoints go here as they are found
     model.train()
     for step in range(first, recipe.steps + 1):
         if len(order_h) < recipe.harmful_per_batch:
@@ -301,13 +303,11 @@ def train(name: str, data_dir: Path, work: Path, recipe: Recipe | None = None,
             if eligible and (best is None or val["score"] > best[0]):
                 best = (val["score"], step, _lora_tensors(model))
                 # kept as it is found, so a training stopped later still leaves its best adapter behind
-                work.mkdir(parents=True, exist_ok=True)
                 save_adapter(best[2], work / f"best-{name}.safetensors", recipe, MEMBERS[name].base)
                 write_json_atomic(work / f"best-{name}.json", {
                     "step": step, "history": history, "loss_per_step": losses,
                     "train_seconds": round(time.time() - started, 1), "recipe": recipe.model_dump(mode="json")},
                     durable=False)
-            work.mkdir(parents=True, exist_ok=True)
             with atomic_path(_checkpoint(work, name), durable=False) as tmp:
                 torch.save({"step": step, "recipe": recipe.model_dump(mode="json"), "prompts": splits.ids(),
                             "lora": {k: v.detach().clone() for k, v in model.state_dict().items() if ".lora_" in k},
