@@ -41,8 +41,11 @@ def fast_tests_stay_light(request, monkeypatch):
 
     import sys
 
-    for name in ("study.models.builtin", "study.models.loading"):  # where the names are bound at import
-        module = sys.modules.get(name) or __import__(name, fromlist=["_"])
+    # import both before patching either: loading binds builtin's function at its import, and imported while
+    # builtin's is patched it would keep the refusal after this test's teardown
+    modules = [sys.modules.get(name) or __import__(name, fromlist=["_"])
+               for name in ("study.models.builtin", "study.models.loading")]  # where the names are bound at import
+    for module in modules:
         for attr, what in (("materialize_alias", "converts the embedded SmolLM2"),
                            ("materialize_member", "merges a family member")):
             if hasattr(module, attr):
