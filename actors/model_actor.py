@@ -26,12 +26,16 @@ from typing import Any, Callable
 import pyarrow as pa
 import ray
 
-from study.core.errors import one_line
+from study.core.errors import DonorError, one_line
 from study.runtime.shards import ModelRef, Shard
 
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded (the cause's type and first line)."""
+
+
+class HostedLoadError(ModelLoadError):
+    """A hosted head recipe's donor slices could not be read: the recipe fails, its host model does not."""
 
 
 @ray.remote
@@ -94,11 +98,13 @@ class ModelActor:
         self.seen += 1
         if self.die_on_shard is not None and self.seen == self.die_on_shard:
             os._exit(1)  # as a crash would: no cleanup, no reply
-        self.load(shard.model, device, token_budget)
+        self.load(shard.model.host, device, token_budget)  # a head recipe runs on its host model's worker
         if self.die_loading is not None and self.die_loading == shard.model.label:
             os._exit(137)  # killed while loading, as for memory
         try:
             self.worker.prepare(shard)
+        except DonorError as err:
+            raise HostedLoadError(one_line(err.__cause__ or err)) from None
         except Exception as err:
             raise ModelLoadError(one_line(err)) from None
         return self.worker.run(shard)

@@ -37,9 +37,9 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors.cluster import Slots, actor_slots, connect, shutdown
-from actors.model_actor import ModelActor, ModelLoadError
+from actors.model_actor import HostedLoadError, ModelActor, ModelLoadError
 from study.core.errors import UsageError
-from study.runtime.executor import ExecutionConfig, Executor, WorkerOptions
+from study.runtime.executor import ExecutionConfig, Executor, WorkerOptions, worker_options
 from study.runtime.shards import AnyShard, GenShard, ModelRef
 
 log = logging.getLogger(__name__)
@@ -140,10 +140,10 @@ class RayExecutor(Executor):
     # -------------------------------------------------------------------------------------- submit
     def _submit(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions], urgent: bool) -> None:
         for shard in reversed(shards) if urgent else shards:
-            m = shard.model
-            if m.label in self.failed:
+            if self.gone(shard):
                 continue
-            opts = self.options.setdefault(m, options.get(m, WorkerOptions()))
+            m = shard.model.host  # a head recipe runs on its host model's actors
+            opts = self.options.setdefault(m, worker_options(options, shard.model))
             if opts.device.startswith("cuda") and not self.slots.num_gpus:
                 raise UsageError(f"device {opts.device!r} asked for {m.label!r}, but the Ray cluster has no GPU: "
                                  f"use --device auto or cpu")
@@ -168,7 +168,7 @@ class RayExecutor(Executor):
         self._kind_mean[kind] = sum(known) / len(known)
 
     def _count(self, shard: AnyShard, sign: int) -> None:
-        rows = self._rows.setdefault(shard.model, {})
+        rows = self._rows.setdefault(shard.model.host, {})
         rows[_kind(shard)] = rows.get(_kind(shard), 0) + sign * shard.rows
 
     def remaining(self, model: ModelRef) -> float:
@@ -344,6 +344,10 @@ class RayExecutor(Executor):
         starting, member.starting = member.starting, None
         try:
             batch = ray.get(ref)
+        except HostedLoadError as err:  # the recipe's donor: its actor and host model are fine
+            member.loaded, member.counted = True, False
+            self._hosted_failed(shard, str(getattr(err, "cause", err)))
+            return None
         except ModelLoadError as err:
             self._load_failed(pool, shard, str(getattr(err, "cause", err)))
             return None
@@ -359,10 +363,10 @@ class RayExecutor(Executor):
             return None
         took = time.perf_counter() - member.sent
         if starting is not None:  # this shard started an engine: its time is mostly the engine's
-            self.engine_seconds[shard.model] = max(self.engine_seconds.get(shard.model, 0.0), took)
+            self.engine_seconds[pool.model] = max(self.engine_seconds.get(pool.model, 0.0), took)
             member.engines.add(starting)
         elif member.loaded:  # a first shard also paid for loading what it needed: not a row cost
-            self._measured(shard.model, _kind(shard), took / max(shard.rows, 1))
+            self._measured(pool.model, _kind(shard), took / max(shard.rows, 1))
         member.loaded, member.counted = True, False
         if shard.id in self._done:  # a retried shard that had finished after all: keep the first
             return None
@@ -447,7 +451,28 @@ class RayExecutor(Executor):
                     self.cfg.max_retries)
         self.stats_for(model).retries += 1
         if shard is not None:
-            self.queues.setdefault(model, deque()).appendleft(shard)
+            self.queues.setdefault(shard.model.host, deque()).appendleft(shard)
+
+    def _hosted_failed(self, shard: AnyShard, cause: str) -> None:
+        """A hosted head recipe whose donor could not be read: try it again, or give that recipe up (its queued
+        shards dropped from its host's queue) after `max_retries`; the host model goes on."""
+        model = shard.model
+        if model.label in self.failed:
+            return
+        n = self.load_failures[model] = self.load_failures.get(model, 0) + 1
+        if n <= self.cfg.max_retries:
+            log.warning("ray: %s failed to load (%s); trying again (%d of %d)", model.label, cause, n,
+                        self.cfg.max_retries)
+            self.stats_for(model).retries += 1
+            self.queues.setdefault(model.host, deque()).appendleft(shard)
+            return
+        self.failed[model.label] = f"{cause} ({n} tries)"
+        log.error("ray: giving up %s after %d tries to load it: %s", model.label, n, cause)
+        self._count(shard, -1)
+        queue = self.queues.get(model.host, deque())
+        for s in [s for s in queue if s.model == model]:
+            queue.remove(s)
+            self._count(s, -1)
 
     def _lost(self, pool: _Pool, member: _Member, shard: AnyShard, err: Exception) -> None:
         n = self._tries.get(shard.id, 0) + 1
@@ -458,7 +483,7 @@ class RayExecutor(Executor):
         log.warning("ray: actor of %s lost while running shard %s (%s); retry %d", shard.model.label, shard.id,
                     type(err).__name__, n)
         self.stats_for(shard.model).retries += 1
-        self.queues.setdefault(shard.model, deque()).appendleft(shard)
+        self.queues.setdefault(shard.model.host, deque()).appendleft(shard)
         if member.ready_ref is None:  # wait until Ray has restarted it: rebuilt with its first model, so say which
             self._load(member, pool)
 

@@ -13,8 +13,9 @@ Models are Llama-2-7B-shaped (`--size 7b`) or Llama-2-70B-shaped (`--size 70b`, 
 no weights exist.
 
 The final line: `utilization U makespan S lower_bound L driver_rss_mb R`, in simulated seconds, where the work
-is every shard's compute plus one load of each model (the least any schedule pays: a reload, an engine start, a
-second actor's copy of a model are overhead), U = work / (GPU slots x makespan), and L = the larger of the work
+is every shard's compute plus one load of each model that loads on its own and one read of each hosted head
+recipe's donor slices (the least any schedule pays: a reload, an engine start, a second actor's copy of a model are
+overhead), U = work / (GPU slots x makespan), and L = the larger of the work
 over the slots and
 the longest chain of dependent steps of one model (its load, each Sahara step's longest shard, then the longest
 of ASR's and each swap recipe's load, engine start and longest shard). Targets (benchmark, not a test): U >= 0.9
@@ -46,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from study.core.frozen import build  # noqa: E402
 from study.runtime.executor import ExecutionConfig, Executor, WorkerOptions  # noqa: E402
 from study.runtime.shards import AnyShard, GenShard, ModelRef  # noqa: E402
-from study.runtime.simulated import Accelerator, SimulatedWorker, load_seconds, shard_seconds  # noqa: E402
+from study.runtime.simulated import Accelerator, SimulatedWorker, donor_seconds, load_seconds, shard_seconds  # noqa: E402
 
 CONFIGS = {
     "7b": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=11008,
@@ -125,9 +126,11 @@ def chain_seconds(done: Sequence[AnyShard], acc: Accelerator, gpus: int) -> floa
         after = 0.0
         for ref in {s.model for s in mine if isinstance(s, GenShard) or s.model.swap is not None}:
             part = [s for s in mine if s.model == ref]
-            fresh = ref.swap is not None  # a mixed model is loaded on its own; the plain one is already
+            # a whole-module recipe is a model loaded on its own; a head recipe an edit of its loaded host
+            start = load_seconds(ref, acc) if ref.host == ref and ref.swap is not None else (
+                donor_seconds(ref, acc) if ref.host != ref else 0.0)
             engine = any(isinstance(s, GenShard) and s.backend == "vllm" for s in part)
-            after = max(after, (load_seconds(ref, acc) if fresh else 0.0) + (acc.engine_start_s if engine else 0.0)
+            after = max(after, start + (acc.engine_start_s if engine else 0.0)
                         + max(shard_seconds(s, acc, gpus) for s in part))
         longest = max(longest, head + sum(sahara.values()) + after)
     return longest
@@ -180,8 +183,11 @@ def main() -> None:
         ray.shutdown()
     wall = time.perf_counter() - t0
     done = [s for s, _ in ex.done]
-    # the work: every shard's compute, and one load of each model (the least any schedule pays)
-    busy = sum(shard_seconds(s, acc, gpa) for s in done) + sum(load_seconds(m, acc) for m in {s.model for s in done})
+    # the work: every shard's compute, one load of each model loaded on its own (the least any schedule pays) and
+    # one read of each hosted head recipe's donor slices
+    models = {s.model for s in done}
+    busy = (sum(shard_seconds(s, acc, gpa) for s in done) + sum(load_seconds(m, acc) for m in models if m.host == m)
+            + sum(donor_seconds(m, acc) for m in models if m.host != m))
     makespan = wall * scale
     lower = max(busy / slots, chain_seconds(done, acc, gpa))
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -9,6 +9,10 @@ class UsageError(Exception):
     """Bad user input (model, prompts, column, head label, operator, eps, config key)."""
 
 
+class DonorError(RuntimeError):
+    """A hosted head recipe's donor slices could not be read: that recipe's model fails, not the model hosting it."""
+
+
 class RunFailed(Exception):
     """A run that ended without some of its results (a model that could not be loaded); the others were written.
     One line naming what failed and why; the CLI exits with code 1."""

@@ -12,11 +12,17 @@ and the head recipes move only one head's slices:
   the k norm's weight (the norm's scale still couples the heads, as a shared KV group does). A per-head
   q/k norm (Qwen3, Gemma3) has one weight shared by every head of the layer: no head owns it, so a head
   recipe keeps the target's and is refused unless both models' norm weights are equal there.
+
+A head recipe is also a scoped edit (`swapped`) of a model already loaded: a worker holding the aligned model (or
+the base, for `heads-into-base`) runs the recipe's shards with the donor's head slices written in and put back
+after, reading only the donor's tensors of those heads' layers (`donor_slices`), not loading a second model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
@@ -142,3 +148,108 @@ def load_mixed(swap: "Swap", revision: str | None, dtype: str, device: str = "cp
     mix(target.model, donor.model, swap.recipe, swap.heads)
     del donor
     return target
+
+
+# ------------------------------------------------------------------------------------ head recipes as edits
+
+
+def _layer_parameters(model: nn.Module, arch: Arch, heads: Sequence[Head]) -> dict[str, nn.Parameter]:
+    """Every parameter of the heads' layers' attention modules, by its name in `model` (where their slices live)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out: dict[str, nn.Parameter] = {}
+    for layer in sorted({h.layer for h in heads}):
+        module = arch.attention(model, layer)
+        out |= {f"{names[id(module)]}.{n}": p for n, p in module.named_parameters()}
+    return out
+
+
+def _norm_weights(model: nn.Module, arch: Arch, heads: Sequence[Head]) -> list[torch.Tensor]:
+    norm = arch.spec.qk_norm
+    if norm is None or norm.scope is not NormScope.PER_HEAD:
+        return []
+    return [p.data for layer in sorted({h.layer for h in heads}) for site in (Site.Q, Site.K)
+            for p in arch.site_module(model, layer, site).parameters()]
+
+
+@torch.no_grad()
+def slices_from(target: nn.Module, tensors: dict[str, torch.Tensor], heads: Sequence[Head]) -> list[torch.Tensor]:
+    """The donor's values of every slice `head_slices` gives for `heads` (in that order), from the donor's whole
+    tensors of the heads' layers (`tensors`, named as `target`'s parameters), cast to `target`'s dtype and device.
+
+    The target's parameters point at the donor's tensors only while the slices are read, so the slices are the
+    same views `mix` copies, whatever the layout (fused, Conv1D, GQA)."""
+    arch = Arch.of(target)
+    for h in heads:
+        h.check(arch.shape.n_layers, arch.shape.n_heads)
+    params = _layer_parameters(target, arch, heads)
+    missing = sorted(set(params) - set(tensors))
+    if missing:
+        raise UsageError(f"the donor has no tensor {missing[0]}: it is not a model of the target's architecture")
+    for name, p in params.items():
+        if tuple(tensors[name].shape) != tuple(p.shape):
+            raise UsageError(f"cannot swap weights: {name} is {tuple(p.shape)} in the target, "
+                             f"{tuple(tensors[name].shape)} in the donor (a different width)")
+    own = {name: p.data for name, p in params.items()}
+    mine = [t.clone() for t in _norm_weights(target, arch, heads)]
+    try:
+        for name, p in params.items():
+            p.data = tensors[name].to(device=p.device, dtype=p.dtype)
+        for a, b in zip(mine, _norm_weights(target, arch, heads)):
+            if not torch.equal(a, b):
+                raise UsageError(f"cannot move single heads of {arch.spec.name}: its per-head q/k norm (one weight "
+                                 f"shared by every head of a layer) differs between the two models, so no head "
+                                 f"owns it; use attn-from-base to move whole attention modules")
+        return [v.clone() for h in heads for v in head_slices(target, arch, h)]
+    finally:
+        for name, p in params.items():
+            p.data = own[name]
+
+
+def read_tensors(folder: Path, names: Sequence[str]) -> dict[str, torch.Tensor] | None:
+    """`names` read from a model folder's safetensors files alone (a few layers, not the model), or None where the
+    folder holds no safetensors or they lack one of the names."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in set(names) & set(st.keys()):
+                out[name] = st.get_tensor(name)
+    return out if files and set(out) == set(names) else None
+
+
+def donor_slices(target: nn.Module, donor: str, revision: str | None, heads: Sequence[Head],
+                 dtype: str = "float32") -> list[torch.Tensor]:
+    """The donor model's values of the heads' slices (see `slices_from`): read from its folder's safetensors where
+    it has them locally, else from the donor loaded whole (in `dtype`) on the CPU and dropped after."""
+    from study.models.loading import load_model, model_source
+
+    names = list(_layer_parameters(target, Arch.of(target), heads))
+    folder = Path(model_source(donor))
+    tensors = read_tensors(folder, names) if folder.is_dir() else None
+    if tensors is None:
+        log.info("swap: %s has no local safetensors with those layers: loading it whole for its head slices", donor)
+        whole = load_model(donor, device="cpu", dtype=dtype, revision=revision).model
+        tensors = {n: p.data for n, p in whole.named_parameters()}
+    return slices_from(target, tensors, heads)
+
+
+@contextlib.contextmanager
+def swapped(model: nn.Module, heads: Sequence[Head], values: Sequence[torch.Tensor]) -> Iterator[nn.Module]:
+    """`model` with the heads' slices set to `values` (from `donor_slices`) inside the block, its own values put
+    back after, even on an error: a head recipe as a scoped edit of an already loaded model."""
+    arch = Arch.of(model)
+    views = [v for h in heads for v in head_slices(model, arch, h)]
+    if len(views) != len(values):
+        raise ValueError(f"{len(values)} donor slices for {len(views)} slices of heads {[h.label for h in heads]}")
+    own = [v.clone() for v in views]  # before any write: a key/value group shared by two heads overlaps
+    try:
+        with torch.no_grad():
+            for v, d in zip(views, values):
+                v.copy_(d)
+        yield model
+    finally:
+        with torch.no_grad():
+            for v, o in zip(views, own):
+                v.copy_(o)

@@ -21,7 +21,7 @@ from pydantic import Field, field_validator, model_validator
 
 from study.core import plugins
 from study.core.dtypes import ACCELERATOR_DTYPE, AUTO, CPU_DTYPE
-from study.core.errors import UsageError, one_line
+from study.core.errors import DonorError, UsageError, one_line
 from study.core.frozen import Frozen
 from study.runtime.shards import AnyShard, ModelRef
 
@@ -59,6 +59,12 @@ class WorkerOptions:
 
     device: str = "auto"  # cpu | cuda | cuda:N | auto (cuda where the worker has one)
     token_budget: int | None = None
+
+
+def worker_options(options: dict[ModelRef, WorkerOptions], model: ModelRef) -> WorkerOptions:
+    """The options of the worker that runs `model`'s shards: its host's (itself, or the model a head recipe
+    edits), else the model's own, else defaults."""
+    return options.get(model.host) or options.get(model) or WorkerOptions()
 
 
 @dataclass
@@ -126,6 +132,10 @@ class Executor(ABC):
     def pending(self) -> int:
         """Shards submitted that have neither come back nor been dropped with their model."""
 
+    def gone(self, shard: AnyShard) -> bool:
+        """Whether `shard`'s model was given up: itself, or the model hosting it."""
+        return shard.model.label in self.failed or shard.model.host.label in self.failed
+
     def _returned(self, shard: AnyShard) -> None:
         """Bookkeeping of a result (shards and rows computed; the model's wall time runs from its first
         submission to its last result)."""
@@ -173,9 +183,10 @@ class LocalExecutor(Executor):
 
     def _submit(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions], urgent: bool) -> None:
         for shard in reversed(shards) if urgent else shards:
-            queue = self.queues.setdefault(shard.model, deque())
+            host = shard.model.host  # a head recipe runs on its host model's worker
+            queue = self.queues.setdefault(host, deque())
             queue.appendleft(shard) if urgent else queue.append(shard)
-            self.options.setdefault(shard.model, options.get(shard.model, WorkerOptions()))
+            self.options.setdefault(host, worker_options(options, shard.model))
 
     @property
     def pending(self) -> int:
@@ -194,8 +205,8 @@ class LocalExecutor(Executor):
             return []
         shard = self.queues[model][0]
         worker = self._prepared(shard, self.options[model])
-        if worker is None:  # given up: its shards are dropped
-            self.queues[model].clear()
+        if worker is None:  # given up: its shards are dropped (a hosted recipe's alone, where the host is fine)
+            self.queues[model] = deque(s for s in self.queues[model] if not self.gone(s))
             return []
         self.queues[model].popleft()
         batch = worker.run(shard)
@@ -214,18 +225,21 @@ class LocalExecutor(Executor):
         return self.workers[model]
 
     def _prepared(self, shard: AnyShard, options: WorkerOptions):
-        """The worker of `shard`'s model with what the shard needs loaded, or None once the model is given up."""
-        model = shard.model
+        """The worker of `shard`'s model (its host) with what the shard needs loaded, or None once the model is
+        given up (the host, or a hosted recipe whose donor cannot be read)."""
         for attempt in range(1, self.max_retries + 2):
-            if model.label in self.failed:
+            if self.gone(shard):
                 return None
-            worker = self.worker(model, options)
+            worker = self.worker(shard.model.host, options)
             try:
                 worker.prepare(shard)
                 return worker
             except Exception as err:  # a corrupt file, out of memory: the same bound as an actor's load
-                self.close()
-                cause = one_line(err)
+                hosted = isinstance(err, DonorError)  # the host stays loaded; the recipe is what failed
+                if not hosted:
+                    self.close()
+                model = shard.model if hosted else shard.model.host
+                cause = one_line(err.__cause__ or err) if hosted else one_line(err)
                 if attempt > self.max_retries:
                     self.failed[model.label] = f"{cause} ({attempt} tries)"
                     log.error("local: giving up %s after %d tries to load it: %s", model.label, attempt, cause)

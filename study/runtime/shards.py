@@ -80,6 +80,26 @@ class ModelRef(Frozen):
         """The model as progress lines and summaries name it."""
         return self.name if self.swap is None else f"{self.name} [{self.swap.label}]"
 
+    @property
+    def host(self) -> "ModelRef":
+        """The model whose worker runs this model's shards. A head recipe moves a few heads' slices: it is a scoped
+        edit of the model it writes into (the aligned model; the base for `heads-into-base`), so it shares that
+        model's actors instead of loading a model of its own. Anything else is its own host."""
+        s = self.swap
+        if s is None or not s.recipe.needs_heads:
+            return self
+        if s.recipe.target_is_base:
+            return ModelRef(name=s.base, revision=s.base_revision, dtype=self.dtype, fingerprint=s.base_fingerprint)
+        return self.model_copy(update={"swap": None})
+
+    @property
+    def donor(self) -> tuple[str, str | None] | None:
+        """(name, revision) of the model a head recipe takes its heads' slices from, where this is one."""
+        s = self.swap
+        if s is None or not s.recipe.needs_heads:
+            return None
+        return (self.name, self.revision) if s.recipe.target_is_base else (s.base, s.base_revision)
+
 
 class PromptBlock(Frozen):
     """Prompts (ids and texts, in order) and how they become model input."""

@@ -53,6 +53,7 @@ class ModelCost:
     params: float  # all weights
     layer_params: float  # weights of one decoder layer
     head_params: float  # the LM head (vocab x hidden)
+    attention_params: float  # the attention weights of one layer (q, k, v, o)
 
     @classmethod
     def of(cls, config: dict) -> "ModelCost":
@@ -61,10 +62,12 @@ class ModelCost:
         kv = config.get("num_key_value_heads") or heads
         d_head = config.get("head_dim") or hidden // heads
         inter = config["intermediate_size"]
-        layer = hidden * d_head * (2 * heads + 2 * kv) + 3 * hidden * inter
+        attention = hidden * d_head * (2 * heads + 2 * kv)
+        layer = attention + 3 * hidden * inter
         head = config["vocab_size"] * hidden
         layers = config["num_hidden_layers"]
-        return cls(layers=layers, params=layers * layer + 2 * head, layer_params=layer, head_params=head)
+        return cls(layers=layers, params=layers * layer + 2 * head, layer_params=layer, head_params=head,
+                   attention_params=attention)
 
 
 @cache
@@ -109,6 +112,12 @@ def load_seconds(model: ModelRef, acc: Accelerator, engine: bool = False) -> flo
                                                                                       else 0.0)
 
 
+def donor_seconds(model: ModelRef, acc: Accelerator) -> float:
+    """Seconds to read a hosted head recipe's donor slices: the attention weights of the heads' layers."""
+    layers = len({h.layer for h in model.swap.heads})
+    return layers * model_cost(model.name).attention_params * acc.bytes_per_param / acc.load_bytes_per_s
+
+
 def _rng(shard: AnyShard) -> random.Random:
     return random.Random(int(hashlib.sha256(shard.id.encode()).hexdigest()[:16], 16))
 
@@ -123,6 +132,7 @@ class SimulatedWorker:
         self.acc, self.scale, self.gpus = accelerator, scale, gpus
         self.loaded = False
         self.engine = False
+        self.donors: set[ModelRef] = set()
 
     def _sleep(self, seconds: float) -> None:
         time.sleep(seconds / self.scale)
@@ -131,6 +141,11 @@ class SimulatedWorker:
         if not self.loaded:
             self._sleep(load_seconds(self.ref, self.acc))
             self.loaded = True
+        if shard.model != self.ref and shard.model not in self.donors:  # a hosted head recipe
+            if shard.model.host != self.ref:
+                raise ValueError(f"shard for {shard.model.label!r} sent to the worker of {self.ref.label!r}")
+            self._sleep(donor_seconds(shard.model, self.acc))
+            self.donors.add(shard.model)
         if isinstance(shard, GenShard) and shard.backend == "vllm" and not self.engine:
             self._sleep(self.acc.engine_start_s)
             self.engine = True
@@ -142,6 +157,7 @@ class SimulatedWorker:
 
     def close(self) -> None:
         self.loaded = self.engine = False
+        self.donors.clear()
 
 
 def fake_batch(shard: AnyShard) -> pa.RecordBatch:

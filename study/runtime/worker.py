@@ -4,10 +4,14 @@ A plain class (no Ray): the local executor holds one per model in this process, 
 thin wrapper around one. It loads the model once and keeps it, with the token ids of every prompt it has
 seen and the normal model's hidden states of every prompt block, for every shard, experiment and Sahara
 step of a run. It returns only what the shard's measure needs, on the CPU, as Arrow.
+
+It also runs the shards of the head recipes whose host its model is (`ModelRef.host`): each inside a scoped edit
+that writes the donor's head slices in and puts the model's own back after (`study.models.mixing.swapped`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Callable, Sequence
@@ -17,7 +21,7 @@ import torch
 
 from study.core.ablation import Ablation, Op
 from study.core.engine import ScanEngine
-from study.core.errors import UsageError
+from study.core.errors import DonorError, UsageError, one_line
 from study.core.heads import Head
 from study.core.interventions import ablated
 from study.core.scores import generalized_ships_batch, token_nll
@@ -87,10 +91,12 @@ class Worker:
         self.token_budget = token_budget
         self._lm = lm
         self._tokenizer = None if lm is None else lm.tokenizer
-        self._engine: ScanEngine | None = None
+        self._engines: dict[ModelRef, ScanEngine] = {}  # per model run here: its own weights, its own kept passes
+        self._donors: dict[ModelRef, list[torch.Tensor]] = {}  # a head recipe's donor slices, read once
+        self._current = model  # the model (this one, or a head recipe it hosts) whose shard is running
         self._generators: dict[str, Generator] = {}
         self._tokens: dict[tuple[str, str, str | None], list[int]] = {}
-        self._normal: dict[str, torch.Tensor] = {}  # prompt block key -> (prompts, d_model) normal hidden
+        self._normal: dict[tuple[ModelRef, str], torch.Tensor] = {}  # (model, prompt block) -> (prompts, d_model)
         log.info("worker %d: %s on %s (%s), %d threads", os.getpid(), model.label, self.device, model.dtype,
                  torch.get_num_threads())
 
@@ -115,11 +121,40 @@ class Worker:
 
     @property
     def engine(self) -> ScanEngine:
-        if self._engine is None:
-            # the worker never edits its model's weights: a prompt block's base pass serves all its shards
-            self._engine = ScanEngine(self.lm.model, self.lm.tokenizer.pad_token_id, token_budget=self.token_budget,
-                                      keep_bases=True)
-        return self._engine
+        """The scan engine of the model whose shard runs: weights change only between models (a hosted head
+        recipe's edit), so within one a prompt block's base pass serves all its shards."""
+        if self._current not in self._engines:
+            self._engines[self._current] = ScanEngine(self.lm.model, self.lm.tokenizer.pad_token_id,
+                                                      token_budget=self.token_budget, keep_bases=True)
+        return self._engines[self._current]
+
+    def _donor(self, model: ModelRef) -> list[torch.Tensor]:
+        """The donor's slices of the head recipe `model` (hosted here), read on first use and kept."""
+        if model not in self._donors:
+            from study.models.mixing import donor_slices
+
+            name, revision = model.donor
+            self._donors[model] = donor_slices(self.lm.model, name, revision, model.swap.heads, model.dtype)
+            log.info("worker %d: %s hosted as an edit of %s (%d slices of %s)", os.getpid(), model.label,
+                     self.ref.label, len(self._donors[model]), name)
+        return self._donors[model]
+
+    @contextlib.contextmanager
+    def _running(self, model: ModelRef):
+        """The worker's model as `model` is: itself, or with a hosted head recipe's edit in, for one shard."""
+        if model == self.ref:
+            yield
+            return
+        if model.host != self.ref:
+            raise ValueError(f"shard for {model.label!r} sent to the worker of {self.ref.label!r}")
+        from study.models.mixing import swapped
+
+        self._current = model
+        try:
+            with swapped(self.lm.model, model.swap.heads, self._donor(model)):
+                yield
+        finally:
+            self._current = self.ref
 
     def generator(self, backend: str) -> Generator:
         """The generation backend `backend` for this model, created on first use and kept."""
@@ -129,7 +164,7 @@ class Worker:
                                  f"backend")
             if backend != "hf" and self.device.startswith("cuda") and self._lm is not None:
                 # an engine takes most of the GPU for itself: free the HF copy (reloaded if a scan needs it)
-                self._lm, self._engine, self._normal = None, None, {}
+                self._lm, self._engines, self._normal = None, {}, {}
                 self._generators.pop("hf", None)
                 torch.cuda.empty_cache()
             self._generators[backend] = backend_class(backend).for_worker(self)
@@ -143,6 +178,11 @@ class Worker:
             self.generator(shard.backend)
         else:
             _ = self.lm
+        if shard.model != self.ref and shard.model.host == self.ref:
+            try:
+                self._donor(shard.model)
+            except Exception as err:
+                raise DonorError(f"{shard.model.label}: {one_line(err)}") from err
 
     def close(self) -> None:
         """Release a backend's engine (vLLM runs its own processes)."""
@@ -163,8 +203,12 @@ class Worker:
 
     def run(self, shard: AnyShard, progress: Callable[[int], None] | None = None) -> pa.RecordBatch:
         """Compute one shard; returns its record batch (schema `shard.schema`)."""
-        if shard.model != self.ref:
-            raise ValueError(f"shard for {shard.model.label!r} sent to the worker of {self.ref.label!r}")
+        if isinstance(shard, GenShard) and shard.backend != "hf" and shard.model.swap is not None:
+            raise ValueError(f"a mixed model ({shard.model.label}) lives in memory only: generate with the hf backend")
+        with self._running(shard.model):
+            return self._run(shard, progress)
+
+    def _run(self, shard: AnyShard, progress: Callable[[int], None] | None) -> pa.RecordBatch:
         if isinstance(shard, GenShard):
             return self.generate(shard)
         if isinstance(shard, EvalShard):
@@ -189,7 +233,7 @@ class Worker:
         else:
             if shard.subspace is None:
                 raise ValueError("an angle shard needs a subspace spec")
-            key = shard.prompts.key
+            key = (self._current, shard.prompts.key)
             if key not in self._normal:
                 self._normal[key] = self.engine.scan(ids, [Ablation()], kl=False).hidden[0]
             scorer = GeneralizedShipsScorer(self.engine, ids, shard.subspace, shard.base.op, shard.base.eps,

@@ -146,3 +146,92 @@ def test_a_swap_with_another_vocabulary_is_refused_from_the_configs(tmp_path):
     with pytest.raises(UsageError, match=r"differ \(vocab_size 61 vs 70\).*vocabulary"):
         SwapJob(cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------- a head recipe as a scoped edit
+
+
+def _params(model):
+    return {n: p.data for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_a_scoped_head_edit_is_the_mixed_model_and_is_undone(arch):
+    """`swapped` with the donor's slices gives, inside the block, the very weights `mix` writes (every
+    architecture: fused, Conv1D, GQA, q/k norms), and the target's own weights back after it, bit for bit."""
+    from study.models.mixing import slices_from, swapped
+
+    heads = [Head(1, 3), Head(2, 0), Head(1, 2)]  # two heads of one layer: shared key/value groups overlap
+    target, donor = _pair(arch)
+    before = _state(target)
+    mixed = tiny_model(arch, seed=0)
+    try:
+        mix(mixed, donor, Recipe.HEADS_FROM_BASE, heads)
+    except UsageError as err:  # a per-head q/k norm that differs: the edit refuses it as the mix does
+        assert "norm" in str(err)
+        with pytest.raises(UsageError, match="norm"):
+            slices_from(target, _params(donor), heads)
+        return
+    with swapped(target, heads, slices_from(target, _params(donor), heads)):
+        inside = target.state_dict()
+        for name, value in mixed.state_dict().items():
+            assert torch.equal(inside[name], value), name
+    for name, value in target.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_a_scoped_head_edit_is_undone_after_an_error():
+    from study.models.mixing import slices_from, swapped
+
+    target, donor = _pair("llama")
+    before = _state(target)
+    with pytest.raises(RuntimeError, match="inside"):
+        with swapped(target, [Head(0, 1)], slices_from(target, _params(donor), [Head(0, 1)])):
+            assert not torch.equal(target.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+                                   before["model.layers.0.self_attn.q_proj.weight"])
+            raise RuntimeError("inside")
+    for name, value in target.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_donor_slices_read_only_the_heads_layers_from_the_folder(tmp_path, monkeypatch):
+    """From a saved donor the slices come from its safetensors (the heads' layers only, no model load), equal to
+    the slices of the donor loaded whole."""
+    import study.models.loading as loading
+    from study.models.mixing import donor_slices, read_tensors, slices_from
+
+    target, donor = _pair("llama")
+    donor.save_pretrained(tmp_path / "donor")
+    heads = [Head(2, 1)]
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the donor was loaded whole"))
+    got = donor_slices(target, str(tmp_path / "donor"), None, heads)
+    want = slices_from(target, _params(donor), heads)
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+    layer2 = [n for n in _params(target) if ".layers.2.self_attn." in n]
+    assert set(read_tensors(tmp_path / "donor", layer2)) == set(layer2)
+    assert read_tensors(tmp_path / "donor", layer2 + ["model.layers.9.self_attn.q_proj.weight"]) is None
+
+
+def test_a_donor_of_another_width_is_refused():
+    from study.models.mixing import slices_from
+
+    target = tiny_model("llama")
+    wider = tiny_model("llama", hidden_size=48)
+    with pytest.raises(UsageError, match="different width"):
+        slices_from(target, _params(wider), [Head(0, 0)])
+
+
+def test_a_head_recipe_is_hosted_by_the_model_it_writes_into():
+    """heads-from-base edits the aligned model, heads-into-base the base; whole-module recipes load their own."""
+    from study.runtime.shards import ModelRef
+
+    aligned = ModelRef(name="a", revision="r1", dtype="bfloat16", fingerprint="fa")
+    swap = dict(aligned="a", base="b", base_revision="r0", base_fingerprint="fb", heads=(Head(1, 2),))
+    base = ModelRef(name="b", revision="r0", dtype="bfloat16", fingerprint="fb")
+    from_base = aligned.model_copy(update={"swap": Swap(recipe=Recipe.HEADS_FROM_BASE, **swap)})
+    into_base = aligned.model_copy(update={"swap": Swap(recipe=Recipe.HEADS_INTO_BASE, **swap)})
+    attn = aligned.model_copy(update={"swap": Swap(recipe=Recipe.ATTN_FROM_BASE, aligned="a", base="b")})
+    assert from_base.host == aligned and from_base.donor == ("b", "r0")
+    assert into_base.host == base and into_base.donor == ("a", "r1")
+    assert attn.host == attn and attn.donor is None and aligned.host == aligned
+    assert len({from_base.key["swap"]["recipe"], into_base.key["swap"]["recipe"]}) == 2  # still their own shard ids

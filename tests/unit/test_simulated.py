@@ -84,3 +84,29 @@ def test_a_joint_search_is_simulated_link_by_link(models):
         shard_seconds(first, Accelerator()) * 2 / 3)
     with pytest.raises(ValueError, match="needs the previous link's state"):
         JointShard(**{**dict(first), "start": 3, "stop": None})
+
+
+def test_a_hosted_head_recipe_costs_a_read_of_its_layers_not_a_load(models):
+    """A head recipe runs on its host's simulated worker: its first shard pays for reading the donor's attention
+    weights of the heads' layers (once per recipe), not for loading a model."""
+    from study.models.recipes import Recipe, Swap
+    from study.runtime.simulated import donor_seconds
+
+    host = models["7b"]
+    swap = Swap(recipe=Recipe.HEADS_FROM_BASE, aligned=host.name, base=host.name + "-base",
+                heads=(Head(3, 1), Head(3, 2), Head(9, 0)))
+    hosted = host.model_copy(update={"swap": swap})
+    acc = Accelerator()
+    m = ModelCost.of(LLAMA7B)
+    assert donor_seconds(hosted, acc) == pytest.approx(2 * 4 * 4096 * 4096 * 2 / acc.load_bytes_per_s)  # 2 layers
+    assert donor_seconds(hosted, acc) < load_seconds(host, acc) / 100 and m.attention_params == 4 * 4096 * 4096
+    worker = SimulatedWorker(host, scale=1.0, accelerator=Accelerator(load_fixed_s=0.0, load_bytes_per_s=1e15))
+    shard = Shard(model=hosted, prompts=BLOCK, ablations=(Ablation(heads=(Head(3, 1),)),))
+    worker.prepare(shard)
+    assert worker.donors == {hosted}
+    slept = []
+    worker._sleep = slept.append
+    worker.prepare(shard)  # read once per recipe
+    assert slept == []
+    with pytest.raises(ValueError, match="sent to the worker"):
+        SimulatedWorker(models["70b"], scale=1e9).prepare(shard)
