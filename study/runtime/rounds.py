@@ -171,7 +171,7 @@ class Rounds:
             return
         self._lost |= lost
         for rnd in list(self._open):
-            if any(rnd.shards[sid].model.label in lost for sid in rnd.missing):
+            if any({rnd.shards[sid].model.label, rnd.shards[sid].model.host.label} & lost for sid in rnd.missing):
                 self._open.remove(rnd)
                 self.failed_jobs.append(rnd.job)
                 for sid in rnd.missing:

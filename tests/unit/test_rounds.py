@@ -160,6 +160,35 @@ def test_a_lost_model_fails_its_jobs_and_their_dependents_only(tmp_path):
     assert a.done and rounds.failed_jobs == [b, dep] and rounds.failed == {"b": "OSError: gone (1 tries)"}
 
 
+class HostLost(Clocked):
+    """The host model `lost` is given up when its own shard is submitted; a head recipe it hosts is queued and
+    then dropped with the host's queue (as the Ray executor forgets a failed model), never returned."""
+
+    def _submit(self, shards, options, urgent):
+        super()._submit([s for s in shards if s.model.host == s.model], options, urgent)
+        self.polls = 0
+
+    def poll(self):
+        self.polls = getattr(self, "polls", 0) + 1
+        assert self.polls < 1000, "a round waits for a shard that nobody runs"
+        return super().poll()
+
+
+def test_a_lost_host_fails_the_head_recipes_it_hosts(tmp_path):
+    from study.models.recipes import Recipe, Swap
+
+    clock = HostLost(slots=2, cost={"a": 1.0, "b": 1.0}, lost="b")
+    hosted = Steps("b", 1, [1], clock)
+    hosted.model = ModelRef(name="b", swap=Swap(recipe=Recipe.HEADS_FROM_BASE, aligned="b", base="a",
+                                                 heads=(Head(1, 0),)))
+    hosted.pending = lambda: [] if hosted.done else [Shard(model=hosted.model, prompts=BLOCK,
+                                                           ablations=(Ablation(heads=(Head(1, 0),)),))]
+    a, b = Steps("a", 1, [0], clock), Steps("b", 1, [0], clock)
+    rounds = Rounds([a, b, hosted], ShardStore(tmp_path), {}, lambda: clock)
+    rounds.run()
+    assert a.done and rounds.failed_jobs == [b, hosted]
+
+
 def test_progress_counts_rows_and_texts_apart_per_model():
     progress = StudyProgress(tty=False)
     scan = shard("org/m", 0)
