@@ -124,6 +124,7 @@ class RayExecutor(Executor):
         self._kind_mean: dict[str, float] = {}  # mean of row_seconds per kind
         self.engine_seconds: dict[ModelRef, float] = {}  # measured engine start (with its first shard) per model
         self._rows: dict[ModelRef, dict[str, int]] = {}  # rows queued or running, per model and kind
+        self._expected: dict[ModelRef, dict[str, int]] = {}  # rows the jobs will submit later (`expect`)
         self.owns_ray = connect(cfg)
         try:
             self.slots: Slots = actor_slots(cfg)
@@ -171,10 +172,18 @@ class RayExecutor(Executor):
         rows = self._rows.setdefault(shard.model.host, {})
         rows[_kind(shard)] = rows.get(_kind(shard), 0) + sign * shard.rows
 
+    def expect(self, rows: dict[tuple[ModelRef, str], int]) -> None:
+        self._expected = {}
+        for (model, kind), n in rows.items():
+            self._expected.setdefault(model.host, {})[kind] = self._expected.get(model.host, {}).get(kind, 0) + n
+
     def remaining(self, model: ModelRef) -> float:
-        """Estimated seconds of the model's queued and running shards on one actor (rows kept as counters:
-        this is asked for every model at every result)."""
-        return sum(n * self._row_cost(model, kind) for kind, n in self._rows.get(model, {}).items())
+        """Estimated seconds on one actor of the model's queued and running shards and of the work its jobs will
+        submit later (rows kept as counters: this is asked for every model at every result)."""
+        rows = self._rows.get(model, {})
+        later = self._expected.get(model, {})
+        return sum((rows.get(kind, 0) + later.get(kind, 0)) * self._row_cost(model, kind)
+                   for kind in set(rows) | set(later))
 
     def _load_cost(self, model: ModelRef) -> float:
         if model in self.load_seconds:
@@ -198,12 +207,18 @@ class RayExecutor(Executor):
     def _actors(self) -> int:
         return sum(len(p.members) for p in self.pools.values())
 
+    def _would_take(self, member: _Member, pool: _Pool) -> bool:
+        """Whether `member` would take one of its model's queued shards (see `_takes`)."""
+        queue = self.queues.get(pool.model)
+        return bool(queue) and any(self._takes(member, pool, s) for s in itertools.islice(queue, SCAN))
+
     def _idle(self, model: ModelRef) -> list[_Member]:
-        """Members of `model`'s pool that are loaded and have nothing to do (its queue is empty)."""
+        """Members of `model`'s pool that are loaded and have nothing to do: its queue is empty, or holds only
+        generation on an engine they have not started and should not start (`_takes`)."""
         pool = self.pools.get(model)
-        if pool is None or self.queues.get(model):
+        if pool is None:
             return []
-        return [mb for mb in pool.members if mb.free]
+        return [mb for mb in pool.members if mb.free and not self._would_take(mb, pool)]
 
     def _wants(self, model: ModelRef) -> bool:
         """Whether `model` should get one more actor: it has queued work nobody is free to take, its pool is
@@ -216,8 +231,10 @@ class RayExecutor(Executor):
         n = len(pool.members) if pool else 0
         if n >= (self.cfg.actors or self.slots.count):
             return False
-        if any(mb.free for mb in (pool.members if pool else [])):
-            return False  # a member of its own is free: dispatch will give it work
+        if pool is not None and any(mb.free and self._would_take(mb, pool) for mb in pool.members):
+            return False  # a member of its own is free and will take the work
+        if pool is not None and not self._would_take(_Member(handle=None, ready_ref=None), pool):
+            return False  # a new actor would not take it either (generation not worth another engine)
         if n == 0:
             return True
         loading = sum(1 for mb in pool.members if mb.ready_ref is not None)
@@ -425,7 +442,9 @@ class RayExecutor(Executor):
                         member.idle_since = time.perf_counter()
                         took = time.perf_counter() - member.asked
                         old = self.load_seconds.get(pool.model)
-                        self.load_seconds[pool.model] = took if old is None else max(old, took)
+                        # the recent loads weigh: a first one also waited for a process to start, a hand-over
+                        # to an actor already running does not
+                        self.load_seconds[pool.model] = took if old is None else 0.5 * old + 0.5 * took
                     except _ACTOR_LOST as err:  # restarts exhausted: replace the actor
                         log.warning("ray: an actor of %s is gone (%s); starting a new one", pool.model.label,
                                     type(err).__name__)

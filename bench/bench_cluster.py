@@ -74,6 +74,9 @@ class Recording(Executor):
     def _submit(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions], urgent: bool) -> None:
         self.inner.submit(shards, options, urgent=urgent)
 
+    def expect(self, rows: dict[tuple[ModelRef, str], int]) -> None:
+        self.inner.expect(rows)
+
     def poll(self) -> list[tuple[AnyShard, pa.RecordBatch]]:
         out = self.inner.poll()
         now = time.perf_counter()

@@ -295,6 +295,13 @@ class AsrJob(ScanJob):
             return self.pending()
         return self._round
 
+    def expected(self) -> dict[tuple[ModelRef, str], int]:
+        """While the searched heads are unknown: their arm and its random controls on every prompt (benign too)."""
+        if self.done or self.arms is not None or not self.sources:
+            return {}
+        prompts = len(self.prompts) + (len(self.benign) if self.benign is not None else 0)
+        return {(self.model, "text"): prompts * (1 + self.cfg.random_controls) * self.decoding.samples}
+
     def _early_arms(self) -> list[Arm]:
         """The arms of a linked job known before its source is done."""
         return self._dataset_arms([]) if self.cfg.level == "dataset" else [Arm("normal", 0, ablation=self.ablation())]

@@ -219,6 +219,12 @@ class Job(ABC):
         """The shards of the next round (empty when done)."""
         return []
 
+    def expected(self) -> dict[tuple[ModelRef, str], int]:
+        """Work this job will submit in rounds it cannot name yet (Sahara's later steps, the arms that need its
+        group), as rows by the model that runs them and kind ("row": scored, "text": generated); an estimate the
+        executor sizes pools with before the work is queued."""
+        return {}
+
     def absorb(self, outcome: Outcome) -> None:
         """Take the results of this round's shards."""
 

@@ -20,7 +20,7 @@ from study.core.subspace import SubspaceSpec
 from study.experiments.base import ScanJob, ScreenedScanConfig
 from study.runtime.executor import Outcome
 from study.runtime.schema import make_table
-from study.runtime.shards import Shard, blocks
+from study.runtime.shards import ModelRef, Shard, blocks
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,12 @@ class SaharaJob(ScanJob):
                              subspace=self.cfg.subspace_spec)
                        for abl in blocks(ablations, self.cfg.shard_heads)]
         return self._round
+
+    def expected(self) -> dict[tuple[ModelRef, str], int]:
+        """The later steps' candidates (one fewer each step) on every prompt; the current step is queued."""
+        n, first = len(self.heads), len(self.steps) + 1
+        rows = sum((n - s) * len(self.prompts) for s in range(first, self.cfg.steps))
+        return {(self.model, "row"): rows} if rows and not self.done else {}
 
     def absorb(self, outcome: Outcome) -> None:
         scores: dict[str, float] = {}

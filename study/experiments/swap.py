@@ -2,8 +2,8 @@
 
 For each recipe (and the two unmixed references, `aligned` and `base`) the job generates on the harmful and
 benign prompts and scores the safety heads' Ships on the harmful ones, all in one round of shards. A mixed
-model is a `ModelRef` with a `Swap`, so the executor gives it a pool like any model and the worker builds
-it in memory (`study.models.mixing`). The safety heads come from the spec or from this run's Sahara (or joint)
+model is a `ModelRef` with a `Swap`: a whole-module recipe gets a pool like any model, a head recipe runs on its
+host model's workers as a scoped edit (`ModelRef.host`, `study.models.mixing`). The safety heads come from the spec or from this run's Sahara (or joint)
 group of the aligned model. The `swaps` table holds one row per (recipe, prompt kind, metric, judge). Light: no torch.
 """
 
@@ -185,6 +185,23 @@ class SwapJob(ScanJob):
         early = self._early.tables if self._early is not None else {}
         self._round = [s for _, ref in self.variants() for s in self._shards(ref) if s.id not in early]
         return self._round
+
+    def expected(self) -> dict[tuple[ModelRef, str], int]:
+        """While the safety heads are unknown: each head recipe's generations (run by its host model) and the
+        heads' Ships rows on every model measured."""
+        if self.done or self.safety is not None or self.source is None:
+            return {}
+        k = self.cfg.k or getattr(self.source.cfg, "steps", 1)
+        texts = (len(self.prompts) + (len(self.benign) if self.benign is not None else 0)) * self.decoding.samples
+        ships = (k + (k > 1)) * len(self.prompts)  # each head alone, and the group
+        refs = dict(self.variants())  # the references and whole-module recipes: the head recipes are not named yet
+        hosted = [refs[Recipe.BASE] if r.target_is_base else self.model for r in self.cfg.recipe_list if r.needs_heads]
+        out: dict[tuple[ModelRef, str], int] = {}
+        for host in [ref.host for ref in refs.values()] + hosted:
+            out[(host, "row")] = out.get((host, "row"), 0) + ships
+        for host in hosted:
+            out[(host, "text")] = out.get((host, "text"), 0) + texts
+        return out
 
     def absorb(self, outcome: Outcome) -> None:
         if not self._round:

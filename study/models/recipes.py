@@ -1,7 +1,8 @@
 """Base-weight swap recipes as values: which model is loaded, which part comes from the other.
 
-Light (no torch): a `Swap` travels inside a shard's `ModelRef`, so a mixed model is one more model to the
-executors (its own pool, its own shard ids) and the experiments that score or generate need no swap code.
+Light (no torch): a `Swap` travels inside a shard's `ModelRef`, so a mixed model has its own shard ids and the
+experiments that score or generate need no swap code. A whole-module recipe is one more model to the executors (its
+own pool); a head recipe runs on the worker of the model it writes into (`ModelRef.host`), as a scoped edit.
 The weights are mixed by `study.models.mixing` in the worker.
 """
 

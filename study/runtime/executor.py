@@ -122,6 +122,10 @@ class Executor(ABC):
     def _submit(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions], urgent: bool) -> None:
         ...
 
+    def expect(self, rows: dict[tuple[ModelRef, str], int]) -> None:
+        """Work to come, not yet submitted: rows by the model that will run them and kind ("row", "text"). An
+        executor that sizes pools may count it; the default ignores it."""
+
     @abstractmethod
     def poll(self) -> list[tuple[AnyShard, pa.RecordBatch]]:
         """Results that came back since the last call, waiting up to about a second for one; [] when none did

@@ -69,6 +69,7 @@ class Rounds:
         self._results: dict[str, pa.Table] = {}  # computed in this run (a shard another job may need too)
         self._lost: set[str] = set()  # model labels given up, already acted on
         self.progress = StudyProgress()
+        self._expected_stale = True  # a round opened or closed since the executor was last told what is to come
 
     # ------------------------------------------------------------------------------------------- run
     def run(self) -> None:
@@ -80,6 +81,7 @@ class Rounds:
                     self._deliver(shard, batch)
                 self._drop_failed_models()
                 self._start_ready()
+                self._tell_expected()
                 self.progress.refresh()
         finally:
             self.progress.close()
@@ -115,7 +117,22 @@ class Rounds:
                     self._begin(job, shards)
                     again = True
 
+    def _tell_expected(self) -> None:
+        """Tell the executor the work the jobs will submit in rounds they cannot name yet (`Job.expected`), so
+        that pools are sized for it before it is queued."""
+        if not self._expected_stale or self.executor is None:
+            return
+        self._expected_stale = False
+        total: dict[tuple[ModelRef, str], int] = {}
+        for job in self.jobs:
+            if job.done or job in self.failed_jobs:
+                continue
+            for key, rows in getattr(job, "expected", dict)().items():
+                total[key] = total.get(key, 0) + rows
+        self.executor.expect(total)
+
     def _begin(self, job: RoundJob, shards: Sequence[AnyShard]) -> None:
+        self._expected_stale = True
         rnd = _Round(job, job.round_label, shards={s.id: s for s in shards})
         todo = []
         for sid, shard in rnd.shards.items():
@@ -157,6 +174,7 @@ class Rounds:
                 self._close(rnd)
 
     def _close(self, rnd: _Round) -> None:
+        self._expected_stale = True
         if rnd in self._open:
             self._open.remove(rnd)
         self.progress.closed(rnd.job.model.label, rnd.label)
