@@ -175,7 +175,8 @@ class RayExecutor(Executor):
     def expect(self, rows: dict[tuple[ModelRef, str], int]) -> None:
         self._expected = {}
         for (model, kind), n in rows.items():
-            self._expected.setdefault(model.host, {})[kind] = self._expected.get(model.host, {}).get(kind, 0) + n
+            later = self._expected.setdefault(model.host, {})
+            later[kind] = later.get(kind, 0) + n
 
     def remaining(self, model: ModelRef) -> float:
         """Estimated seconds on one actor of the model's queued and running shards and of the work its jobs will
@@ -208,9 +209,16 @@ class RayExecutor(Executor):
         return sum(len(p.members) for p in self.pools.values())
 
     def _would_take(self, member: _Member, pool: _Pool) -> bool:
-        """Whether `member` would take one of its model's queued shards (see `_takes`)."""
-        queue = self.queues.get(pool.model)
-        return bool(queue) and any(self._takes(member, pool, s) for s in itertools.islice(queue, SCAN))
+        """Whether `member` would take one of its model's queued shards (see `_takes`). Asked for every member at
+        every result: `_takes` depends only on the shard's kind and backend, so each is asked once."""
+        asked = set()
+        for shard in itertools.islice(self.queues.get(pool.model) or (), SCAN):
+            key = shard.backend if isinstance(shard, GenShard) else None
+            if key not in asked:
+                asked.add(key)
+                if self._takes(member, pool, shard):
+                    return True
+        return False
 
     def _idle(self, model: ModelRef) -> list[_Member]:
         """Members of `model`'s pool that are loaded and have nothing to do: its queue is empty, or holds only
@@ -363,17 +371,17 @@ class RayExecutor(Executor):
             batch = ray.get(ref)
         except HostedLoadError as err:  # the recipe's donor: its actor and host model are fine
             member.loaded, member.counted = True, False
-            self._hosted_failed(shard, str(getattr(err, "cause", err)))
+            self._load_failed(shard.model, shard, str(getattr(err, "cause", err)))
             return None
         except ModelLoadError as err:
-            self._load_failed(pool, shard, str(getattr(err, "cause", err)))
+            self._load_failed(pool.model, shard, str(getattr(err, "cause", err)))
             return None
         except _ACTOR_LOST as err:
             if member.loaded:
                 self._lost(pool, member, shard, err)
             else:  # died before computing anything for this model: while loading it
                 member.counted = True
-                self._load_failed(pool, shard, f"its actor died while loading it "
+                self._load_failed(pool.model, shard, f"its actor died while loading it "
                                                f"({type(err).__name__}: killed, out of memory?)")
                 if member.ready_ref is None and pool.model.label not in self.failed:
                     self._load(member, pool)
@@ -451,31 +459,16 @@ class RayExecutor(Executor):
                         self._drop(member)
                         pool.members.remove(member)
                         if not member.loaded and not member.counted:  # died starting or taking the model on
-                            self._load_failed(pool, None, f"its actor died while loading it ({type(err).__name__})")
+                            self._load_failed(pool.model, None,
+                                              f"its actor died while loading it ({type(err).__name__})")
                         if pool.model.label not in self.failed:
                             pool.members.append(self._new_member(pool))
                     return
 
-    def _load_failed(self, pool: _Pool, shard: AnyShard | None, cause: str) -> None:
-        """A failed load of `pool.model`: try again (its shard first), or give the model up after `max_retries`."""
-        model = pool.model
-        if model.label in self.failed:
-            return
-        n = self.load_failures[model] = self.load_failures.get(model, 0) + 1
-        if n > self.cfg.max_retries:
-            self.failed[model.label] = f"{cause} ({n} tries)"
-            log.error("ray: giving up %s after %d tries to load it: %s", model.label, n, cause)
-            return
-        log.warning("ray: %s failed to load (%s); trying again (%d of %d)", model.label, cause, n,
-                    self.cfg.max_retries)
-        self.stats_for(model).retries += 1
-        if shard is not None:
-            self.queues.setdefault(shard.model.host, deque()).appendleft(shard)
-
-    def _hosted_failed(self, shard: AnyShard, cause: str) -> None:
-        """A hosted head recipe whose donor could not be read: try it again, or give that recipe up (its queued
-        shards dropped from its host's queue) after `max_retries`; the host model goes on."""
-        model = shard.model
+    def _load_failed(self, model: ModelRef, shard: AnyShard | None, cause: str) -> None:
+        """A failed load of `model`, a host's own model or a hosted head recipe's donor: try again (its shard
+        first), or give it up after `max_retries`. A given-up host is forgotten with its pool (`poll`); a given-up
+        recipe's queued shards leave its host's queue, and the host goes on."""
         if model.label in self.failed:
             return
         n = self.load_failures[model] = self.load_failures.get(model, 0) + 1
@@ -483,15 +476,18 @@ class RayExecutor(Executor):
             log.warning("ray: %s failed to load (%s); trying again (%d of %d)", model.label, cause, n,
                         self.cfg.max_retries)
             self.stats_for(model).retries += 1
-            self.queues.setdefault(model.host, deque()).appendleft(shard)
+            if shard is not None:
+                self.queues.setdefault(shard.model.host, deque()).appendleft(shard)
             return
         self.failed[model.label] = f"{cause} ({n} tries)"
         log.error("ray: giving up %s after %d tries to load it: %s", model.label, n, cause)
-        self._count(shard, -1)
-        queue = self.queues.get(model.host, deque())
-        for s in [s for s in queue if s.model == model]:
-            queue.remove(s)
-            self._count(s, -1)
+        if model.host != model:
+            if shard is not None:
+                self._count(shard, -1)
+            queue = self.queues.get(model.host, deque())
+            for s in [s for s in queue if s.model == model]:
+                queue.remove(s)
+                self._count(s, -1)
 
     def _lost(self, pool: _Pool, member: _Member, shard: AnyShard, err: Exception) -> None:
         n = self._tries.get(shard.id, 0) + 1

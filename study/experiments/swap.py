@@ -3,8 +3,9 @@
 For each recipe (and the two unmixed references, `aligned` and `base`) the job generates on the harmful and
 benign prompts and scores the safety heads' Ships on the harmful ones, all in one round of shards. A mixed
 model is a `ModelRef` with a `Swap`: a whole-module recipe gets a pool like any model, a head recipe runs on its
-host model's workers as a scoped edit (`ModelRef.host`, `study.models.mixing`). The safety heads come from the spec or from this run's Sahara (or joint)
-group of the aligned model. The `swaps` table holds one row per (recipe, prompt kind, metric, judge). Light: no torch.
+host model's workers as a scoped edit (`ModelRef.host`, `study.models.mixing`). The safety heads come from the
+spec or from this run's Sahara (or joint) group of the aligned model. The `swaps` table holds one row per (recipe,
+prompt kind, metric, judge). Light: no torch.
 """
 
 from __future__ import annotations
@@ -142,11 +143,14 @@ class SwapJob(ScanJob):
         for recipe in c.recipe_list:
             if recipe.needs_heads and self.safety is None:
                 continue  # known once this run's Sahara group is
-            heads = self.safety if recipe.needs_heads else ()
-            swap = Swap(recipe=recipe, aligned=c.model, base=c.base, base_revision=self.base_identity.revision,
-                        heads=heads, base_fingerprint=self.base_identity.fingerprint)
-            out.append((recipe, self.model.model_copy(update={"swap": swap})))
+            out.append((recipe, self._mixed(recipe, self.safety if recipe.needs_heads else ())))
         return out
+
+    def _mixed(self, recipe: Recipe, heads: tuple[Head, ...]) -> ModelRef:
+        c = self.cfg
+        swap = Swap(recipe=recipe, aligned=c.model, base=c.base, base_revision=self.base_identity.revision,
+                    heads=heads, base_fingerprint=self.base_identity.fingerprint)
+        return self.model.model_copy(update={"swap": swap})
 
     def _ships_ablations(self) -> tuple[Ablation, ...]:
         singles = [self.ablation((h,)) for h in self.safety or ()]
@@ -195,7 +199,8 @@ class SwapJob(ScanJob):
         texts = (len(self.prompts) + (len(self.benign) if self.benign is not None else 0)) * self.decoding.samples
         ships = (k + (k > 1)) * len(self.prompts)  # each head alone, and the group
         refs = dict(self.variants())  # the references and whole-module recipes: the head recipes are not named yet
-        hosted = [refs[Recipe.BASE] if r.target_is_base else self.model for r in self.cfg.recipe_list if r.needs_heads]
+        stand_in = (Head(layer=0, head=0),)  # a recipe's host does not depend on which heads it moves
+        hosted = [self._mixed(r, stand_in).host for r in self.cfg.recipe_list if r.needs_heads]
         out: dict[tuple[ModelRef, str], int] = {}
         for host in [ref.host for ref in refs.values()] + hosted:
             out[(host, "row")] = out.get((host, "row"), 0) + ships

@@ -3,8 +3,6 @@ executor, actors killed from the driver or dying by themselves mid-scan, and bad
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import ray
 
@@ -113,13 +111,11 @@ def test_a_model_that_fails_to_load_is_retried_then_named_while_the_others_land(
     out = tmp_path / "run"
     study = build(StudyConfig, dict(out=str(out), models=[tiny, bad], ships={},
                                     defaults=dict(dtype="float64", limit=2, shard_heads=6)))
-    t0 = time.perf_counter()
     with RayExecutor(ExecutionConfig(actors=1, max_retries=2), actor_options=options) as ex:
         with pytest.raises(RunFailed) as failed:
             run_study(study, executor=ex)
         assert ex.load_failures[next(m for m in ex.load_failures if m.label == bad)] == 3  # 1 try + 2 retries
         assert ex.stats[tiny].shards > 0 and ex.stats[bad].shards == 0
-    assert time.perf_counter() - t0 < 300
     line = str(failed.value)
     assert len(line.splitlines()) == 1 and f"model {bad} could not be loaded" in line and tiny not in line
     assert ("SafetensorError" in line or "Error" in line) if how == "corrupt file" else "died while loading" in line
