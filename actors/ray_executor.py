@@ -414,8 +414,7 @@ class RayExecutor(Executor):
             queue = self.queues.get(model)
             for member in pool.members:
                 while queue and member.free:
-                    i = next((i for i, shard in enumerate(itertools.islice(queue, SCAN))
-                              if self._takes(member, pool, shard)), None)
+                    i = self._pick(member, pool, queue)
                     if i is None:
                         break
                     shard = queue[i]
@@ -427,6 +426,20 @@ class RayExecutor(Executor):
                             shard.backend not in member.engines:
                         member.starting = shard.backend
                     self.in_flight[ref] = (pool, member, shard)
+
+    def _pick(self, member: _Member, pool: _Pool, queue: deque) -> int | None:
+        """Which queued shard `member` runs next: generation on an engine it holds first (what the engine is for;
+        on a GPU it has displaced the scanning copy); where no actor of the model holds or starts the engine
+        its queued generation needs, that generation, so that the engine starts beside the scans and is warm
+        when the rounds that wait for a search arrive; else the first shard it takes (`_takes`)."""
+        if self._rows.get(pool.model, {}).get("text"):
+            engines = {mb.starting for mb in pool.members} | {e for mb in pool.members for e in mb.engines}
+            for i, shard in enumerate(queue):
+                if isinstance(shard, GenShard) and shard.backend in ENGINE_BACKENDS and (
+                        shard.backend in member.engines or shard.backend not in engines):
+                    return i
+        return next((i for i, shard in enumerate(itertools.islice(queue, SCAN))
+                     if self._takes(member, pool, shard)), None)
 
     def _takes(self, member: _Member, pool: _Pool, shard: AnyShard) -> bool:
         """Whether `member` should run `shard`: anything but generation on a backend whose engine it has not

@@ -193,13 +193,16 @@ def main() -> None:
             + sum(donor_seconds(m, acc) for m in models if m.host != m))
     makespan = wall * scale
     lower = max(busy / slots, chain_seconds(done, acc, gpa))
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    rss_mb = usage.ru_maxrss / 1024
+    driver_cpu_s = usage.ru_utime + usage.ru_stime  # wall seconds of this machine's CPU, not simulated ones
     u = busy / (slots * makespan)
     loads = sum(st.loads for st in ex.stats.values())
     figures = dict(date=time.strftime("%Y-%m-%d"), simulation=True, gpus=args.gpus, models=args.models,
                    size=args.size, slots=slots, scale=scale, shards=len(done), computed=result.computed,
                    utilization=round(u, 4), makespan_s=round(makespan, 1), lower_bound_s=round(lower, 1),
-                   driver_rss_mb=round(rss_mb), wall_s=round(wall, 1), loads=loads,
+                   driver_rss_mb=round(rss_mb), wall_s=round(wall, 1), driver_cpu_s=round(driver_cpu_s, 1),
+                   loads=loads,
                    first_result_s=round((min(t for _, t in ex.done) - t0) * scale if ex.done else 0.0, 1),
                    cpus=os.cpu_count())
     if args.json:
@@ -213,7 +216,8 @@ def main() -> None:
     first = (min(t for _, t in ex.done) - t0) * scale if ex.done else 0.0
     print(f"shards {len(done)}; work {busy:.0f} GPU-slot s; wall {wall:.0f} s; {loads} model loads for "
           f"{len({s.model for s in done})} models; first result at {first:.0f} s (actor processes starting on "
-          f"this machine's {os.cpu_count()} cores, then the cost model's load)")
+          f"this machine's {os.cpu_count()} cores, then the cost model's load); the driver used {driver_cpu_s:.0f} CPU s "
+          f"of this machine")
     verdict = "PASS" if u >= TARGET_U and rss_mb < TARGET_RSS_MB else "MISS"
     print(f"{verdict} (targets: utilization >= {TARGET_U}, driver under {TARGET_RSS_MB} MB)")
     print(f"utilization {u:.3f} makespan {makespan:.0f} lower_bound {lower:.0f} driver_rss_mb {rss_mb:.0f}")
