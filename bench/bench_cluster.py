@@ -23,6 +23,9 @@ for 20 models on 64 GPUs and for 3 models on 64 GPUs; the driver's peak memory u
 
     python bench/bench_cluster.py --gpus 64 --models 20
     python bench/bench_cluster.py --gpus 64 --models 3 --size 70b --json bench.jsonl
+
+`--trace FILE` writes every shard's model, kind, cost and end time; `--pools FILE` each model's pool (actors,
+loading, busy, holding an engine, queued shards, remaining work) every 5 wall seconds.
 """
 
 from __future__ import annotations
@@ -65,11 +68,14 @@ TARGET_RSS_MB = 4096
 class Recording(Executor):
     """The executor under test, with every shard it returns and when, for the figures."""
 
-    def __init__(self, inner: Executor) -> None:
+    def __init__(self, inner: Executor, pools_every: float | None = None) -> None:
         super().__init__()
         self.inner = inner
         self.stats, self.failed = inner.stats, inner.failed
         self.done: list[tuple[AnyShard, float]] = []
+        self.pools_every = pools_every  # wall seconds between two samples of the pools (`--pools`), or None
+        self.pools: list[tuple[float, dict]] = []
+        self._sampled = 0.0
 
     def _submit(self, shards: Sequence[AnyShard], options: dict[ModelRef, WorkerOptions], urgent: bool) -> None:
         self.inner.submit(shards, options, urgent=urgent)
@@ -81,6 +87,9 @@ class Recording(Executor):
         out = self.inner.poll()
         now = time.perf_counter()
         self.done += [(shard, now) for shard, _ in out]
+        if self.pools_every is not None and now - self._sampled >= self.pools_every:
+            self._sampled = now
+            self.pools.append((now, pool_sample(self.inner)))
         return out
 
     @property
@@ -89,6 +98,20 @@ class Recording(Executor):
 
     def close(self) -> None:
         self.inner.close()
+
+
+def pool_sample(ex: Executor) -> dict:
+    """Each model's pool as the Ray executor holds it now: its actors (loading, busy, holding an engine), its
+    queued shards and its remaining work in seconds on one actor."""
+    out = {}
+    for model in set(getattr(ex, "pools", {})) | {m for m, q in getattr(ex, "queues", {}).items() if q}:
+        pool = ex.pools.get(model)
+        members = pool.members if pool else []
+        out[model.label.rsplit("/", 1)[-1]] = dict(
+            actors=len(members), loading=sum(mb.ready_ref is not None for mb in members),
+            busy=sum(bool(mb.busy) for mb in members), engines=sum(bool(mb.engines) for mb in members),
+            queued=len(ex.queues.get(model, ())), remaining_s=round(ex.remaining(model), 1))
+    return out
 
 
 def model_folders(root: Path, size: str, n: int) -> tuple[str, list[str]]:
@@ -150,6 +173,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--json", default=None, help="append the figures as one JSON line")
     ap.add_argument("--trace", default=None, help="write every shard's model, kind, cost and end time (JSON lines)")
+    ap.add_argument("--pools", default=None, help="write each model's pool every 5 wall seconds (JSON lines)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -177,7 +201,7 @@ def main() -> None:
                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     cfg = ExecutionConfig(executor="ray", gpus_per_actor=gpa)
     worker = functools.partial(SimulatedWorker, accelerator=acc, scale=scale, gpus=gpa)
-    ex = Recording(RayExecutor(cfg, actor_options={"worker": worker}))
+    ex = Recording(RayExecutor(cfg, actor_options={"worker": worker}), pools_every=5.0 if args.pools else None)
     t0 = time.perf_counter()
     try:
         result = run_study(study, executor=ex)
@@ -213,6 +237,10 @@ def main() -> None:
             for shard, end in ex.done:
                 f.write(json.dumps(dict(model=shard.model.label, measure=shard.measure, rows=shard.rows,
                                         cost_s=shard_seconds(shard, acc, gpa), end_s=(end - t0) * scale)) + "\n")
+    if args.pools:
+        with open(args.pools, "w") as f:
+            for at, sample in ex.pools:
+                f.write(json.dumps(dict(t_s=round((at - t0) * scale, 1), pools=sample)) + "\n")
     first = (min(t for _, t in ex.done) - t0) * scale if ex.done else 0.0
     print(f"shards {len(done)}; work {busy:.0f} GPU-slot s; wall {wall:.0f} s; {loads} model loads for "
           f"{len({s.model for s in done})} models; first result at {first:.0f} s (actor processes starting on "
