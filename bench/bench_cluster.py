@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import pyarrow as pa
 
@@ -100,11 +100,11 @@ class Recording(Executor):
         self.inner.close()
 
 
-def pool_sample(ex: Executor) -> dict:
-    """Each model's pool as the Ray executor holds it now: its actors (loading, busy, holding an engine), its
+def pool_sample(ex: Any) -> dict:
+    """Each model's pool as the Ray executor `ex` holds it now: its actors (loading, busy, holding an engine), its
     queued shards and its remaining work in seconds on one actor."""
     out = {}
-    for model in set(getattr(ex, "pools", {})) | {m for m, q in getattr(ex, "queues", {}).items() if q}:
+    for model in set(ex.pools) | {m for m, q in ex.queues.items() if q}:
         pool = ex.pools.get(model)
         members = pool.members if pool else []
         out[model.label.rsplit("/", 1)[-1]] = dict(
@@ -244,8 +244,8 @@ def main() -> None:
     first = (min(t for _, t in ex.done) - t0) * scale if ex.done else 0.0
     print(f"shards {len(done)}; work {busy:.0f} GPU-slot s; wall {wall:.0f} s; {loads} model loads for "
           f"{len({s.model for s in done})} models; first result at {first:.0f} s (actor processes starting on "
-          f"this machine's {os.cpu_count()} cores, then the cost model's load); the driver used {driver_cpu_s:.0f} CPU s "
-          f"of this machine")
+          f"this machine's {os.cpu_count()} cores, then the cost model's load); the driver used "
+          f"{driver_cpu_s:.0f} CPU s of this machine")
     verdict = "PASS" if u >= TARGET_U and rss_mb < TARGET_RSS_MB else "MISS"
     print(f"{verdict} (targets: utilization >= {TARGET_U}, driver under {TARGET_RSS_MB} MB)")
     print(f"utilization {u:.3f} makespan {makespan:.0f} lower_bound {lower:.0f} driver_rss_mb {rss_mb:.0f}")
