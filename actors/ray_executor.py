@@ -433,10 +433,13 @@ class RayExecutor(Executor):
         its queued generation needs, that generation, so that the engine starts beside the scans and is warm
         when the rounds that wait for a search arrive; else the first shard it takes (`_takes`)."""
         if self._rows.get(pool.model, {}).get("text"):
-            engines = {mb.starting for mb in pool.members} | {e for mb in pool.members for e in mb.engines}
+            held: dict[str, int] = {}  # engine holders per backend, counted once per pick
             for i, shard in enumerate(queue):
-                if isinstance(shard, GenShard) and shard.backend in ENGINE_BACKENDS and (
-                        shard.backend in member.engines or shard.backend not in engines):
+                if not isinstance(shard, GenShard) or shard.backend not in ENGINE_BACKENDS:
+                    continue
+                if shard.backend not in held:
+                    held[shard.backend] = self._holders(pool, shard.backend)
+                if shard.backend in member.engines or not held[shard.backend]:
                     return i
         return next((i for i, shard in enumerate(itertools.islice(queue, SCAN))
                      if self._takes(member, pool, shard)), None)
@@ -447,11 +450,16 @@ class RayExecutor(Executor):
         outweighs starting another."""
         if not isinstance(shard, GenShard) or shard.backend not in ENGINE_BACKENDS or shard.backend in member.engines:
             return True
-        holders = sum(1 for mb in pool.members if shard.backend in mb.engines or mb.starting == shard.backend)
+        holders = self._holders(pool, shard.backend)
         if not holders:
             return True
         left = self._rows.get(pool.model, {}).get("text", 0) * self._row_cost(pool.model, "text")
         return left / holders > self.engine_seconds.get(pool.model, ENGINE_GUESS_S)
+
+    @staticmethod
+    def _holders(pool: _Pool, backend: str) -> int:
+        """How many of the pool's actors hold `backend`'s engine or are starting it."""
+        return sum(1 for mb in pool.members if backend in mb.engines or mb.starting == backend)
 
     def _member_ready(self, ref: Any) -> None:
         for pool in list(self.pools.values()):
