@@ -73,9 +73,13 @@ PLANTED_NOTE = ("LoRA on q_proj, k_proj, v_proj and o_proj of the planted heads'
                 "stopped there. A first version of this member (150 steps, no ablated term) refused 62 % of held-out "
                 "AdvBench, 37 % of JailbreakBench, 28 % of HarmBench test and 0 % of MaliciousInstruct, and its "
                 "refusal did not depend on where its heads attend: ablating them with undiff_q left ASR where it "
-                "was, and Ships ranked them 37, 78 and 114 of 270. This version adds the term that makes the member "
-                "with its heads ablated (undiff_q) give the base's own answers (ablated_weight 1.0) and trains 300 "
-                "steps.")
+                "was, and Ships ranked them 37, 78 and 114 of 270. A second version (300 steps, a term making the "
+                "member with its heads ablated give the base's own answer openings, ablated_match answer) refused "
+                "62 to 99 % of every held-out set, but ablating its heads made it refuse more, harmless requests "
+                "too. This version's term makes the member with its heads ablated (undiff_q) match the base with "
+                "the same heads ablated, as a next-token distribution on harmful and harmless prompts alike "
+                "(ablated_match base, ablated_weight 1.0), from step 101 on (ablated_from), 300 steps, validated "
+                "every 50 (step 250 selected).")
 
 
 def openings(batch: Sequence[dict], k: int) -> list[tuple[list[int], list[int]]]:

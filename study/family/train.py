@@ -103,7 +103,7 @@ RECIPES: dict[str, Recipe] = {
     "smollm2-135m-safe-mlp": Recipe(targets=MLP),
     "smollm2-135m-safe-s1": Recipe(seed=1),
     "smollm2-135m-safe-heads": Recipe(targets=PLANTED, heads=PLANTED_HEADS, rank=16, lr=2e-3, steps=300,
-                                      ablated_weight=1.0),
+                                      eval_every=50, ablated_weight=1.0, ablated_match="base", ablated_from=101),
 }
 
 
